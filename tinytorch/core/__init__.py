@@ -1,0 +1,1 @@
+"""Modules exported from the course notebooks in modules/: tensor, embeddings, attention."""

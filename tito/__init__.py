@@ -1,0 +1,1 @@
+"""tito: the TinyTorch command line (export, test, run, release, grade, bench)."""

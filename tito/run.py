@@ -1,0 +1,84 @@
+"""`tito run`: execute a module's notebook cell by cell in a real Jupyter kernel."""
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+from tito.export import read_source
+from tito.workspace import Module, TitoError
+
+OUTPUT_ROOT = Path("tito-output")  # where plots land unless --figures says otherwise
+
+
+def _cell_label(cell, index: int, total: int) -> str:
+    grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+    first_line = next((line for line in cell.source.splitlines() if line.strip()), "")
+    name = grade_id or first_line[:60]
+    return f"[{index:>3}/{total}] {name}"
+
+
+def _print_outputs(cell, figures_dir: Path, cell_index: int) -> list[Path]:
+    """Print the text a cell produced and save its images; returns the image paths."""
+    saved = []
+    for output_index, output in enumerate(cell.get("outputs", [])):
+        kind = output.get("output_type")
+        if kind == "stream":
+            text = output.get("text", "")
+        elif kind in ("execute_result", "display_data"):
+            data = output.get("data", {})
+            if "image/png" in data:
+                figures_dir.mkdir(parents=True, exist_ok=True)
+                path = figures_dir / f"cell{cell_index:03d}_{output_index}.png"
+                path.write_bytes(base64.b64decode(data["image/png"]))
+                saved.append(path)
+                text = f"[figure saved to {path}]\n"
+            else:
+                text = data.get("text/plain", "") + "\n"
+        else:
+            continue
+        for line in text.rstrip("\n").splitlines():
+            print(f"      {line}")
+    return saved
+
+
+def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 900) -> int:
+    """Run the notebook built from the module's source; returns 0 when every cell succeeds."""
+    try:
+        from nbclient import NotebookClient
+        from nbclient.exceptions import CellExecutionError
+    except ModuleNotFoundError as error:
+        raise TitoError('tito run needs nbclient and ipykernel: pip install -e ".[dev]"') from error
+
+    figures_dir = (figures_dir or module.root / OUTPUT_ROOT / module.folder_name).resolve()
+    notebook = read_source(module)
+    code_cells = [(index, cell) for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
+    client = NotebookClient(
+        notebook, timeout=timeout, kernel_name="python3",
+        resources={"metadata": {"path": str(module.folder)}},
+    )
+    print(f"tito run {module.folder_name}: executing {module.relative(module.source)} "
+          f"({len(code_cells)} code cells) in a python3 kernel")
+    started = time.perf_counter()
+    saved: list[Path] = []
+    try:
+        with client.setup_kernel():
+            for position, (index, cell) in enumerate(code_cells, start=1):
+                label = _cell_label(cell, position, len(code_cells))
+                cell_started = time.perf_counter()
+                try:
+                    client.execute_cell(cell, index)
+                except CellExecutionError as error:
+                    _print_outputs(cell, figures_dir, index)
+                    print(f"{label}  FAILED")
+                    print(str(error))
+                    return 1
+                print(f"{label}  ok ({time.perf_counter() - cell_started:.2f}s)")
+                saved.extend(_print_outputs(cell, figures_dir, index))
+    except Exception as error:  # the kernel itself failed to start or died
+        raise TitoError(f"the Jupyter kernel failed: {type(error).__name__}: {error}") from error
+    print(f"tito run {module.folder_name}: all {len(code_cells)} code cells passed "
+          f"in {time.perf_counter() - started:.1f}s")
+    if saved:
+        print(f"figures saved to {figures_dir}")
+    return 0

@@ -1,0 +1,104 @@
+"""Find the TinyTorch workspace and the course modules inside it."""
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+MODULE_DIR_PATTERN = re.compile(r"^(\d{2})_([a-z][a-z0-9_]*)$")
+
+
+class TitoError(Exception):
+    """A user-facing failure: tito prints the message and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Module:
+    """One course module: `modules/13_attention/attention_dev.py` and what is generated from it."""
+
+    root: Path    # the workspace root
+    number: str   # "13"
+    name: str     # "attention"
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.number}_{self.name}"
+
+    @property
+    def folder(self) -> Path:
+        return self.root / "modules" / self.folder_name
+
+    @property
+    def source(self) -> Path:
+        return self.folder / f"{self.name}_dev.py"
+
+    @property
+    def notebook(self) -> Path:
+        return self.folder / f"{self.name}_dev.ipynb"
+
+    @property
+    def package_file(self) -> Path:
+        return self.root / "tinytorch" / "core" / f"{self.name}.py"
+
+    @property
+    def tests(self) -> Path:
+        return self.root / "tests" / self.folder_name
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above `start` whose pyproject.toml has a [tool.nbdev] table."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file():
+            try:
+                config = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as error:
+                raise TitoError(f"{pyproject} is not valid TOML: {error}") from error
+            if "nbdev" in config.get("tool", {}):
+                return folder
+    raise TitoError(
+        f"no TinyTorch workspace at or above {here}: expected a pyproject.toml with a [tool.nbdev] table"
+    )
+
+
+def discover_modules(root: Path) -> list[Module]:
+    """Every `modules/NN_name/` folder, in course order."""
+    modules_dir = root / "modules"
+    if not modules_dir.is_dir():
+        return []
+    found = []
+    for folder in sorted(modules_dir.iterdir()):
+        match = MODULE_DIR_PATTERN.match(folder.name)
+        if folder.is_dir() and match:
+            found.append(Module(root, match.group(1), match.group(2)))
+    return found
+
+
+def resolve_module(root: Path, spec: str) -> Module:
+    """Accept `13`, `13_attention` or `attention`; anything else is a usage error (exit 2)."""
+    modules = discover_modules(root)
+    wanted = spec.strip().lower()
+    for module in modules:
+        if wanted in (module.number, module.number.lstrip("0"), module.folder_name, module.name):
+            return module
+    known = ", ".join(module.folder_name for module in modules) or "none"
+    raise TitoError(f"unknown module {spec!r}; known modules: {known}", exit_code=2)
+
+
+def select_modules(root: Path, spec: str | None) -> list[Module]:
+    """One module by name, or all of them when `spec` is None."""
+    if spec is None:
+        modules = discover_modules(root)
+        if not modules:
+            raise TitoError(f"no modules found under {root / 'modules'}")
+        return modules
+    return [resolve_module(root, spec)]
