@@ -281,3 +281,956 @@ def test_unit_masked_softmax():
 
 
 test_unit_masked_softmax()
+
+# %% [markdown]
+# ## Part 3: Scaled dot-product attention
+#
+# Each query asks a question, each key advertises what its position holds, and each value is
+# what that position hands over. The score of query $i$ against key $j$ is their dot product;
+# the softmax of a row of scores says how much of each value query $i$ takes:
+#
+# $$\mathrm{Attention}(Q, K, V) = \mathrm{softmax}\!\left(\frac{Q K^\top}{\sqrt{d_k}}\right) V$$
+#
+# with $Q$ of shape (T, d_k), $K$ of shape (S, d_k) and $V$ of shape (S, d_v). The scores
+# $QK^\top$ are (T, S); the output is (T, d_v): one weighted mix of values per query.
+#
+# **Why divide by √d_k?** If the entries of $q$ and $k$ are independent with mean 0 and
+# variance 1, then $q \cdot k = \sum_{m=1}^{d_k} q_m k_m$ is a sum of $d_k$ terms of variance 1,
+# so its variance is $d_k$. With d_k = 64 the scores have a standard deviation of 8, the softmax
+# saturates into a near one-hot row, and its gradients vanish. Dividing by $\sqrt{d_k}$ brings the
+# variance back to 1 whatever the head width.
+#
+# **Shapes.** Any number of leading axes (batch, heads) come along for free: NumPy's `@`
+# multiplies the last two axes and broadcasts the rest. To transpose only the last two axes of
+# K use `np.swapaxes(key, -1, -2)`, not `.T`, which would reverse all of them.
+#
+# **Your task**: write the formula with the `masked_softmax` from Part 2. The inputs are already
+# checked float32 arrays, `keep` a boolean mask or `None`, and `scale` the number to multiply the
+# scores by (1/√d_k unless the caller chose another).
+
+# %% nbgrader={"grade": false, "grade_id": "math-attention", "locked": false, "schema_version": 3, "solution": true}
+#| export
+def _check_attention_inputs(query, key, value, mask, scale, temperature=1.0):
+    """Validated float32 (query, key, value), boolean mask (or None) and the score scale."""
+    q, k, v = _to_array(query, "query"), _to_array(key, "key"), _to_array(value, "value")
+    for name, array, axes in (("query", q, "(..., seq_q, d_k)"), ("key", k, "(..., seq_k, d_k)"),
+                              ("value", v, "(..., seq_k, d_v)")):
+        if array.ndim < 2:
+            raise ValueError(f"{name} must have shape {axes} with at least 2 axes, got shape {array.shape}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"key has d_k={k.shape[-1]} but query has d_k={q.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError("query has d_k=0; attention needs d_k >= 1")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"value has seq_k={v.shape[-2]} but key has seq_k={k.shape[-2]}")
+    try:
+        lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(f"the leading axes of query {q.shape[:-2]}, key {k.shape[:-2]} and "
+                         f"value {v.shape[:-2]} do not broadcast together") from None
+    keep = _to_mask(mask, lead + (q.shape[-2], k.shape[-2]))
+    if scale is None:
+        scale = 1.0 / (math.sqrt(q.shape[-1]) * temperature)
+    elif not (isinstance(scale, (int, float, np.floating)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    return q, k, v, keep, float(scale)
+
+
+def math_attention(query, key, value, mask=None, scale=None):
+    """Attention computed exactly as the formula reads (PyTorch calls this the math backend).
+
+    Args:
+        query: (..., T, d_k); key: (..., S, d_k); value: (..., S, d_v); leading axes broadcast.
+        mask: broadcastable to (..., T, S); nonzero/True = may attend.
+        scale: multiplies the scores; defaults to 1/sqrt(d_k).
+    Returns:
+        (output (..., T, d_v), weights (..., T, S)) as float32 Tensors.
+    """
+    q, k, v, keep, scale = _check_attention_inputs(query, key, value, mask, scale)
+    ### BEGIN SOLUTION
+    scores = (q @ np.swapaxes(k, -1, -2)) * scale    # (..., T, S)
+    weights = masked_softmax(scores, keep).data       # (..., T, S)
+    output = weights @ v                              # (..., T, d_v)
+    ### END SOLUTION
+    return Tensor(output.astype(np.float32, copy=False)), Tensor(weights)
+
+# %% nbgrader={"grade": true, "grade_id": "test-math-attention", "locked": true, "points": 15, "schema_version": 3, "solution": false}
+def _attention_by_loops(q, k, v, mask=None):
+    """A deliberately plain reference: one query, one key at a time."""
+    T, S = q.shape[0], k.shape[0]
+    out = np.zeros((T, v.shape[1]))
+    for i in range(T):
+        scores = [q[i] @ k[j] / np.sqrt(q.shape[1]) for j in range(S)]
+        allowed = [j for j in range(S) if mask is None or mask[i, j]]
+        if not allowed:
+            continue
+        top = max(scores[j] for j in allowed)
+        weights = {j: np.exp(scores[j] - top) for j in allowed}
+        total = sum(weights.values())
+        out[i] = sum(weights[j] / total * v[j] for j in allowed)
+    return out
+
+
+def test_unit_math_attention():
+    """Against a loop-by-loop reference, a hand-computed case, masks and batched axes."""
+    # By hand: one query, two keys. Scores (1*1 + 0*0)/sqrt(2) and 0, weights softmax of those.
+    out, weights = math_attention([[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]], [[10.0], [20.0]])
+    w0 = np.exp(1 / np.sqrt(2)) / (np.exp(1 / np.sqrt(2)) + 1)
+    np.testing.assert_allclose(weights.data, [[w0, 1 - w0]], rtol=1e-6)
+    np.testing.assert_allclose(out.data, [[10 * w0 + 20 * (1 - w0)]], rtol=1e-6)
+
+    rng = np.random.default_rng(0)
+    q, k, v = rng.normal(size=(5, 8)), rng.normal(size=(7, 8)), rng.normal(size=(7, 3))
+    out, weights = math_attention(q, k, v)
+    assert out.dtype == np.float32 and out.shape == (5, 3) and weights.shape == (5, 7)
+    np.testing.assert_allclose(out.data, _attention_by_loops(q, k, v), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weights.data.sum(axis=-1), np.ones(5), rtol=1e-6)
+
+    mask = rng.random((5, 7)) > 0.4
+    mask[2] = False                                                      # one fully masked row
+    out, weights = math_attention(q, k, v, mask=mask)
+    np.testing.assert_allclose(out.data, _attention_by_loops(q, k, v, mask), rtol=1e-5, atol=1e-6)
+    assert np.all(weights.data[~mask] == 0) and np.all(out.data[2] == 0)
+
+    batched_q, batched_k, batched_v = rng.normal(size=(2, 3, 5, 8)), rng.normal(size=(2, 3, 7, 8)), rng.normal(size=(2, 3, 7, 4))
+    out, _ = math_attention(batched_q, batched_k, batched_v)
+    np.testing.assert_allclose(out.data[1, 2], _attention_by_loops(batched_q[1, 2], batched_k[1, 2], batched_v[1, 2]),
+                               rtol=1e-5, atol=1e-6)
+    print("math attention: matches the loop reference, by-hand values, masks and batches")
+
+
+test_unit_math_attention()
+
+# %% [markdown]
+# ## Part 4: The attention layer
+#
+# `ScaledDotProductAttention` wraps the formula as a layer with the knobs real models use:
+#
+# - **`temperature`** divides the scores once more: below 1 sharpens the weights, above 1
+#   flattens them. The scale becomes $1 / (\sqrt{d_k} \cdot \text{temperature})$.
+# - **`dropout`** zeroes each weight with probability *p* during training and divides the
+#   survivors by 1 − *p* so that the expected output is unchanged. As in PyTorch, it acts only
+#   in training mode: `layer.train()` turns it on, `layer.eval()` off, and a `seed` makes it
+#   repeatable.
+# - **`block_size`** switches to the memory-efficient kernel of Part 8.
+#
+# It also chooses *how* the formula runs. Production libraries keep several kernels for one
+# operation: PyTorch's `scaled_dot_product_attention` picks between a "math" kernel (the formula
+# as written, like yours) and fused kernels that are faster but harder to read. This layer does
+# the same through `attention_backend`: `"math"` runs your `math_attention`; `"fast"` runs the
+# tuned kernel of Part 7. Until Part 7 defines it, the default is `"math"`, so everything above
+# this point runs on your code.
+
+# %% nbgrader={"grade": false, "grade_id": "sdpa-layer", "locked": true, "schema_version": 3, "solution": false}
+#| export
+ATTENTION_BACKENDS = ("math", "fast")
+_backend = "math"  # Part 7 makes "fast" the default once the fast kernel exists
+
+
+def get_attention_backend() -> str:
+    """The kernel that attention layers use: "math" or "fast"."""
+    return _backend
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose the kernel for every attention layer: "math" (readable) or "fast" (tuned)."""
+    global _backend
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+@contextmanager
+def attention_backend(name: str):
+    """Use the named kernel inside a `with` block, then restore the previous one."""
+    previous = get_attention_backend()
+    set_attention_backend(name)
+    try:
+        yield
+    finally:
+        set_attention_backend(previous)
+
+
+class ScaledDotProductAttention:
+    """softmax(Q Kᵀ / (√d_k · temperature)) V, with masks, dropout and a choice of kernels."""
+
+    def __init__(self, dropout: float = 0.0, temperature: float = 1.0, block_size: int | None = None,
+                 seed: int | None = None):
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if block_size is not None:
+            block_size = _check_int(block_size, "block_size", 1)
+            if dropout > 0:
+                raise ValueError(f"dropout={dropout} needs the full weight matrix, which block_size={block_size} "
+                                 "never forms; use one or the other")
+        self.dropout, self.temperature, self.block_size = float(dropout), float(temperature), block_size
+        self.training = True
+        self._rng = np.random.default_rng(seed)
+
+    def train(self, mode: bool = True):
+        """Training mode: dropout is active. Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: dropout is off. Returns self."""
+        return self.train(False)
+
+    def forward(self, query, key, value, mask=None, return_attention_weights: bool = False):
+        """Attend from query to key/value.
+
+        Args:
+            query: (..., T, d_k); key: (..., S, d_k); value: (..., S, d_v); leading axes broadcast.
+            mask: broadcastable to (..., T, S); nonzero/True = may attend.
+            return_attention_weights: also return the (..., T, S) weights.
+        Returns:
+            output Tensor (..., T, d_v), or (output, weights).
+        """
+        q, k, v, _, _ = _check_attention_inputs(query, key, value, mask, None)
+        output, weights = self._attend(q, k, v, mask, return_attention_weights)
+        return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def _attend(self, q, k, v, mask, need_weights: bool):
+        """The chosen kernel on checked arrays; returns (output, weights or None) arrays."""
+        scale = 1.0 / (math.sqrt(q.shape[-1]) * self.temperature)
+        if self.block_size is not None:
+            if need_weights:
+                raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
+                                 f"block_size={self.block_size} never forms")
+            return blocked_attention(q, k, v, mask, scale, self.block_size).data, None
+        if self.training and self.dropout > 0:
+            _, weights = math_attention(q, k, v, mask, scale)
+            keep = self._rng.random(weights.shape) >= self.dropout
+            weights = np.where(keep, weights.data / np.float32(1.0 - self.dropout), np.float32(0.0))
+            return (weights @ v).astype(np.float32, copy=False), weights
+        if _backend == "fast":
+            lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+            keep = _to_mask(mask, lead + (q.shape[-2], k.shape[-2]))
+            offset = mask.offset if isinstance(mask, CausalMask) else None
+            return _fast_attention(q, k, v, keep, scale, offset, need_weights)
+        output, weights = math_attention(q, k, v, mask, scale)
+        return output.data, weights.data
+
+# %% nbgrader={"grade": true, "grade_id": "test-sdpa-layer", "locked": true, "points": 5, "schema_version": 3, "solution": false}
+def test_unit_scaled_dot_product_attention():
+    """The layer agrees with the formula, applies temperature, and drops out only in training."""
+    rng = np.random.default_rng(1)
+    q, k, v = rng.normal(size=(2, 4, 8)), rng.normal(size=(2, 6, 8)), rng.normal(size=(2, 6, 5))
+    layer = ScaledDotProductAttention()
+    out, weights = layer(q, k, v, return_attention_weights=True)
+    expected_out, expected_weights = math_attention(q, k, v)
+    np.testing.assert_allclose(out.data, expected_out.data, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weights.data, expected_weights.data, rtol=1e-5, atol=1e-7)
+
+    hot = ScaledDotProductAttention(temperature=2.0)(q, k, v)               # scale 1/(sqrt(8) * 2)
+    np.testing.assert_allclose(hot.data, math_attention(q, k, v, scale=1 / (np.sqrt(8) * 2))[0].data,
+                               rtol=1e-5, atol=1e-6)
+
+    dropping = ScaledDotProductAttention(dropout=0.5, seed=0)
+    _, dropped = dropping(q, k, v, return_attention_weights=True)
+    survivors = dropped.data[dropped.data > 0]
+    assert 0 < survivors.size < dropped.size                                 # some weights dropped
+    np.testing.assert_allclose(survivors, (expected_weights.data * 2)[dropped.data > 0], rtol=1e-5)
+    np.testing.assert_allclose(dropping.eval()(q, k, v).data, expected_out.data, rtol=1e-5, atol=1e-6)
+    print("attention layer: matches the formula; temperature and train/eval dropout behave")
+
+
+test_unit_scaled_dot_product_attention()
+
+# %% [markdown]
+# ## Part 5: Many heads
+#
+# One attention computes one weighting per query. But a word may need to look back at its
+# subject for agreement, at the previous word for syntax, and at a name three sentences earlier,
+# all at once. **Multi-head attention** runs H attentions side by side, each in its own
+# hd = E / H dimensional slice, then mixes their results:
+#
+# 1. Project the inputs: $Q = X_q W_q$, $K = X_k W_k$, $V = X_v W_v$, each (B, T or S, E).
+# 2. **Split** the last axis into H heads of width hd and move heads next to batch:
+#    (B, T, E) → (B, T, H, hd) → (B, H, T, hd). Each head now is an ordinary attention problem.
+# 3. Attend per head (Part 4), giving (B, H, T, hd).
+# 4. **Merge** the heads back, the exact inverse of the split: (B, H, T, hd) → (B, T, H, hd) →
+#    (B, T, E), then apply the output projection $W_o$ so that the heads' results can mix.
+#
+# The cost in parameters and FLOPs is the same as one head of width E: the heads only cut the
+# same matrices into slices. What changes is that the softmax runs H times, on H different
+# scorings of the sequence.
+#
+# The order of the reshape matters. `x.reshape(B, T, H, hd)` keeps each position's features
+# together and cuts them into consecutive groups of hd: head 0 gets features 0..hd-1, head 1 the
+# next hd, and so on, the layout PyTorch's `nn.MultiheadAttention` uses. A reshape straight to
+# (B, H, T, hd) would scramble positions across heads and still run without error, which is why
+# the tests compare values, not shapes.
+#
+# **Your task**: `split_heads` and `merge_heads`, each a reshape and a transpose.
+
+# %% nbgrader={"grade": false, "grade_id": "split-merge-heads", "locked": false, "schema_version": 3, "solution": true}
+#| export
+def split_heads(x, num_heads: int) -> Tensor:
+    """(B, T, E) -> (B, H, T, hd): cut the features into H consecutive groups of hd = E // H."""
+    x = _to_array(x, "x")
+    num_heads = _check_int(num_heads, "num_heads", 1)
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (batch, seq, features), got shape {x.shape}")
+    if x.shape[-1] % num_heads:
+        raise ValueError(f"features={x.shape[-1]} is not divisible by num_heads={num_heads}")
+    B, T, E = x.shape
+    ### BEGIN SOLUTION
+    heads = x.reshape(B, T, num_heads, E // num_heads)   # (B, T, H, hd)
+    heads = heads.transpose(0, 2, 1, 3)                  # (B, H, T, hd)
+    ### END SOLUTION
+    return Tensor(heads)
+
+
+def merge_heads(x) -> Tensor:
+    """(B, H, T, hd) -> (B, T, H * hd): the inverse of `split_heads`."""
+    x = _to_array(x, "x")
+    if x.ndim != 4:
+        raise ValueError(f"x must have shape (batch, heads, seq, head_dim), got shape {x.shape}")
+    B, H, T, hd = x.shape
+    ### BEGIN SOLUTION
+    merged = x.transpose(0, 2, 1, 3)                     # (B, T, H, hd)
+    merged = merged.reshape(B, T, H * hd)                # (B, T, E)
+    ### END SOLUTION
+    return Tensor(merged)
+
+# %% nbgrader={"grade": true, "grade_id": "test-split-merge-heads", "locked": true, "points": 10, "schema_version": 3, "solution": false}
+def test_unit_split_merge_heads():
+    """Head h holds features h*hd .. (h+1)*hd - 1 of every position; merge undoes split."""
+    x = np.arange(2 * 3 * 8, dtype=np.float32).reshape(2, 3, 8)   # B=2, T=3, E=8
+    heads = split_heads(x, 4).data                                # hd = 2
+    assert heads.shape == (2, 4, 3, 2)
+    np.testing.assert_array_equal(heads[1, 2, 0], x[1, 0, 4:6])   # batch 1, head 2, position 0
+    np.testing.assert_array_equal(heads[0, 3, 2], x[0, 2, 6:8])   # batch 0, head 3, position 2
+    for b in range(2):
+        for h in range(4):
+            np.testing.assert_array_equal(heads[b, h], x[b, :, 2 * h:2 * h + 2])
+    np.testing.assert_array_equal(merge_heads(heads).data, x)
+    print("split_heads / merge_heads: each head holds its own feature slice; merge inverts split")
+
+
+test_unit_split_merge_heads()
+
+# %% [markdown]
+# ### Sharing keys and values between heads
+#
+# During generation every head keeps its keys and values in the KV cache (Part 6), so the cache
+# grows as 2 · H · hd numbers per token per layer. **Grouped-query attention** (GQA, Ainslie et
+# al., 2023) keeps fewer key/value heads, Hkv, and lets each serve a group of H / Hkv query heads;
+# **multi-query attention** (Shazeer, 2019) is the extreme Hkv = 1. The cache shrinks by H / Hkv
+# while the queries keep all their heads. Llama 2 70B, for example, uses 8 key/value heads for
+# 64 query heads.
+#
+# With Hkv key/value heads, query head h reads key/value head h // (H / Hkv): heads 0..G-1 share
+# kv head 0, the next G share kv head 1, and so on (G = H / Hkv). That is the grouping PyTorch
+# uses for `scaled_dot_product_attention(..., enable_gqa=True)`.
+#
+# **Your task**: `repeat_kv_heads` repeats each key/value head G times along the head axis, so
+# that ordinary per-head attention can follow. Hint: `np.repeat` repeats each entry in place
+# (`[a, b]` → `[a, a, b, b]`), which is exactly the grouping above.
+
+# %% nbgrader={"grade": false, "grade_id": "repeat-kv-heads", "locked": false, "schema_version": 3, "solution": true}
+#| export
+def repeat_kv_heads(x, num_heads: int) -> Tensor:
+    """(B, Hkv, S, hd) -> (B, H, S, hd): query head h reads key/value head h // (H // Hkv)."""
+    x = _to_array(x, "x")
+    num_heads = _check_int(num_heads, "num_heads", 1)
+    if x.ndim != 4:
+        raise ValueError(f"x must have shape (batch, kv_heads, seq, head_dim), got shape {x.shape}")
+    if x.shape[1] == 0 or num_heads % x.shape[1]:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of the {x.shape[1]} key/value heads")
+    ### BEGIN SOLUTION
+    group = num_heads // x.shape[1]
+    repeated = x if group == 1 else np.repeat(x, group, axis=1)   # (B, H, S, hd)
+    ### END SOLUTION
+    return Tensor(repeated)
+
+# %% nbgrader={"grade": true, "grade_id": "test-repeat-kv-heads", "locked": true, "points": 5, "schema_version": 3, "solution": false}
+def test_unit_repeat_kv_heads():
+    """With 2 kv heads and 6 query heads, heads 0-2 read kv head 0 and heads 3-5 read kv head 1."""
+    rng = np.random.default_rng(2)
+    kv = rng.normal(size=(2, 2, 5, 4)).astype(np.float32)
+    repeated = repeat_kv_heads(kv, 6).data
+    assert repeated.shape == (2, 6, 5, 4)
+    for h in range(6):
+        np.testing.assert_array_equal(repeated[:, h], kv[:, h // 3])
+    np.testing.assert_array_equal(repeat_kv_heads(kv, 2).data, kv)
+    print("repeat_kv_heads: query head h reads kv head h // group")
+
+
+test_unit_repeat_kv_heads()
+
+# %% [markdown]
+# ### The multi-head layer
+#
+# `MultiHeadAttention` owns four weight matrices, applied as `x @ w`:
+# `w_q` (E, E), `w_k` and `w_v` (E, Hkv · hd), and `w_o` (E, E). They start random, scaled by
+# 1/√E so that a projection keeps its input's scale, and a `seed` makes them repeatable.
+#
+# The weights are the single source of truth: `forward` reads `w_q.data` and the others on every
+# call, so an optimizer that updates them in place changes the very next forward. The layer never
+# caches a derived copy.
+#
+# Masks may be (T, S) for every row and head, (B, T, S) for one mask per batch row, or
+# 4-D and broadcastable to (B, H, T, S). `forward` turns them into a shape that broadcasts over
+# the head axis before attending.
+#
+# **Your task**: the two ends of `forward`. First project the inputs and split them into heads
+# (queries into H heads, keys and values into Hkv heads). Then, after the provided code has
+# repeated the key/value heads and attended, merge the heads and apply the output projection.
+
+# %% nbgrader={"grade": false, "grade_id": "multihead-attention", "locked": false, "schema_version": 3, "solution": true}
+#| export
+class _ParameterList(list):
+    """A list of parameters that can also be called, PyTorch style: `layer.parameters()`."""
+
+    def __call__(self):
+        return self
+
+
+class MultiHeadAttention:
+    """Multi-head attention with optional grouped key/value heads and KV caching."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, seed: int | None = None,
+                 num_kv_heads: int | None = None, block_size: int | None = None):
+        embed_dim = _check_int(embed_dim, "embed_dim", 1)
+        num_heads = _check_int(num_heads, "num_heads", 1)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        num_kv_heads = num_heads if num_kv_heads is None else _check_int(num_kv_heads, "num_kv_heads", 1)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        kv_dim = num_kv_heads * self.head_dim
+        rng = np.random.default_rng(seed)
+        std = np.float32(1.0 / math.sqrt(embed_dim))
+        self.w_q = Tensor(rng.standard_normal((embed_dim, embed_dim), dtype=np.float32) * std)
+        self.w_k = Tensor(rng.standard_normal((embed_dim, kv_dim), dtype=np.float32) * std)
+        self.w_v = Tensor(rng.standard_normal((embed_dim, kv_dim), dtype=np.float32) * std)
+        self.w_o = Tensor(rng.standard_normal((embed_dim, embed_dim), dtype=np.float32) * std)
+        self.attention = ScaledDotProductAttention(dropout=dropout, block_size=block_size, seed=seed)
+
+    @property
+    def parameters(self) -> list:
+        """[w_q, w_k, w_v, w_o]; also callable as `parameters()`."""
+        return _ParameterList([self.w_q, self.w_k, self.w_v, self.w_o])
+
+    @property
+    def training(self) -> bool:
+        return self.attention.training
+
+    def train(self, mode: bool = True):
+        self.attention.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, query, key=None, value=None, mask=None, return_attention_weights: bool = False,
+                kv_cache=None):
+        """Multi-head attention from query to key/value (self-attention when they are omitted).
+
+        Args:
+            query: (B, T, E); key, value: (B, S, E), default `query`.
+            mask: (T, S), (B, T, S) or broadcastable to (B, H, T, S); nonzero/True = may attend.
+            return_attention_weights: also return the (B, H, T, S) weights.
+            kv_cache: a KVCache; this call's keys and values are appended to it and the queries
+                attend causally over everything cached for their batch row (Part 6).
+        Returns:
+            output Tensor (B, T, E), or (output, weights).
+        """
+        x_q, x_k, x_v = self._check_inputs(query, key, value, kv_cache)
+        ### BEGIN SOLUTION
+        q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
+        k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
+        v = split_heads(x_v @ self.w_v.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
+        ### END SOLUTION
+        if kv_cache is not None:
+            k, v, mask = self._append_to_cache(kv_cache, k, v, mask)    # (B, Hkv, L, hd)
+        mask = self._mask_over_heads(mask, q.shape[0], q.shape[2], k.shape[2])
+        k = repeat_kv_heads(k, self.num_heads).data                     # (B, H, L, hd)
+        v = repeat_kv_heads(v, self.num_heads).data                     # (B, H, L, hd)
+        context, weights = self.attention._attend(q, k, v, mask, return_attention_weights)  # (B, H, T, hd)
+        ### BEGIN SOLUTION
+        output = merge_heads(context).data @ self.w_o.data              # (B, T, E)
+        ### END SOLUTION
+        output = output.astype(np.float32, copy=False)
+        return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
+
+    def _check_inputs(self, query, key, value, kv_cache):
+        x_q = _to_array(query, "query")
+        x_k = x_q if key is None else _to_array(key, "key")
+        x_v = x_k if value is None else _to_array(value, "value")
+        for name, x in (("query", x_q), ("key", x_k), ("value", x_v)):
+            if x.ndim != 3:
+                raise ValueError(f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), got shape {x.shape}")
+            if x.shape[-1] != self.embed_dim:
+                raise ValueError(f"{name} has embed_dim={x.shape[-1]} but the layer expects {self.embed_dim}")
+        if not x_q.shape[0] == x_k.shape[0] == x_v.shape[0]:
+            raise ValueError(f"batch sizes differ: query {x_q.shape[0]}, key {x_k.shape[0]}, value {x_v.shape[0]}")
+        if x_k.shape[1] != x_v.shape[1]:
+            raise ValueError(f"value has seq_k={x_v.shape[1]} but key has seq_k={x_k.shape[1]}")
+        if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+            if (kv_cache.num_heads, kv_cache.head_dim) != (self.num_kv_heads, self.head_dim):
+                raise ValueError(f"kv_cache has num_heads={kv_cache.num_heads}, head_dim={kv_cache.head_dim} but this "
+                                 f"attention needs num_heads={self.num_kv_heads}, head_dim={self.head_dim}")
+            if x_q.shape[1] != x_k.shape[1]:
+                raise ValueError(f"with a kv_cache, query and key must hold the same new positions: "
+                                 f"query has {x_q.shape[1]}, key has {x_k.shape[1]}")
+        return x_q, x_k, x_v
+
+    def _mask_over_heads(self, mask, batch: int, seq_q: int, seq_k: int):
+        """Reshape a user mask so that it broadcasts to (B, H, T, S), keeping a CausalMask as it is."""
+        if mask is None or isinstance(mask, CausalMask):
+            return mask
+        data = mask.data if isinstance(mask, Tensor) else np.asarray(mask)
+        if data.ndim == 3:
+            if data.shape[0] not in (1, batch):
+                raise ValueError(f"a 3-D mask is read as (batch, seq_q, seq_k) and needs batch {batch} or 1, "
+                                 f"got mask of shape {data.shape}")
+            data = data[:, None]                                         # (B, 1, T, S)
+        elif data.ndim not in (2, 4):
+            raise ValueError(f"mask must have shape (seq_q, seq_k), (batch, seq_q, seq_k) or "
+                             f"(batch, heads, seq_q, seq_k), got shape {data.shape}")
+        _to_mask(data, (batch, self.num_heads, seq_q, seq_k))            # raises if it does not broadcast
+        return data
+
+    def _append_to_cache(self, cache, k, v, mask):
+        """Append this call's keys/values to `cache` and return all cached ones with a causal mask.
+
+        Query i of batch row b sits at position length_b - T + i, so it may see cached keys
+        j <= length_b - T + i. Rows of different lengths are padded to the longest and the
+        padding is masked out.
+        """
+        B, T = k.shape[0], k.shape[2]
+        if B > cache.max_batch_size:
+            raise ValueError(f"batch of {B} rows does not fit kv_cache.max_batch_size={cache.max_batch_size}")
+        lengths = cache.cache_lengths[:B]
+        if lengths.size and lengths.max() + T > cache.max_seq_length:
+            row = int(np.argmax(lengths))
+            raise ValueError(f"kv_cache row {row} holds {lengths[row]} of max_seq_length={cache.max_seq_length} "
+                             f"positions; appending {T} would need {lengths[row] + T}")
+        for b in range(B):
+            cache.update(b, k[b], v[b])
+        lengths = cache.cache_lengths[:B]
+        longest = int(lengths.max()) if B else T
+        keys = cache.cached_keys[:B, :, :longest]                        # (B, Hkv, L, hd), a view
+        values = cache.cached_values[:B, :, :longest]
+        if B and np.all(lengths == longest):
+            causal = None if T == 1 else create_causal_mask(T, longest)  # one new token sees every key
+        else:
+            position = lengths[:, None, None, None] - T + np.arange(T)[None, None, :, None]  # (B, 1, T, 1)
+            causal = np.arange(longest) <= position                      # (B, 1, T, L)
+        if mask is None or causal is None:
+            return keys, values, causal if mask is None else mask
+        user = _to_mask(self._mask_over_heads(mask, B, T, longest), (B, self.num_heads, T, longest))
+        causal = causal.data > 0 if isinstance(causal, Tensor) else causal
+        return keys, values, np.logical_and(user, causal)
+
+    def get_memory_usage(self) -> dict:
+        """Parameter memory and counts, in total and per head, and the KV-cache cost per token."""
+        bytes_per_number = np.dtype(np.float32).itemsize
+        counts = {name: w.size for name, w in zip(("w_q", "w_k", "w_v", "w_o"), self.parameters)}
+        total = sum(counts.values())
+        cache_per_token = 2 * self.num_kv_heads * self.head_dim * bytes_per_number
+        return {
+            "parameter_count": total,
+            "parameter_counts": counts,
+            "parameter_mb": total * bytes_per_number / 2**20,
+            "parameters_per_head": total / self.num_heads,
+            "parameter_mb_per_head": total * bytes_per_number / 2**20 / self.num_heads,
+            "kv_cache_bytes_per_token": cache_per_token,
+            "kv_cache_saving": self.num_heads / self.num_kv_heads,
+        }
+
+# %% nbgrader={"grade": true, "grade_id": "test-multihead-attention", "locked": true, "points": 15, "schema_version": 3, "solution": false}
+def _multihead_reference(layer, x_q, x_kv, mask=None):
+    """Multi-head attention with one head at a time, written without split_heads or merge_heads."""
+    q, k, v = x_q @ layer.w_q.data, x_kv @ layer.w_k.data, x_kv @ layer.w_v.data
+    hd, group = layer.head_dim, layer.num_heads // layer.num_kv_heads
+    context = np.zeros_like(q)
+    for b in range(q.shape[0]):
+        for h in range(layer.num_heads):
+            g = h // group
+            scores = q[b][:, h * hd:(h + 1) * hd] @ k[b][:, g * hd:(g + 1) * hd].T / np.sqrt(hd)
+            if mask is not None:
+                scores = np.where(mask, scores, -np.inf)
+            weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            weights /= weights.sum(axis=-1, keepdims=True)
+            context[b][:, h * hd:(h + 1) * hd] = weights @ v[b][:, g * hd:(g + 1) * hd]
+    return context @ layer.w_o.data
+
+
+def test_unit_multihead_attention():
+    """Self- and cross-attention, masks, grouped heads, and in-place weight updates."""
+    rng = np.random.default_rng(3)
+    layer = MultiHeadAttention(embed_dim=16, num_heads=4, seed=0)
+    x, memory = rng.normal(size=(2, 5, 16)), rng.normal(size=(2, 7, 16))
+    out, weights = layer(x, x, x, return_attention_weights=True)
+    assert out.shape == (2, 5, 16) and weights.shape == (2, 4, 5, 5)
+    np.testing.assert_allclose(out.data, _multihead_reference(layer, x, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(weights.data.sum(axis=-1), np.ones((2, 4, 5)), rtol=1e-5)
+
+    np.testing.assert_allclose(layer(x, memory, memory).data, _multihead_reference(layer, x, memory),
+                               rtol=1e-4, atol=1e-5)                                       # cross-attention
+    causal = create_causal_mask(5)
+    np.testing.assert_allclose(layer(x, mask=causal).data, _multihead_reference(layer, x, x, causal.data > 0),
+                               rtol=1e-4, atol=1e-5)
+
+    grouped = MultiHeadAttention(embed_dim=16, num_heads=4, num_kv_heads=2, seed=0)
+    assert grouped.w_k.shape == (16, 8)
+    np.testing.assert_allclose(grouped(x).data, _multihead_reference(grouped, x, x), rtol=1e-4, atol=1e-5)
+
+    layer.w_o.data *= 0                                                  # an optimizer step, in place
+    np.testing.assert_array_equal(layer(x).data, np.zeros((2, 5, 16), dtype=np.float32))
+    print("multi-head attention: self, cross, causal and grouped all match the per-head reference")
+
+
+test_unit_multihead_attention()
+
+# %% [markdown]
+# ## Part 6: The KV cache
+#
+# A language model writes text one token at a time: run the model on the tokens so far, pick the
+# next token, append it, repeat. Done naively, step *t* recomputes the keys and values of all *t*
+# earlier tokens, although they have not changed: with causal attention, token *j*'s key and
+# value depend only on tokens 0..*j*. Generating N tokens then costs
+# $\sum_{t=1}^{N} O(t) = O(N^2)$ projections, and attention itself another $O(N^2)$ per step.
+#
+# A **KV cache** stores each token's keys and values once, when they are first computed. A
+# decoding step then projects only the newest token (O(1) work), appends its key and value to the
+# cache, and attends from one query to the t cached keys: O(t) work instead of O(t²) per token.
+#
+# The price is memory: 2 (keys and values) × layers × Hkv × hd × 4 bytes per token per sequence.
+# For a 32-layer model with 32 heads of 128, that is 1 MiB per token, so a 4096-token context
+# holds 4 GiB of cache per sequence. This is why serving systems page the cache in blocks
+# (vLLM's PagedAttention), share key/value heads (GQA, Part 5) or store it in 8 bits.
+#
+# This cache preallocates one array per side, (max_batch, Hkv, max_seq, hd), and keeps one length
+# per batch row. An update writes the new positions at `[length : length + new_len]`, exactly
+# where they belong, and returns views of the filled part: no copy of the cache, no growing
+# arrays, no reallocation while decoding.
+#
+# **Your task**: write `update`'s core. The checks before it guarantee that the new keys fit; a
+# failed check leaves the cache untouched, so nothing is ever half-written.
+
+# %% nbgrader={"grade": false, "grade_id": "kv-cache", "locked": false, "schema_version": 3, "solution": true}
+#| export
+class KVCache:
+    """Preallocated keys and values for incremental decoding, one length per batch row."""
+
+    def __init__(self, max_batch_size: int, max_seq_length: int, num_heads: int, head_dim: int):
+        self.max_batch_size = _check_int(max_batch_size, "max_batch_size", 1)
+        self.max_seq_length = _check_int(max_seq_length, "max_seq_length", 1)
+        self.num_heads = _check_int(num_heads, "num_heads", 1)
+        self.head_dim = _check_int(head_dim, "head_dim", 1)
+        shape = (self.max_batch_size, self.num_heads, self.max_seq_length, self.head_dim)
+        self.cached_keys = np.zeros(shape, dtype=np.float32)    # (B, Hkv, S_max, hd)
+        self.cached_values = np.zeros(shape, dtype=np.float32)  # (B, Hkv, S_max, hd)
+        self.cache_lengths = np.zeros(self.max_batch_size, dtype=np.int64)
+
+    def _check_row(self, batch_idx) -> int:
+        if isinstance(batch_idx, (bool, np.bool_)) or not isinstance(batch_idx, (int, np.integer)):
+            raise TypeError(f"batch_idx must be an integer, got {type(batch_idx).__name__} {batch_idx!r}")
+        if not 0 <= batch_idx < self.max_batch_size:
+            raise IndexError(f"batch_idx {batch_idx} is out of range for max_batch_size={self.max_batch_size}")
+        return int(batch_idx)
+
+    def update(self, batch_idx: int, new_keys, new_values) -> tuple[Tensor, Tensor]:
+        """Append (Hkv, new_len, hd) keys and values to row `batch_idx`.
+
+        Returns:
+            (keys, values): the row's whole cached sequence, (Hkv, total_len, hd) each, as views.
+        """
+        b = self._check_row(batch_idx)
+        keys, values = _to_array(new_keys, "new_keys"), _to_array(new_values, "new_values")
+        if keys.ndim != 3 or keys.shape[0] != self.num_heads or keys.shape[2] != self.head_dim:
+            raise ValueError(f"new_keys has shape {keys.shape}, expected (num_heads={self.num_heads}, "
+                             f"new_len, head_dim={self.head_dim})")
+        if values.shape != keys.shape:
+            raise ValueError(f"new_values has shape {values.shape} but new_keys has shape {keys.shape}")
+        start, new_len = int(self.cache_lengths[b]), keys.shape[1]
+        if start + new_len > self.max_seq_length:
+            raise ValueError(f"cache row {b} holds {start} of max_seq_length={self.max_seq_length} positions; "
+                             f"appending {new_len} would need {start + new_len}")
+        ### BEGIN SOLUTION
+        end = start + new_len
+        self.cached_keys[b, :, start:end] = keys                 # (Hkv, new_len, hd)
+        self.cached_values[b, :, start:end] = values
+        self.cache_lengths[b] = end
+        return Tensor(self.cached_keys[b, :, :end]), Tensor(self.cached_values[b, :, :end])
+        ### END SOLUTION
+
+    def get_sequence(self, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """The cached (keys, values) of one row, (Hkv, length, hd) each, as views."""
+        b = self._check_row(batch_idx)
+        end = int(self.cache_lengths[b])
+        return Tensor(self.cached_keys[b, :, :end]), Tensor(self.cached_values[b, :, :end])
+
+    def reset(self, batch_idx: int | None = None) -> None:
+        """Empty one row, or every row when `batch_idx` is None."""
+        rows = slice(None) if batch_idx is None else self._check_row(batch_idx)
+        self.cached_keys[rows] = 0.0
+        self.cached_values[rows] = 0.0
+        self.cache_lengths[rows] = 0
+
+    def get_memory_usage(self) -> dict:
+        """Allocated megabytes, in total and per sequence, and the fraction of positions in use."""
+        total_bytes = self.cached_keys.nbytes + self.cached_values.nbytes
+        capacity = self.max_batch_size * self.max_seq_length
+        return {
+            "total_mb": total_bytes / 2**20,
+            "mb_per_sequence": total_bytes / 2**20 / self.max_batch_size,
+            "bytes_per_token": 2 * self.num_heads * self.head_dim * self.cached_keys.itemsize,
+            "tokens_cached": int(self.cache_lengths.sum()),
+            "utilization": float(self.cache_lengths.sum()) / capacity,
+        }
+
+    def __repr__(self):
+        return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
+                f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
+
+# %% nbgrader={"grade": true, "grade_id": "test-kv-cache", "locked": true, "points": 10, "schema_version": 3, "solution": false}
+def test_unit_kv_cache():
+    """Appends land after what is cached, rows are independent, and a failed update changes nothing."""
+    rng = np.random.default_rng(4)
+    cache = KVCache(max_batch_size=2, max_seq_length=6, num_heads=2, head_dim=3)
+    first_k, first_v = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 3))
+    keys, values = cache.update(0, first_k, first_v)
+    np.testing.assert_allclose(keys.data, first_k, rtol=1e-6)
+    second_k, second_v = rng.normal(size=(2, 1, 3)), rng.normal(size=(2, 1, 3))
+    keys, values = cache.update(0, second_k, second_v)
+    np.testing.assert_allclose(keys.data, np.concatenate([first_k, second_k], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(values.data, np.concatenate([first_v, second_v], axis=1), rtol=1e-6)
+    assert cache.cache_lengths.tolist() == [5, 0]
+    assert np.shares_memory(keys.data, cache.cached_keys)                 # a view, not a copy
+
+    before = cache.cached_keys.copy(), cache.cached_values.copy(), cache.cache_lengths.copy()
+    try:
+        cache.update(0, rng.normal(size=(2, 2, 3)), rng.normal(size=(2, 2, 3)))   # 5 + 2 > 6
+        raise AssertionError("an overflowing update must raise")
+    except ValueError as error:
+        assert "6" in str(error) and "7" in str(error)
+    for kept, now in zip(before, (cache.cached_keys, cache.cached_values, cache.cache_lengths)):
+        np.testing.assert_array_equal(kept, now)
+
+    cache.reset(0)
+    assert cache.cache_lengths.tolist() == [0, 0]
+    assert cache.get_memory_usage()["total_mb"] == 2 * 2 * 2 * 6 * 3 * 4 / 2**20
+    print("KV cache: appends, views, per-row lengths, atomic overflow and reset all correct")
+
+
+test_unit_kv_cache()
+
+# %% [markdown]
+# ### Decoding with the cache
+#
+# Pass a cache to `MultiHeadAttention.forward(..., kv_cache=cache)` and the layer appends the
+# keys and values it projects to the cache, batch row b to cache row b, and lets the queries
+# attend over everything cached for their row. Query i of the call sits at position
+# length − T + i, so it sees every earlier position and the positions of this call up to itself:
+# the offset causal mask of Part 1. One code path serves both phases of generation:
+#
+# - **prefill**: the whole prompt in one call (T = prompt length), and
+# - **decode**: one token per call (T = 1), which sees every cached key and needs no mask at all.
+#
+# The test checks the promise that makes the cache safe to use: prefill followed by
+# token-by-token decoding gives the same outputs as one causal forward over the whole sequence.
+
+# %% nbgrader={"grade": true, "grade_id": "test-cached-decoding", "locked": true, "points": 5, "schema_version": 3, "solution": false}
+def test_unit_cached_decoding():
+    """Prefill + one-token steps through the cache equal a single causal forward."""
+    rng = np.random.default_rng(5)
+    for num_kv_heads in (4, 2, 1):
+        layer = MultiHeadAttention(embed_dim=16, num_heads=4, num_kv_heads=num_kv_heads, seed=1)
+        x = rng.normal(size=(2, 9, 16)).astype(np.float32)
+        full = layer(x, mask=create_causal_mask(9)).data
+        cache = KVCache(max_batch_size=2, max_seq_length=9, num_heads=num_kv_heads, head_dim=4)
+        steps = [layer(x[:, :5], kv_cache=cache).data]                 # prefill 5 tokens
+        steps += [layer(x[:, t:t + 1], kv_cache=cache).data for t in range(5, 9)]   # decode 4 more
+        np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+        assert cache.cache_lengths.tolist() == [9, 9]
+    print("cached decoding: prefill + decode equals one causal forward, for MHA, GQA and MQA")
+
+
+test_unit_cached_decoding()
+
+# %% [markdown]
+# ## Part 7: Production patterns: a fast path beside the readable one
+#
+# Your `math_attention` is the definition of attention, and it is correct. It is also slower than
+# it needs to be, and the reasons are the ones production kernels are built around:
+#
+# 1. **Memory traffic, not arithmetic.** Every step of the formula makes a new (…, T, S) array:
+#    the scores, the scaled scores, the masked scores, the exponentials, the weights. At
+#    B = 4, H = 8, T = S = 512 each is 32 MiB, far larger than the CPU caches, so each step streams
+#    it from main memory and back. The arithmetic per byte is tiny; the memory bus is the limit.
+# 2. **One core.** NumPy's element-wise functions (`exp`, `max`, the divisions) run on a single
+#    core; only the matrix products use the BLAS library's threads.
+# 3. **Work that is thrown away.** With a causal mask, almost half of the scores are computed and
+#    then set to −∞.
+#
+# `fast_attention` keeps the same numbers and changes only how they are computed:
+#
+# - It scales Q once (T·d multiplies) instead of the scores (T·S multiplies).
+# - It works on **tiles**: one batch-and-head at a time, a block of query rows at a time. A
+#   256 × 512 tile of scores (0.5 MiB) stays in the CPU's cache while it is exponentiated in
+#   place (`out=`), summed and multiplied by V.
+# - It normalises *after* multiplying by V: dividing the (T, d_v) output by the row sums is
+#   S / d_v times cheaper than dividing the (T, S) weights.
+# - It runs the tiles on a **thread pool**, one thread per core. NumPy releases Python's global
+#   interpreter lock inside `exp` and inside BLAS, so the threads really run in parallel. While
+#   they do, BLAS is limited to one thread each (threadpoolctl), or the two kinds of threads would
+#   fight over the same cores.
+# - With a `CausalMask` it reads the offset and **skips** every key block that lies wholly in the
+#   future: those scores are never computed.
+#
+# **Why keep both?** This is the same choice PyTorch makes with its "math" and fused kernels.
+# The readable version is the specification: the fast one is tested against it (the test below,
+# and the test suite on random shapes and masks), so an optimisation can never silently change
+# the answer. And grading always runs on the readable one: the test suite switches the backend to
+# `"math"`, so your code, not this kernel, is what earns your points. The package's default is
+# `"fast"`, set at the end of the cell below: every cell above it ran on your `math_attention`.
+#
+# Use `attention_backend("math")` in a `with` block to compare the two yourself.
+
+# %% nbgrader={"grade": false, "grade_id": "fast-attention", "locked": true, "schema_version": 3, "solution": false}
+#| export
+_QUERY_ROWS = 256                 # query rows per tile: 256 x 512 float32 scores = 0.5 MiB, cache-sized
+_CAUSAL_QUERY_ROWS = 128          # smaller tiles skip more of a causal mask's future
+_PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()     # one parallel region at a time: the BLAS thread limit is process-wide
+_blas = None
+
+
+def _parallel_map(function, tasks) -> None:
+    """Run function(*task) for every task on one thread per core, with BLAS limited to one thread."""
+    global _pool, _blas
+    with _pool_lock:
+        if _pool is None:
+            from threadpoolctl import ThreadpoolController
+            _blas = ThreadpoolController()
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="tinytorch-attention")
+        with _blas.limit(limits=1, user_api="blas"):
+            for _ in _pool.map(lambda task: function(*task), tasks):
+                pass
+
+
+def _attend_tile(q, k, v, hidden, output, weights) -> None:
+    """Softmax attention for one tile, written into `output` (and `weights`) in place.
+
+    q (..., r, d) is already scaled; k (..., s, d); v (..., s, dv); hidden: True = masked, or None.
+    """
+    scores = q @ np.swapaxes(k, -1, -2)                          # (..., r, s)
+    if hidden is not None:
+        np.copyto(scores, -np.inf, where=hidden)
+    row_max = scores.max(axis=-1, keepdims=True)                 # (..., r, 1)
+    if hidden is not None:
+        np.copyto(row_max, 0.0, where=np.isneginf(row_max))     # fully masked rows
+    np.subtract(scores, row_max, out=scores)
+    np.exp(scores, out=scores)                                   # unnormalised weights
+    totals = scores.sum(axis=-1, keepdims=True)                  # (..., r, 1)
+    if hidden is not None:
+        np.copyto(totals, 1.0, where=totals == 0.0)
+    np.matmul(scores, v, out=output)                             # (..., r, dv)
+    np.divide(output, totals, out=output)
+    if weights is not None:
+        np.divide(scores, totals, out=weights)
+
+
+def _causal_tile(r0: int, r1: int, S: int, offset: int):
+    """Keys [0, seen) that query rows r0..r1-1 may see, and the (r, seen) future triangle or None."""
+    seen = min(S, max(0, r1 + offset))            # what the tile's last row sees
+    first = min(S, max(0, r0 + 1 + offset))       # what its first row sees
+    if first == seen:
+        return seen, None                         # every row sees all `seen` keys
+    return seen, np.arange(seen)[None, :] > (np.arange(r0, r1)[:, None] + offset)
+
+
+def _fast_attention(q, k, v, keep, scale, causal_offset, need_weights):
+    """The tiled, threaded kernel on checked arrays; returns (output, weights or None)."""
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    q = q * np.float32(scale)                                    # (..., T, d), keeps q's layout
+    output = (np.empty_like(q, shape=lead + (T, dv)) if q.shape[:-2] == lead
+              else np.empty(lead + (T, dv), dtype=np.float32))
+    weights = np.zeros(lead + (T, S), dtype=np.float32) if need_weights else None
+    if output.size == 0 or S == 0:
+        output[...] = 0.0
+        return output, weights
+    q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
+    if causal_offset is not None and T == 1 and causal_offset >= S - 1:
+        keep = None                                              # one query that sees every key
+    hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
+
+    if math.prod(lead) * T * S < _PARALLEL_MIN_SCORES:          # small: one vectorised call
+        _attend_tile(q, k, v, hidden, output, weights)
+        return output, weights
+
+    rows = _QUERY_ROWS if causal_offset is None else _CAUSAL_QUERY_ROWS
+    tasks = []
+    for r0 in range(0, T, rows):
+        r1 = min(r0 + rows, T)
+        seen, triangle = (S, None) if causal_offset is None else _causal_tile(r0, r1, S, causal_offset)
+        for index in np.ndindex(*lead):
+            if seen == 0:                                        # every row of the tile is masked
+                output[index][r0:r1] = 0.0
+                continue
+            tile_hidden = triangle if causal_offset is not None else (
+                None if hidden is None else hidden[index][r0:r1])
+            tasks.append((q[index][r0:r1], k[index][:seen], v[index][:seen], tile_hidden,
+                          output[index][r0:r1], None if weights is None else weights[index][r0:r1, :seen]))
+    _parallel_map(_attend_tile, tasks)
+    return output, weights
+
+
+def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool = True):
+    """`math_attention`'s result from the tiled, threaded kernel.
+
+    Args:
+        query, key, value, mask, scale: as for `math_attention`; a CausalMask's future is skipped.
+        need_weights: also form and return the (..., T, S) weights.
+    Returns:
+        (output (..., T, d_v), weights (..., T, S) or None) as float32 Tensors.
+    """
+    q, k, v, keep, scale = _check_attention_inputs(query, key, value, mask, scale)
+    offset = mask.offset if isinstance(mask, CausalMask) else None
+    output, weights = _fast_attention(q, k, v, keep, scale, offset, need_weights)
+    return Tensor(output), None if weights is None else Tensor(weights)
+
+
+set_attention_backend("fast")  # from here on, attention layers run the fast kernel by default
+
+# %% nbgrader={"grade": false, "grade_id": "test-fast-attention", "locked": true, "schema_version": 3, "solution": false}
+def test_unit_fast_attention():
+    """The fast kernel agrees with math_attention on every kind of mask and shape."""
+    rng = np.random.default_rng(6)
+    cases = [((2, 3, 300, 16), (2, 3, 280, 16), None),                   # large enough for threads
+             ((2, 3, 300, 16), (2, 3, 300, 16), create_causal_mask(300)),
+             ((1, 2, 260, 8), (1, 2, 400, 8), create_causal_mask(260, 400)),  # offset causal
+             ((4, 1, 5, 8), (4, 1, 9, 8), rng.random((4, 1, 5, 9)) > 0.5),   # small, random mask
+             ((2, 4, 320, 8), (2, 1, 320, 8), rng.random((320, 320)) > 0.3)]  # broadcast key heads
+    for q_shape, k_shape, mask in cases:
+        q, k = rng.normal(size=q_shape), rng.normal(size=k_shape)
+        v = rng.normal(size=k_shape[:-1] + (6,))
+        expected_out, expected_weights = math_attention(q, k, v, mask)
+        out, weights = fast_attention(q, k, v, mask)
+        np.testing.assert_allclose(out.data, expected_out.data, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(weights.data, expected_weights.data, rtol=1e-4, atol=1e-6)
+    assert get_attention_backend() == "fast"
+    print("fast attention: equals math_attention for plain, causal, offset, random and broadcast masks")
+
+
+test_unit_fast_attention()
