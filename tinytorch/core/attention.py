@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['ATTENTION_BACKENDS', 'CausalMask', 'create_causal_mask', 'masked_softmax', 'math_attention', 'get_attention_backend',
            'set_attention_backend', 'attention_backend', 'ScaledDotProductAttention', 'split_heads', 'merge_heads',
-           'repeat_kv_heads', 'MultiHeadAttention', 'KVCache', 'fast_attention']
+           'repeat_kv_heads', 'MultiHeadAttention', 'KVCache', 'fast_attention', 'blocked_attention',
+           'AttentionProfiler']
 
 # %% ../../modules/13_attention/attention_dev.ipynb #44fad4d9
 import math
@@ -651,3 +652,181 @@ def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool 
 
 
 set_attention_backend("fast")  # from here on, attention layers run the fast kernel by default
+
+# %% ../../modules/13_attention/attention_dev.ipynb #fccf6ecd
+def blocked_attention(query, key, value, mask=None, scale=None, block_size: int = 128) -> Tensor:
+    """Attention computed block by block with an online softmax; never holds a T x S array.
+
+    Args:
+        query, key, value, mask, scale: as for `math_attention`.
+        block_size: queries and keys per block; a CausalMask's future blocks are skipped.
+    Returns:
+        output Tensor (..., T, d_v), equal to `math_attention`'s.
+    """
+    q, k, v, keep, scale = _check_attention_inputs(query, key, value, mask, scale)
+    block_size = _check_int(block_size, "block_size", 1)
+    offset = mask.offset if isinstance(mask, CausalMask) else None
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    if keep is not None:
+        keep = np.broadcast_to(keep, lead + (T, S))                     # a view, not a copy
+    output = np.zeros(lead + (T, dv), dtype=np.float32)
+    for i0 in range(0, T, block_size):
+        i1 = min(i0 + block_size, T)
+        q_block = q[..., i0:i1, :] * np.float32(scale)                  # (..., bq, d)
+        last_key = S if offset is None else min(S, max(0, i1 + offset))  # keys after this: all future
+        ### BEGIN SOLUTION
+        row_max = np.full(lead + (i1 - i0, 1), -np.inf, dtype=np.float32)   # m
+        row_sum = np.zeros(lead + (i1 - i0, 1), dtype=np.float32)           # l
+        acc = np.zeros(lead + (i1 - i0, dv), dtype=np.float32)              # a
+        for j0 in range(0, last_key, block_size):
+            j1 = min(j0 + block_size, last_key)
+            scores = q_block @ np.swapaxes(k[..., j0:j1, :], -1, -2)        # (..., bq, bk)
+            if keep is not None:
+                scores = np.where(keep[..., i0:i1, j0:j1], scores, -np.inf)
+            new_max = np.maximum(row_max, scores.max(axis=-1, keepdims=True))
+            safe_max = np.where(np.isneginf(new_max), 0.0, new_max)          # rows that saw no key yet
+            correction = np.exp(row_max - safe_max)                          # c = e^(m - m')
+            exps = np.exp(scores - safe_max)                                 # (..., bq, bk)
+            row_sum = row_sum * correction + exps.sum(axis=-1, keepdims=True)
+            acc = acc * correction + exps @ v[..., j0:j1, :]                 # (..., bq, dv)
+            row_max = new_max
+        output[..., i0:i1, :] = acc / np.where(row_sum > 0.0, row_sum, 1.0)
+        ### END SOLUTION
+    return Tensor(output)
+
+# %% ../../modules/13_attention/attention_dev.ipynb #f914d80b
+class AttentionProfiler:
+    """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc)."""
+
+    def __init__(self, repeats: int = 5, warmup: int = 1, seed: int = 0):
+        self.repeats = _check_int(repeats, "repeats", 1)
+        self.warmup = _check_int(warmup, "warmup", 0)
+        self.seed = seed
+
+    def time_call(self, function) -> float:
+        """Median seconds of `function()` over `repeats` runs, after `warmup` runs."""
+        for _ in range(self.warmup):
+            function()
+        times = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    @staticmethod
+    def peak_memory(function) -> int:
+        """Peak bytes allocated while `function()` runs, above the bytes allocated when it starts."""
+        was_tracing = tracemalloc.is_tracing()
+        if not was_tracing:
+            tracemalloc.start()
+        try:
+            baseline = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            function()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            if not was_tracing:
+                tracemalloc.stop()
+        return max(0, peak - baseline)
+
+    def _workload(self, attention_layer, seq_len, batch_size, num_heads, head_dim, causal):
+        """A call of `attention_layer` on random inputs of length `seq_len`, and its (B, H) size."""
+        rng = np.random.default_rng(self.seed)
+        mask = create_causal_mask(seq_len) if causal else None
+        if isinstance(attention_layer, MultiHeadAttention):
+            x = rng.standard_normal((batch_size, seq_len, attention_layer.embed_dim), dtype=np.float32)
+            return (lambda: attention_layer(x, mask=mask)), attention_layer.num_heads
+        if isinstance(attention_layer, ScaledDotProductAttention):
+            q, k, v = (rng.standard_normal((batch_size, num_heads, seq_len, head_dim), dtype=np.float32)
+                       for _ in range(3))
+            return (lambda: attention_layer(q, k, v, mask=mask)), num_heads
+        raise TypeError(f"attention_layer must be a MultiHeadAttention or ScaledDotProductAttention, "
+                        f"got {type(attention_layer).__name__}")
+
+    def measure_attention_scaling(self, attention_layer, seq_lengths, batch_size: int = 1,
+                                  num_heads: int = 8, head_dim: int = 64, causal: bool = False) -> list[dict]:
+        """Time and peak memory of one forward at each sequence length.
+
+        Args:
+            attention_layer: a MultiHeadAttention (inputs (B, T, E)) or a ScaledDotProductAttention
+                (inputs (B, num_heads, T, head_dim)).
+            seq_lengths: the lengths T to measure.
+            causal: pass create_causal_mask(T).
+        Returns:
+            One dict per length: seq_len, time_ms, peak_memory_mb (both measured) and
+            weights_mb_estimate (B * H * T * T float32 numbers, computed).
+        """
+        results = []
+        for seq_len in seq_lengths:
+            seq_len = _check_int(seq_len, "seq_len", 1)
+            call, heads = self._workload(attention_layer, seq_len, batch_size, num_heads, head_dim, causal)
+            results.append({
+                "seq_len": seq_len,
+                "time_ms": self.time_call(call) * 1e3,
+                "peak_memory_mb": self.peak_memory(call) / 2**20,
+                "weights_mb_estimate": batch_size * heads * seq_len * seq_len * 4 / 2**20,
+            })
+        return results
+
+    @staticmethod
+    def analyze_quadratic_scaling(results: list[dict]) -> dict:
+        """Fitted exponents p of time ~ T^p and memory ~ T^p (least squares on log-log axes)."""
+        if len(results) < 2:
+            raise ValueError(f"fitting an exponent needs at least 2 sequence lengths, got {len(results)}")
+        log_n = np.log([row["seq_len"] for row in results])
+        fit = lambda values: float(np.polyfit(log_n, np.log(np.maximum(values, 1e-12)), 1)[0])
+        return {
+            "time_exponent": fit([row["time_ms"] for row in results]),
+            "memory_exponent": fit([row["peak_memory_mb"] for row in results]),
+            "seq_lengths": [row["seq_len"] for row in results],
+        }
+
+    def compare_generation(self, attention_layer, prompt_length: int, new_tokens: int,
+                           batch_size: int = 1) -> dict:
+        """Generate `new_tokens` positions one at a time, with a KV cache and by recomputing everything.
+
+        Each step feeds the next position of a fixed random sequence, so both ways must give the
+        same outputs; `max_abs_difference` reports how closely they agree.
+        Returns:
+            per-token times in ms for both ways (measured), their medians, the total speed-up and
+            the largest difference between the two ways' outputs.
+        """
+        if not isinstance(attention_layer, MultiHeadAttention):
+            raise TypeError(f"attention_layer must be a MultiHeadAttention, got {type(attention_layer).__name__}")
+        prompt_length = _check_int(prompt_length, "prompt_length", 1)
+        new_tokens = _check_int(new_tokens, "new_tokens", 1)
+        total = prompt_length + new_tokens
+        rng = np.random.default_rng(self.seed)
+        x = rng.standard_normal((batch_size, total, attention_layer.embed_dim), dtype=np.float32)
+
+        cache = KVCache(batch_size, total, attention_layer.num_kv_heads, attention_layer.head_dim)
+        start = time.perf_counter()
+        attention_layer(x[:, :prompt_length], kv_cache=cache)
+        prefill_ms = (time.perf_counter() - start) * 1e3
+        cached_ms, cached_out = [], []
+        for t in range(prompt_length, total):
+            start = time.perf_counter()
+            cached_out.append(attention_layer(x[:, t:t + 1], kv_cache=cache).data)
+            cached_ms.append((time.perf_counter() - start) * 1e3)
+
+        recompute_ms, recompute_out = [], []
+        for t in range(prompt_length, total):
+            start = time.perf_counter()
+            full = attention_layer(x[:, :t + 1], mask=create_causal_mask(t + 1)).data
+            recompute_out.append(full[:, -1:])
+            recompute_ms.append((time.perf_counter() - start) * 1e3)
+
+        return {
+            "prompt_length": prompt_length,
+            "new_tokens": new_tokens,
+            "prefill_ms": prefill_ms,
+            "cached_token_ms": cached_ms,
+            "recompute_token_ms": recompute_ms,
+            "cached_ms_per_token": float(np.median(cached_ms)),
+            "recompute_ms_per_token": float(np.median(recompute_ms)),
+            "speedup": float(np.sum(recompute_ms) / np.sum(cached_ms)),
+            "max_abs_difference": float(np.max(np.abs(np.concatenate(cached_out, axis=1)
+                                                       - np.concatenate(recompute_out, axis=1)))),
+        }
