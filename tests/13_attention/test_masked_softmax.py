@@ -107,12 +107,12 @@ def test_fully_masked_rows_are_zero_without_warnings():
 @pytest.mark.grades("test-masked-softmax")
 def test_logits_near_1e5_stay_finite():
     """exp(1e5) overflows float32 and float64 alike; a stable softmax subtracts the row maximum first."""
-    scores = np.array([[1e5, 1e5 - 1.0, 1e5 - 2.0], [-1e5, -1e5 + np.log(3.0), -1e5]])
+    scores = np.array([[1e5, 1e5 - 1.0, 1e5 - 2.0], [-1e5, -1e5 + 1.0, -1e5]])   # exact in float32
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         weights = masked_softmax(scores).data
     e = np.exp([0.0, -1.0, -2.0])
-    np.testing.assert_allclose(weights, [e / e.sum(), [0.2, 0.6, 0.2]], rtol=1e-5)
+    np.testing.assert_allclose(weights, [e / e.sum(), e[[1, 0, 1]] / e[[1, 0, 1]].sum()], rtol=1e-5)
 
 
 @pytest.mark.grades("test-masked-softmax")
