@@ -41,6 +41,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_module(resolve_module(root, args.module), figures_dir=args.figures, timeout=args.timeout)
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    from tito.release import DEFAULT_OUT, nbgrader_available, release
+
+    root = find_root()
+    module = resolve_module(root, args.module)
+    out = args.out if args.out is not None else root / DEFAULT_OUT
+    for line in release(root, module, out, force=args.force):
+        print(line)
+    tool = "nbgrader's ClearSolutions" if nbgrader_available() else "tito's ClearSolutions (nbgrader not installed)"
+    print(f"solutions stripped with {tool}; student files: "
+          f"{out / module.relative(module.notebook)} and {out / module.relative(module.source)}")
+    return 0
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    import json
+
+    from tito.grade import format_report, grade
+
+    root = find_root()
+    result = grade(root, args.module, args.package)
+    module = resolve_module(root, args.module)
+    print(format_report(result, module.relative(module.source)))
+    if args.json is not None:
+        text = json.dumps(result, indent=2)
+        if str(args.json) == "-":
+            print(text)
+        else:
+            args.json.write_text(text + "\n", encoding="utf-8")
+            print(f"wrote {args.json}")
+    return 0 if result["all_passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tito",
@@ -76,6 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder for the plots the notebook draws (default: tito-output/NN_name)")
     run.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell (default: 900)")
     run.set_defaults(handler=cmd_run)
+
+    release = commands.add_parser(
+        "release", help="write the student version of a module, solutions stripped",
+        description="Write a student workspace: the module's notebook and .py with every solution "
+        "region replaced by a stub (nbgrader's ClearSolutions semantics), the modules before it, "
+        "and the package exported from them. Existing files are never overwritten without --force, "
+        "and with --force changed files are kept as .bak copies.",
+    )
+    release.add_argument("module", help=MODULE_HELP)
+    release.add_argument("--out", type=Path, default=None, help="workspace to write (default: ./release)")
+    release.add_argument("--force", action="store_true", help="write into a folder that already holds release files")
+    release.set_defaults(handler=cmd_release)
+
+    grade = commands.add_parser(
+        "grade", help="grade an exported package and print the points per part",
+        description="Run the course's grading tests for the module against one exported package "
+        "and print part, points earned and points possible. Exit status 0 only when every test passed.",
+    )
+    grade.add_argument("module", help=MODULE_HELP)
+    grade.add_argument("--package", type=Path, default=None,
+                       help="the tinytorch folder to grade, or a workspace holding one (default: this workspace's)")
+    grade.add_argument("--json", type=Path, default=None, metavar="PATH",
+                       help="also write the result as JSON to PATH ('-' for standard output)")
+    grade.set_defaults(handler=cmd_grade)
     return parser
 
 

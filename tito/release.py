@@ -1,0 +1,166 @@
+"""`tito release`: the student version of a module, with every solution replaced by a stub.
+
+The stripping follows nbgrader's ClearSolutions: each code region between `### BEGIN SOLUTION`
+and `### END SOLUTION` becomes `# YOUR CODE HERE` and `raise NotImplementedError()` at the
+region's indentation; a markdown region becomes "YOUR ANSWER HERE"; a solution cell without a
+region is replaced whole. Outputs are cleared; every other cell and all nbgrader metadata are
+kept. With the `instructor` extra installed, nbgrader's own preprocessors do the work; without
+it, `clear_solutions` below does the same (tests/tooling compares the two).
+
+The release is a complete student workspace: the stripped module, the modules before it, the
+package they export to, and a manifest, so that `tito export` and `tito grade` work inside it.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+from tito.export import assign_cell_ids, export, notebook_text, read_source, write_atomic
+from tito.workspace import Module, TitoError, discover_modules
+
+BEGIN_SOLUTION, END_SOLUTION = "BEGIN SOLUTION", "END SOLUTION"
+CODE_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
+TEXT_STUB = "YOUR ANSWER HERE"
+WORKSPACE_FILES = ["pyproject.toml", "module.yaml", "tinytorch/__init__.py", "tinytorch/core/__init__.py"]
+DEFAULT_OUT = Path("release")
+
+
+def is_solution_cell(cell) -> bool:
+    return bool(cell.metadata.get("nbgrader", {}).get("solution", False))
+
+
+def _replace_regions(source: str, stub: str) -> tuple[str, bool]:
+    """Replace each solution region of `source` by `stub`, indented like its BEGIN line."""
+    kept, inside, replaced = [], False, False
+    for line in source.split("\n"):
+        if BEGIN_SOLUTION in line:
+            if inside:
+                raise TitoError(f"nested {BEGIN_SOLUTION} in a cell:\n{source}")
+            inside = replaced = True
+            indent = line[: len(line) - len(line.lstrip())]
+            kept.extend(indent + stub_line for stub_line in stub.split("\n"))
+        elif END_SOLUTION in line:
+            inside = False
+        elif not inside:
+            kept.append(line)
+    if inside:
+        raise TitoError(f"{BEGIN_SOLUTION} without {END_SOLUTION} in a cell:\n{source}")
+    return "\n".join(kept), replaced
+
+
+def clear_solutions(notebook):
+    """A copy of `notebook` with solutions stubbed out and outputs cleared (nbgrader's semantics)."""
+    released = copy.deepcopy(notebook)
+    for cell in released.cells:
+        stub = CODE_STUB if cell.cell_type == "code" else TEXT_STUB
+        source, replaced = _replace_regions(cell.source, stub)
+        if replaced and not is_solution_cell(cell):
+            raise TitoError("a solution region lies in a cell that is not marked as a solution cell "
+                            f"(nbgrader metadata solution: true):\n{cell.source}")
+        cell.source = stub if is_solution_cell(cell) and not replaced else source
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    released.metadata.pop("celltoolbar", None)
+    return released
+
+
+def clear_solutions_with_nbgrader(notebook):
+    """The same release made by nbgrader's ClearSolutions and ClearOutput preprocessors."""
+    from nbgrader.preprocessors import ClearOutput, ClearSolutions
+
+    released = copy.deepcopy(notebook)
+    resources: dict = {}
+    released, resources = ClearSolutions().preprocess(released, resources)
+    released, resources = ClearOutput().preprocess(released, resources)
+    return released
+
+
+def nbgrader_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nbgrader") is not None
+
+
+def release_notebook(module: Module, use_nbgrader: bool | None = None):
+    """The module's notebook with solutions stripped; nbgrader does it when installed."""
+    notebook = read_source(module)
+    if use_nbgrader is None:
+        use_nbgrader = nbgrader_available()
+    try:
+        released = clear_solutions_with_nbgrader(notebook) if use_nbgrader else clear_solutions(notebook)
+    except RuntimeError as error:  # nbgrader's way of reporting a malformed solution region
+        raise TitoError(f"cannot release {module.relative(module.source)}: {error}") from error
+    assign_cell_ids(released)
+    return released
+
+
+def _release_files(root: Path, target: Module) -> dict[str, str | Path]:
+    """Relative path in the release -> new text, or a file to copy as it is."""
+    import jupytext
+
+    files: dict[str, str | Path] = {name: root / name for name in WORKSPACE_FILES if (root / name).exists()}
+    for module in discover_modules(root):
+        if module.number > target.number:
+            continue
+        released = release_notebook(module)
+        files[module.relative(module.notebook)] = notebook_text(released)
+        files[module.relative(module.source)] = jupytext.writes(released, fmt="py:percent")
+        if (module.folder / "README.md").exists():
+            files[module.relative(module.folder / "README.md")] = module.folder / "README.md"
+    files["README.md"] = STUDENT_README.format(module=target.folder_name, name=target.name, number=target.number)
+    return files
+
+
+STUDENT_README = """\
+# TinyTorch workspace: module {module}
+
+Your work goes in `modules/{module}/{name}_dev.ipynb` (in Jupyter) or its paired
+`modules/{module}/{name}_dev.py` (in an editor): replace each `raise NotImplementedError()` under
+`# YOUR CODE HERE`, and each `YOUR ANSWER HERE`.
+
+    tito run {number}       # run the notebook top to bottom; it stops at the first unfinished part
+    tito export {number}    # put your code into tinytorch/core/{name}.py
+    tito grade {number}     # grade that exported code: points per part, and what is left to do
+"""
+
+
+def _backup_path(path: Path) -> Path:
+    candidate, n = path.with_name(path.name + ".bak"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.bak{n}")
+    return candidate
+
+
+def release(root: Path, module: Module, out: Path, force: bool = False) -> list[str]:
+    """Write the student workspace for `module` into `out`; returns what was written."""
+    out = out.resolve()
+    if out == root.resolve():
+        raise TitoError(f"--out {out} is the course workspace itself; releasing there would replace the solutions")
+    files = _release_files(root, module)
+    existing = [relative for relative in files if (out / relative).exists()]
+    if existing and not force:
+        raise TitoError(f"{out} already holds {len(existing)} of the release's files (e.g. {existing[0]}); "
+                        "nothing was written. Choose another --out, or rerun with --force (changed files are "
+                        "kept as .bak copies)")
+    notes = []
+    for relative, content in files.items():
+        target = out / relative
+        text = content.read_text(encoding="utf-8") if isinstance(content, Path) else content
+        if target.exists() and target.read_text(encoding="utf-8") != text:
+            backup = _backup_path(target)
+            shutil.copy2(target, backup)
+            notes.append(f"kept your previous {relative} as {backup.relative_to(out)}")
+        write_atomic(target, text)
+    generated = [m.relative(m.package_file) for m in discover_modules(out)]
+    previous = {relative: (out / relative).read_text(encoding="utf-8")
+                for relative in generated if (out / relative).exists()}
+    (out / ".tito" / "manifest.json").unlink(missing_ok=True)  # the release's own export writes a fresh one
+    export(out, discover_modules(out), force=True)
+    for relative, text in previous.items():
+        if (out / relative).read_text(encoding="utf-8") != text:
+            backup = _backup_path(out / relative)
+            write_atomic(backup, text)
+            notes.append(f"kept your previous {relative} as {backup.relative_to(out)}")
+    return [f"wrote {len(files)} files and exported the package into {out}", *notes]
