@@ -1,0 +1,198 @@
+"""The student loop: release without solutions, export, and grading that cannot pass by accident."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tito.export import read_source
+from tito.release import BEGIN_SOLUTION, END_SOLUTION, clear_solutions, release
+from tito.workspace import resolve_module
+
+SOURCE = "modules/13_attention/attention_dev.py"
+CAUSAL_STUB = "    # YOUR CODE HERE\n    raise NotImplementedError()\n    return CausalMask(mask, offset)"
+CAUSAL_DONE = ("    mask = np.tril(np.ones((seq_len, key_len), dtype=np.float32), k=offset)\n"
+               "    return CausalMask(mask, offset)")
+
+
+def tito(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "tito.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def solution_lines(source: str) -> set[str]:
+    """Non-empty lines inside solution regions, without comment markers."""
+    found, inside = set(), False
+    for line in source.splitlines():
+        if BEGIN_SOLUTION in line:
+            inside = True
+        elif END_SOLUTION in line:
+            inside = False
+        elif inside and line.strip().lstrip("#").strip():
+            found.add(line.strip().lstrip("#").strip())
+    return found
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, repo_root_path=Path(__file__).resolve().parents[2]):
+    out = tmp_path_factory.mktemp("student")
+    release(repo_root_path, resolve_module(repo_root_path, "13"), out)
+    return out
+
+
+def test_no_solution_line_appears_anywhere_in_the_release(released, repo_root):
+    source = (repo_root / SOURCE).read_text()
+    outside = source
+    for region in re.findall(rf"{BEGIN_SOLUTION}.*?{END_SOLUTION}", source, flags=re.S):
+        outside = outside.replace(region, "")
+    secret = {line for line in solution_lines(source) if line not in outside}
+    assert len(secret) > 40                                             # the check looks at real content
+    for path in released.rglob("*"):
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            leaked = [line for line in secret if line in text]
+            assert not leaked, f"{path.relative_to(released)} shows solution lines: {leaked[:3]}"
+
+
+def test_release_replaces_regions_with_stubs_and_keeps_metadata(released, repo_root):
+    original = read_source(resolve_module(repo_root, "13"))
+    student = read_source(resolve_module(released, "13"))
+    assert len(student.cells) == len(original.cells)
+    for before, after in zip(original.cells, student.cells):
+        assert after.metadata.get("nbgrader") == before.metadata.get("nbgrader")
+        meta = before.metadata.get("nbgrader", {})
+        if meta.get("solution") and before.cell_type == "code":
+            assert "# YOUR CODE HERE" in after.source and "raise NotImplementedError()" in after.source
+        elif meta.get("solution"):
+            assert after.source == "YOUR ANSWER HERE"
+        else:
+            assert after.source == before.source                       # locked and grade cells unchanged
+    assert CAUSAL_STUB in (released / SOURCE).read_text()               # stub at the region's indentation
+
+
+def test_fallback_matches_nbgrader(repo_root):
+    nbgrader_release = pytest.importorskip("nbgrader.preprocessors")
+    from tito.release import clear_solutions_with_nbgrader
+
+    notebook = read_source(resolve_module(repo_root, "13"))
+    ours, theirs = clear_solutions(notebook), clear_solutions_with_nbgrader(notebook)
+    assert nbgrader_release is not None
+    assert [cell.source for cell in ours.cells] == [cell.source for cell in theirs.cells]
+    assert [cell.metadata for cell in ours.cells] == [cell.metadata for cell in theirs.cells]
+    assert ours.metadata == theirs.metadata
+
+
+def test_release_never_overwrites_without_force(released, repo_root, capsys):
+    student_source = released / SOURCE
+    student_source.write_text(student_source.read_text().replace(CAUSAL_STUB, CAUSAL_DONE))
+    work = student_source.read_text()
+    result = tito("release", "13", "--out", str(released), cwd=repo_root)
+    assert result.returncode == 1 and "nothing was written" in result.stderr
+    assert student_source.read_text() == work
+
+    result = tito("release", "13", "--out", str(released), "--force", cwd=repo_root)
+    assert result.returncode == 0, result.stderr
+    assert "kept your previous modules/13_attention/attention_dev.py as" in result.stdout
+    assert (released / (SOURCE + ".bak")).read_text() == work           # the student's work survives
+    assert CAUSAL_STUB in student_source.read_text()
+
+
+def test_release_into_the_course_itself_is_refused(repo_root):
+    result = tito("release", "13", "--out", str(repo_root), "--force", cwd=repo_root)
+    assert result.returncode == 1 and "replace the solutions" in result.stderr
+
+
+def test_blank_release_imports_and_every_todo_raises(released):
+    code = """
+import numpy as np
+from tinytorch.core import attention as a
+calls = {
+    "create_causal_mask": lambda: a.create_causal_mask(3),
+    "masked_softmax": lambda: a.masked_softmax(np.zeros((2, 2))),
+    "math_attention": lambda: a.math_attention(np.ones((2, 4)), np.ones((2, 4)), np.ones((2, 4))),
+    "split_heads": lambda: a.split_heads(np.ones((1, 2, 4)), 2),
+    "merge_heads": lambda: a.merge_heads(np.ones((1, 2, 2, 2))),
+    "repeat_kv_heads": lambda: a.repeat_kv_heads(np.ones((1, 1, 2, 2)), 2),
+    "MultiHeadAttention.forward": lambda: a.MultiHeadAttention(4, 2, seed=0)(np.ones((1, 2, 4))),
+    "KVCache.update": lambda: a.KVCache(1, 4, 2, 2).update(0, np.ones((2, 1, 2)), np.ones((2, 1, 2))),
+    "blocked_attention": lambda: a.blocked_attention(np.ones((2, 4)), np.ones((2, 4)), np.ones((2, 4))),
+}
+for name, call in calls.items():
+    try:
+        call()
+    except NotImplementedError:
+        print("todo", name)
+    else:
+        print("DONE", name)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=released,
+                            env={"PYTHONPATH": str(released), "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("todo ") == 9 and "DONE" not in result.stdout, result.stdout
+
+
+def test_grading_the_blank_release_fails_every_graded_test(released):
+    result = tito("grade", "13", "--json", "-", cwd=released)
+    assert result.returncode == 1
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["graded_file"] == str((released / "tinytorch/core/attention.py").resolve())
+    assert report["earned"] == 0 and report["possible"] == 90 and report["manual_points"] == 10
+    for part in report["parts"]:
+        if not part["manual"]:
+            assert part["tests"] and part["passed"] == 0, part["grade_id"]
+
+
+def test_grading_the_solution_passes_every_test(repo_root):
+    result = tito("grade", "13", cwd=repo_root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"graded: {repo_root / 'tinytorch/core/attention.py'}" in result.stdout
+    assert re.search(r"total \(auto-graded\)\s+90\.00\s+90", result.stdout)
+
+
+def test_student_path_fill_one_todo_export_and_grade(tmp_path, repo_root):
+    out = tmp_path / "student"
+    assert tito("release", "13", "--out", str(out), cwd=repo_root).returncode == 0
+    source = out / SOURCE
+    source.write_text(source.read_text().replace(CAUSAL_STUB, CAUSAL_DONE))
+    exported = tito("export", "13", cwd=out)
+    assert exported.returncode == 0, exported.stderr
+    graded = tito("grade", "13", "--json", str(tmp_path / "grade.json"), cwd=out)
+    assert graded.returncode == 1                                     # other parts are still TODOs
+    report = json.loads((tmp_path / "grade.json").read_text())
+    parts = {part["grade_id"]: part for part in report["parts"]}
+    assert parts["test-causal-mask"]["earned"] == 5 and parts["test-causal-mask"]["failures"] == []
+    assert parts["test-math-attention"]["earned"] == 0
+    assert ("test-masked-softmax: not done yet; complete the TODO in masked_softmax() in "
+            "modules/13_attention/attention_dev.py") in graded.stdout
+
+
+def test_a_crash_in_student_code_fails_only_its_part_and_shows_the_traceback(tmp_path, repo_root):
+    out = tmp_path / "student"
+    shutil.copytree(repo_root / "tinytorch", out / "tinytorch")
+    package_file = out / "tinytorch/core/attention.py"
+    crashing = package_file.read_text().replace(
+        "    heads = x.reshape(B, T, num_heads, E // num_heads)   # (B, T, H, hd)", "    heads = 1 / 0")
+    assert "heads = 1 / 0" in crashing
+    package_file.write_text(crashing)
+    result = tito("grade", "13", "--package", str(out), "--json", str(tmp_path / "grade.json"), cwd=repo_root)
+    assert result.returncode == 1
+    assert "ZeroDivisionError" in result.stdout                             # the student's traceback
+    parts = {part["grade_id"]: part for part in json.loads((tmp_path / "grade.json").read_text())["parts"]}
+    assert parts["test-split-merge-heads"]["earned"] < 10
+    assert any("ZeroDivisionError" in failure["traceback"] for failure in parts["test-split-merge-heads"]["failures"])
+    assert parts["test-causal-mask"]["earned"] == 5 and parts["test-kv-cache"]["earned"] == 10   # unaffected
+
+
+def test_grading_a_folder_without_a_package_is_a_clear_error(tmp_path, repo_root):
+    result = tito("grade", "13", "--package", str(tmp_path), cwd=repo_root)
+    assert result.returncode == 1 and "expected a tinytorch package folder" in result.stderr
+
+
+def test_released_notebook_stops_at_the_first_unfinished_part(released):
+    result = tito("run", "13", cwd=released)
+    assert result.returncode == 1
+    failed = [line for line in result.stdout.splitlines() if line.endswith("FAILED")]
+    assert len(failed) == 1 and "test-causal-mask" in failed[0]
+    assert "NotImplementedError" in result.stdout
