@@ -74,6 +74,22 @@ def cmd_grade(args: argparse.Namespace) -> int:
     return 0 if result["all_passed"] else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from tito.bench import format_table, plot_sweep, run_bench
+
+    result = run_bench(quick=args.quick)
+    print(format_table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot_sweep(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tito",
@@ -133,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--json", type=Path, default=None, metavar="PATH",
                        help="also write the result as JSON to PATH ('-' for standard output)")
     grade.set_defaults(handler=cmd_grade)
+
+    bench = commands.add_parser(
+        "bench", help="time attention side by side with PyTorch on the CPU",
+        description="Run the attention workloads (SDPA, multi-head, causal, generation with and "
+        "without the KV cache, blocked vs plain, a sequence-length sweep) beside PyTorch when it "
+        "is installed, and print medians, ratios and the fraction of the machine's matmul peak.",
+    )
+    bench.add_argument("--quick", action="store_true", help="small sizes that run in seconds (a smoke test)")
+    bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--plot", type=Path, default=None, metavar="PATH",
+                       help="also save the sweep's log-log plot as a PNG (needs matplotlib)")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 

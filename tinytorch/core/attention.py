@@ -164,7 +164,7 @@ def math_attention(query, key, value, mask=None, scale=None):
     ### END SOLUTION
     return Tensor(output.astype(np.float32, copy=False)), Tensor(weights)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #ae18a92a
+# %% ../../modules/13_attention/attention_dev.ipynb #879273fe
 ATTENTION_BACKENDS = ("math", "fast")
 _backend = "math"  # Part 7 makes "fast" the default once the fast kernel exists
 
@@ -191,6 +191,29 @@ def attention_backend(name: str):
         yield
     finally:
         set_attention_backend(previous)
+
+
+_SMALL_WORK = 1 << 26  # below ~67M multiply-adds, a second BLAS thread costs more to wake than it saves
+_blas_controller = None
+
+
+def _blas():
+    """The threadpoolctl controller of the BLAS library NumPy uses (found once, on first use)."""
+    global _blas_controller
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+        _blas_controller = ThreadpoolController()
+    return _blas_controller
+
+
+@contextmanager
+def _blas_threads_for(work: int):
+    """Let BLAS use its threads only for work large enough to pay for waking them."""
+    if work >= _SMALL_WORK:
+        yield
+    else:
+        with _blas().limit(limits=1, user_api="blas"):
+            yield
 
 
 class ScaledDotProductAttention:
@@ -234,8 +257,10 @@ class ScaledDotProductAttention:
         output, weights = self._attend(q, k, v, mask, return_attention_weights)
         return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
 
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+    def __call__(self, query, key, value, *args, **kwargs):
+        q_shape, k_shape = np.shape(getattr(query, "data", query)), np.shape(getattr(key, "data", key))
+        with _blas_threads_for(math.prod(q_shape) * (k_shape[-2] if len(k_shape) >= 2 else 1)):
+            return self.forward(query, key, value, *args, **kwargs)
 
     def _attend(self, q, k, v, mask, need_weights: bool):
         """The chosen kernel on checked arrays; returns (output, weights or None) arrays."""
@@ -302,7 +327,7 @@ def repeat_kv_heads(x, num_heads: int) -> Tensor:
     ### END SOLUTION
     return Tensor(repeated)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #221437ab
+# %% ../../modules/13_attention/attention_dev.ipynb #139b75cd
 class _ParameterList(list):
     """A list of parameters that can also be called, PyTorch style: `layer.parameters()`."""
 
@@ -349,8 +374,10 @@ class MultiHeadAttention:
     def eval(self):
         return self.train(False)
 
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+    def __call__(self, query, *args, **kwargs):
+        rows = math.prod(np.shape(getattr(query, "data", query))[:-1])
+        with _blas_threads_for(rows * self.embed_dim * self.embed_dim):
+            return self.forward(query, *args, **kwargs)
 
     def forward(self, query, key=None, value=None, mask=None, return_attention_weights: bool = False,
                 kv_cache=None):
@@ -546,24 +573,21 @@ class KVCache:
         return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
                 f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
 
-# %% ../../modules/13_attention/attention_dev.ipynb #a998795a
+# %% ../../modules/13_attention/attention_dev.ipynb #2042ac88
 _QUERY_ROWS = 256                 # query rows per tile: 256 x 512 float32 scores = 0.5 MiB, cache-sized
-_CAUSAL_QUERY_ROWS = 128          # smaller tiles skip more of a causal mask's future
+_CAUSAL_QUERY_ROWS = 64           # smaller tiles skip more of a causal mask's future
 _PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()     # one parallel region at a time: the BLAS thread limit is process-wide
-_blas = None
 
 
 def _parallel_map(function, tasks) -> None:
     """Run function(*task) for every task on one thread per core, with BLAS limited to one thread."""
-    global _pool, _blas
+    global _pool
     with _pool_lock:
         if _pool is None:
-            from threadpoolctl import ThreadpoolController
-            _blas = ThreadpoolController()
             _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="tinytorch-attention")
-        with _blas.limit(limits=1, user_api="blas"):
+        with _blas().limit(limits=1, user_api="blas"):
             for _ in _pool.map(lambda task: function(*task), tasks):
                 pass
 
@@ -571,11 +595,12 @@ def _parallel_map(function, tasks) -> None:
 def _attend_tile(q, k, v, hidden, output, weights) -> None:
     """Softmax attention for one tile, written into `output` (and `weights`) in place.
 
-    q (..., r, d) is already scaled; k (..., s, d); v (..., s, dv); hidden: True = masked, or None.
+    q (..., r, d) is already scaled; k (..., s, d); v (..., s, dv). hidden (..., r, w), True = masked,
+    covers the last w keys (all of them for a general mask, the diagonal block for a causal one).
     """
     scores = q @ np.swapaxes(k, -1, -2)                          # (..., r, s)
     if hidden is not None:
-        np.copyto(scores, -np.inf, where=hidden)
+        np.copyto(scores[..., scores.shape[-1] - hidden.shape[-1]:], -np.inf, where=hidden)
     row_max = scores.max(axis=-1, keepdims=True)                 # (..., r, 1)
     if hidden is not None:
         np.copyto(row_max, 0.0, where=np.isneginf(row_max))     # fully masked rows
@@ -591,12 +616,12 @@ def _attend_tile(q, k, v, hidden, output, weights) -> None:
 
 
 def _causal_tile(r0: int, r1: int, S: int, offset: int):
-    """Keys [0, seen) that query rows r0..r1-1 may see, and the (r, seen) future triangle or None."""
+    """Keys [0, seen) that query rows r0..r1-1 may see, and the future among keys [first, seen), or None."""
     seen = min(S, max(0, r1 + offset))            # what the tile's last row sees
     first = min(S, max(0, r0 + 1 + offset))       # what its first row sees
     if first == seen:
         return seen, None                         # every row sees all `seen` keys
-    return seen, np.arange(seen)[None, :] > (np.arange(r0, r1)[:, None] + offset)
+    return seen, np.arange(first, seen)[None, :] > (np.arange(r0, r1)[:, None] + offset)   # (r, seen - first)
 
 
 def _fast_attention(q, k, v, keep, scale, causal_offset, need_weights):
