@@ -63,14 +63,13 @@ def cmd_grade(args: argparse.Namespace) -> int:
     root = find_root()
     result = grade(root, args.module, args.package)
     module = resolve_module(root, args.module)
-    print(format_report(result, module.relative(module.source)))
-    if args.json is not None:
-        text = json.dumps(result, indent=2)
-        if str(args.json) == "-":
-            print(text)
-        else:
-            args.json.write_text(text + "\n", encoding="utf-8")
-            print(f"wrote {args.json}")
+    to_stdout = args.json is not None and str(args.json) == "-"
+    print(format_report(result, module.relative(module.source)), file=sys.stderr if to_stdout else sys.stdout)
+    if to_stdout:
+        print(json.dumps(result, indent=2))
+    elif args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
     return 0 if result["all_passed"] else 1
 
 
@@ -147,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--package", type=Path, default=None,
                        help="the tinytorch folder to grade, or a workspace holding one (default: this workspace's)")
     grade.add_argument("--json", type=Path, default=None, metavar="PATH",
-                       help="also write the result as JSON to PATH ('-' for standard output)")
+                       help="also write the result as JSON to PATH ('-': JSON on standard output, the table on standard error)")
     grade.set_defaults(handler=cmd_grade)
 
     bench = commands.add_parser(

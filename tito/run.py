@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import base64
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -9,6 +11,12 @@ from tito.export import read_source
 from tito.workspace import Module, TitoError
 
 OUTPUT_ROOT = Path("tito-output")  # where plots land unless --figures says otherwise
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _plain(text: str) -> str:
+    """Tracebacks from the kernel carry terminal colours; keep them only for a terminal."""
+    return text if sys.stdout.isatty() else ANSI_ESCAPE.sub("", text)
 
 
 def _cell_label(cell, index: int, total: int) -> str:
@@ -56,6 +64,7 @@ def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 9
     client = NotebookClient(
         notebook, timeout=timeout, kernel_name="python3",
         resources={"metadata": {"path": str(module.folder)}},
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no start-up chatter from the kernel
     )
     print(f"tito run {module.folder_name}: executing {module.relative(module.source)} "
           f"({len(code_cells)} code cells) in a python3 kernel")
@@ -71,7 +80,7 @@ def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 9
                 except CellExecutionError as error:
                     _print_outputs(cell, figures_dir, index)
                     print(f"{label}  FAILED")
-                    print(str(error))
+                    print(_plain(str(error)))
                     return 1
                 print(f"{label}  ok ({time.perf_counter() - cell_started:.2f}s)")
                 saved.extend(_print_outputs(cell, figures_dir, index))

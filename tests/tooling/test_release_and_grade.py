@@ -136,7 +136,8 @@ for name, call in calls.items():
 def test_grading_the_blank_release_fails_every_graded_test(released):
     result = tito("grade", "13", "--json", "-", cwd=released)
     assert result.returncode == 1
-    report = json.loads(result.stdout[result.stdout.index("{"):])
+    report = json.loads(result.stdout)
+    assert "total (auto-graded)" in result.stderr
     assert report["graded_file"] == str((released / "tinytorch/core/attention.py").resolve())
     assert report["earned"] == 0 and report["possible"] == 90 and report["manual_points"] == 10
     for part in report["parts"]:
