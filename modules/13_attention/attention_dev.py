@@ -767,7 +767,7 @@ class MultiHeadAttention:
         """Multi-head attention from query to key/value (self-attention when they are omitted).
 
         Args:
-            query: (B, T, E); key, value: (B, S, E), default `query`.
+            query: (B, T, E); key, value: (B, S, E); key defaults to query and value to key.
             mask: (T, S), (B, T, S) or broadcastable to (B, H, T, S); nonzero/True = may attend.
             return_attention_weights: also return the (B, H, T, S) weights.
             kv_cache: a KVCache; this call's keys and values are appended to it and the queries

@@ -327,7 +327,7 @@ def repeat_kv_heads(x, num_heads: int) -> Tensor:
     ### END SOLUTION
     return Tensor(repeated)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #139b75cd
+# %% ../../modules/13_attention/attention_dev.ipynb #6af4505d
 class _ParameterList(list):
     """A list of parameters that can also be called, PyTorch style: `layer.parameters()`."""
 
@@ -384,7 +384,7 @@ class MultiHeadAttention:
         """Multi-head attention from query to key/value (self-attention when they are omitted).
 
         Args:
-            query: (B, T, E); key, value: (B, S, E), default `query`.
+            query: (B, T, E); key, value: (B, S, E); key defaults to query and value to key.
             mask: (T, S), (B, T, S) or broadcastable to (B, H, T, S); nonzero/True = may attend.
             return_attention_weights: also return the (B, H, T, S) weights.
             kv_cache: a KVCache; this call's keys and values are appended to it and the queries

@@ -1,0 +1,208 @@
+"""Module 13 against PyTorch (skipped when torch is not installed).
+
+Every comparison runs PyTorch in float32 under torch.no_grad() and uses atol = rtol = 1e-5.
+Tests parametrized over the backend grade the student's code on "math" and check the provided
+fast kernel, ungraded, on "fast".
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from tinytorch.core.attention import (MultiHeadAttention, ScaledDotProductAttention, attention_backend,  # noqa: E402
+                                      blocked_attention, create_causal_mask, fast_attention, masked_softmax,
+                                      math_attention, merge_heads, repeat_kv_heads, split_heads)
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def backends(grade_id):
+    """Run a test on "math" (graded with `grade_id`) and on "fast" (not graded)."""
+    return pytest.mark.parametrize("backend", [pytest.param("math", marks=pytest.mark.grades(grade_id)), "fast"])
+
+
+def as_torch(array):
+    return torch.tensor(np.asarray(array), dtype=torch.float32)
+
+
+def torch_mha(layer):
+    """torch.nn.MultiheadAttention holding `layer`'s weights (ours apply x @ w, torch applies x @ W.T)."""
+    module = torch.nn.MultiheadAttention(layer.embed_dim, layer.num_heads, bias=False, batch_first=True)
+    with torch.no_grad():
+        module.in_proj_weight.copy_(as_torch(np.concatenate([layer.w_q.data.T, layer.w_k.data.T, layer.w_v.data.T])))
+        module.out_proj.weight.copy_(as_torch(layer.w_o.data.T))
+    return module.eval()
+
+
+def random_keep(rng, shape):
+    """A random boolean mask in which every query row may attend to at least one key."""
+    keep = rng.random(shape) < 0.5
+    keep[..., np.arange(shape[-2]), rng.integers(0, shape[-1], shape[-2])] = True
+    return keep
+
+
+def run_both(layer, x_q, x_kv, keep=None, torch_mask=None):
+    """Our (output, weights) and torch's; torch's boolean attn_mask marks what may NOT be attended."""
+    output, weights = layer(x_q, x_kv, x_kv, mask=keep, return_attention_weights=True)
+    with torch.no_grad():
+        expected, expected_weights = torch_mha(layer)(as_torch(x_q), as_torch(x_kv), as_torch(x_kv),
+                                                      attn_mask=torch_mask, need_weights=True,
+                                                      average_attn_weights=False)
+    return output.data, weights.data, expected.numpy(), expected_weights.numpy()
+
+
+# ---------------------------------------------------------------- MultiHeadAttention vs nn.MultiheadAttention
+@backends("test-multihead-attention")
+@pytest.mark.parametrize("T, S", [(6, 6), (4, 9), (7, 3)])
+def test_mha_without_mask(backend, T, S):
+    """Self-attention when T == S, cross-attention otherwise."""
+    with attention_backend(backend):
+        rng = np.random.default_rng(T * 10 + S)
+        layer = MultiHeadAttention(16, 4, seed=T)
+        x_q = rng.standard_normal((2, T, 16), dtype=np.float32)
+        x_kv = x_q if T == S else rng.standard_normal((2, S, 16), dtype=np.float32)
+        output, weights, expected, expected_weights = run_both(layer, x_q, x_kv)
+        np.testing.assert_allclose(output, expected, **TOL)
+        np.testing.assert_allclose(weights, expected_weights, **TOL)
+
+
+@backends("test-multihead-attention")
+@pytest.mark.parametrize("T, S", [(6, 6), (4, 9)])
+def test_mha_with_causal_mask(backend, T, S):
+    with attention_backend(backend):
+        rng = np.random.default_rng(T + S)
+        layer = MultiHeadAttention(24, 3, seed=1)
+        x_q = rng.standard_normal((2, T, 24), dtype=np.float32)
+        x_kv = x_q if T == S else rng.standard_normal((2, S, 24), dtype=np.float32)
+        mask = create_causal_mask(T, S)
+        output, weights, expected, expected_weights = run_both(layer, x_q, x_kv, mask,
+                                                               torch.from_numpy(mask.data == 0))
+        np.testing.assert_allclose(output, expected, **TOL)
+        np.testing.assert_allclose(weights, expected_weights, **TOL)
+
+
+@backends("test-multihead-attention")
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_mha_with_random_boolean_mask(backend, per_batch):
+    """A (T, S) mask shared by the batch, or a (B, T, S) mask (torch wants it repeated per head)."""
+    with attention_backend(backend):
+        rng = np.random.default_rng(2 + per_batch)
+        B, H, T, S = 3, 4, 5, 8
+        layer = MultiHeadAttention(16, H, seed=2)
+        x_q, x_kv = rng.standard_normal((B, T, 16), dtype=np.float32), rng.standard_normal((B, S, 16), dtype=np.float32)
+        keep = random_keep(rng, (B, T, S) if per_batch else (T, S))
+        hidden = torch.from_numpy(~keep)
+        if per_batch:
+            hidden = hidden.repeat_interleave(H, dim=0)                   # (B * H, T, S), batch-major
+        output, weights, expected, expected_weights = run_both(layer, x_q, x_kv, keep, hidden)
+        np.testing.assert_allclose(output, expected, **TOL)
+        np.testing.assert_allclose(weights, expected_weights, **TOL)
+
+
+@backends("test-multihead-attention")
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_attention_vs_sdpa_enable_gqa(backend, num_kv_heads, causal):
+    """MultiHeadAttention(num_kv_heads) against torch's SDPA with enable_gqa on the same projections."""
+    with attention_backend(backend):
+        B, T, E, H = 2, 7, 32, 4
+        hd = E // H
+        layer = MultiHeadAttention(E, H, num_kv_heads=num_kv_heads, seed=3)
+        x = np.random.default_rng(num_kv_heads).standard_normal((B, T, E), dtype=np.float32)
+        output = layer(x, mask=create_causal_mask(T) if causal else None).data
+        with torch.no_grad():
+            xt = as_torch(x)
+            q = (xt @ as_torch(layer.w_q.data)).view(B, T, H, hd).transpose(1, 2)              # (B, H, T, hd)
+            k = (xt @ as_torch(layer.w_k.data)).view(B, T, num_kv_heads, hd).transpose(1, 2)   # (B, Hkv, T, hd)
+            v = (xt @ as_torch(layer.w_v.data)).view(B, T, num_kv_heads, hd).transpose(1, 2)
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            expected = context.transpose(1, 2).reshape(B, T, E) @ as_torch(layer.w_o.data)
+        np.testing.assert_allclose(output, expected.numpy(), **TOL)
+
+
+# ---------------------------------------------------------------- kernels vs F.scaled_dot_product_attention
+def torch_sdpa(q, k, v, keep=None, scale=None):
+    with torch.no_grad():
+        return F.scaled_dot_product_attention(as_torch(q), as_torch(k), as_torch(v),
+                                              attn_mask=None if keep is None else torch.from_numpy(keep != 0),
+                                              scale=scale).numpy()
+
+
+def random_qkv(seed, lead=(2, 3), T=6, S=10, d_k=8, d_v=5):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(lead + shape, dtype=np.float32) for shape in ((T, d_k), (S, d_k), (S, d_v)))
+
+
+def mask_cases(rng, T, S):
+    """No mask, a bottom-right causal mask (our convention), and a random per-batch boolean mask."""
+    return [None, create_causal_mask(T, S).data, random_keep(rng, (2, 1, T, S))]
+
+
+@pytest.mark.grades("test-math-attention")
+def test_math_attention_vs_torch():
+    q, k, v = random_qkv(0)
+    for keep in mask_cases(np.random.default_rng(1), 6, 10):
+        for scale in (None, 0.5):
+            output, _ = math_attention(q, k, v, mask=keep, scale=scale)
+            np.testing.assert_allclose(output.data, torch_sdpa(q, k, v, keep, scale), **TOL)
+    q, k, v = random_qkv(2, T=5, S=5)
+    with torch.no_grad():
+        expected = F.scaled_dot_product_attention(as_torch(q), as_torch(k), as_torch(v), is_causal=True).numpy()
+    np.testing.assert_allclose(math_attention(q, k, v, create_causal_mask(5))[0].data, expected, **TOL)
+
+
+@pytest.mark.grades("test-sdpa-layer")
+def test_sdpa_layer_vs_torch():
+    q, k, v = random_qkv(3)
+    for keep in mask_cases(np.random.default_rng(4), 6, 10):
+        np.testing.assert_allclose(ScaledDotProductAttention()(q, k, v, mask=keep).data, torch_sdpa(q, k, v, keep),
+                                   **TOL)
+        np.testing.assert_allclose(ScaledDotProductAttention(temperature=2.0)(q, k, v, mask=keep).data,
+                                   torch_sdpa(q, k, v, keep, scale=1 / (np.sqrt(8) * 2.0)), **TOL)
+
+
+@pytest.mark.grades("test-blocked-attention")
+@pytest.mark.parametrize("block_size", [1, 4, 7, 64])
+def test_blocked_attention_vs_torch(block_size):
+    q, k, v = random_qkv(5)
+    for keep in mask_cases(np.random.default_rng(6), 6, 10):
+        mask = create_causal_mask(6, 10) if keep is not None and keep.ndim == 2 else keep   # skips the future
+        np.testing.assert_allclose(blocked_attention(q, k, v, mask=mask, block_size=block_size).data,
+                                   torch_sdpa(q, k, v, keep), **TOL)
+
+
+def test_fast_attention_vs_torch():
+    with attention_backend("fast"):
+        for T, S in ((6, 10), (384, 384), (300, 500)):                   # small and tiled, threaded paths
+            q, k, v = random_qkv(T, lead=(2, 2), T=T, S=S)
+            for keep in mask_cases(np.random.default_rng(7), T, S):
+                mask = create_causal_mask(T, S) if keep is not None and keep.ndim == 2 else keep
+                output, _ = fast_attention(q, k, v, mask=mask, need_weights=False)
+                np.testing.assert_allclose(output.data, torch_sdpa(q, k, v, keep), **TOL)
+
+
+# ---------------------------------------------------------------- building blocks
+@pytest.mark.grades("test-masked-softmax")
+def test_masked_softmax_vs_torch():
+    rng = np.random.default_rng(8)
+    scores = rng.standard_normal((2, 3, 4, 7), dtype=np.float32) * 3
+    keep = random_keep(rng, (2, 1, 4, 7))
+    with torch.no_grad():
+        expected = torch.softmax(as_torch(scores).masked_fill(torch.from_numpy(~keep), float("-inf")), dim=-1)
+    np.testing.assert_allclose(masked_softmax(scores, keep).data, expected.numpy(), **TOL)
+
+
+@pytest.mark.grades("test-split-merge-heads")
+def test_split_and_merge_heads_vs_torch_view_transpose():
+    x = np.random.default_rng(9).standard_normal((2, 5, 12), dtype=np.float32)
+    expected = as_torch(x).view(2, 5, 3, 4).transpose(1, 2)                # (B, H, T, hd)
+    np.testing.assert_array_equal(split_heads(x, 3).data, expected.numpy())
+    heads = np.random.default_rng(10).standard_normal((2, 3, 5, 4), dtype=np.float32)
+    np.testing.assert_array_equal(merge_heads(heads).data, as_torch(heads).transpose(1, 2).reshape(2, 5, 12).numpy())
+
+
+@pytest.mark.grades("test-repeat-kv-heads")
+def test_repeat_kv_heads_vs_torch_repeat_interleave():
+    x = np.random.default_rng(11).standard_normal((2, 2, 5, 4), dtype=np.float32)
+    np.testing.assert_array_equal(repeat_kv_heads(x, 6).data, as_torch(x).repeat_interleave(3, dim=1).numpy())
