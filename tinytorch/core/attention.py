@@ -573,7 +573,7 @@ class KVCache:
         return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
                 f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
 
-# %% ../../modules/13_attention/attention_dev.ipynb #2042ac88
+# %% ../../modules/13_attention/attention_dev.ipynb #60259d85
 _QUERY_ROWS = 256                 # query rows per tile: 256 x 512 float32 scores = 0.5 MiB, cache-sized
 _CAUSAL_QUERY_ROWS = 64           # smaller tiles skip more of a causal mask's future
 _PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
@@ -592,13 +592,14 @@ def _parallel_map(function, tasks) -> None:
                 pass
 
 
-def _attend_tile(q, k, v, hidden, output, weights) -> None:
+def _attend_tile(q, keys_t, v, hidden, output, weights) -> None:
     """Softmax attention for one tile, written into `output` (and `weights`) in place.
 
-    q (..., r, d) is already scaled; k (..., s, d); v (..., s, dv). hidden (..., r, w), True = masked,
-    covers the last w keys (all of them for a general mask, the diagonal block for a causal one).
+    q (..., r, d) is already scaled; keys_t (..., d, s) holds the keys transposed; v (..., s, dv).
+    hidden (..., r, w), True = masked, covers the last w keys (all of them for a general mask,
+    the diagonal block for a causal one).
     """
-    scores = q @ np.swapaxes(k, -1, -2)                          # (..., r, s)
+    scores = q @ keys_t                                          # (..., r, s)
     if hidden is not None:
         np.copyto(scores[..., scores.shape[-1] - hidden.shape[-1]:], -np.inf, where=hidden)
     row_max = scores.max(axis=-1, keepdims=True)                 # (..., r, 1)
@@ -641,24 +642,40 @@ def _fast_attention(q, k, v, keep, scale, causal_offset, need_weights):
     hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
 
     if math.prod(lead) * T * S < _PARALLEL_MIN_SCORES:          # small: one vectorised call
-        _attend_tile(q, k, v, hidden, output, weights)
+        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights)
+        return output, weights
+    if causal_offset is not None:
+        _parallel_map(_attend_tile, _causal_tasks(q, k, v, causal_offset, output, weights))
         return output, weights
 
-    rows = _QUERY_ROWS if causal_offset is None else _CAUSAL_QUERY_ROWS
-    tasks = []
-    for r0 in range(0, T, rows):
-        r1 = min(r0 + rows, T)
-        seen, triangle = (S, None) if causal_offset is None else _causal_tile(r0, r1, S, causal_offset)
+    tasks = []                                                   # one tile: one head, a block of rows
+    for r0 in range(0, T, _QUERY_ROWS):
+        r1 = min(r0 + _QUERY_ROWS, T)
         for index in np.ndindex(*lead):
-            if seen == 0:                                        # every row of the tile is masked
-                output[index][r0:r1] = 0.0
-                continue
-            tile_hidden = triangle if causal_offset is not None else (
-                None if hidden is None else hidden[index][r0:r1])
-            tasks.append((q[index][r0:r1], k[index][:seen], v[index][:seen], tile_hidden,
-                          output[index][r0:r1], None if weights is None else weights[index][r0:r1, :seen]))
+            tasks.append((q[index][r0:r1], k[index].T, v[index], None if hidden is None else hidden[index][r0:r1],
+                          output[index][r0:r1], None if weights is None else weights[index][r0:r1]))
     _parallel_map(_attend_tile, tasks)
     return output, weights
+
+
+def _causal_tasks(q, k, v, offset, output, weights) -> list:
+    """Tiles of a causal attention: a block of rows across every head, over the keys it may see.
+
+    Keys past a tile's horizon are never touched. Each tile spans all heads, so that one batched
+    call does the work of many small ones; the keys are transposed once, contiguously, for it.
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    keys_t = np.ascontiguousarray(np.swapaxes(k, -1, -2))       # (..., d, S)
+    tasks = []
+    for r0 in range(0, T, _CAUSAL_QUERY_ROWS):
+        r1 = min(r0 + _CAUSAL_QUERY_ROWS, T)
+        seen, triangle = _causal_tile(r0, r1, S, offset)
+        if seen == 0:                                            # every row of the tile is masked
+            output[..., r0:r1, :] = 0.0
+            continue
+        tasks.append((q[..., r0:r1, :], keys_t[..., :seen], v[..., :seen, :], triangle,
+                      output[..., r0:r1, :], None if weights is None else weights[..., r0:r1, :seen]))
+    return tasks[::-1]                                           # largest first: the threads finish together
 
 
 def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool = True):
