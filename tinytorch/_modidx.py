@@ -87,6 +87,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                           'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention._broadcasts_to': ( '13_attention/attention_dev.html#_broadcasts_to',
                                                                                        'tinytorch/core/attention.py'),
+                                          'tinytorch.core.attention._causal_offset': ( '13_attention/attention_dev.html#_causal_offset',
+                                                                                       'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention._causal_tasks': ( '13_attention/attention_dev.html#_causal_tasks',
                                                                                       'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention._causal_tile': ( '13_attention/attention_dev.html#_causal_tile',

@@ -331,9 +331,21 @@ def _check_attention_inputs(query, key, value, mask, scale, temperature=1.0):
     keep = _to_mask(mask, lead + (q.shape[-2], k.shape[-2]))
     if scale is None:
         scale = 1.0 / (math.sqrt(q.shape[-1]) * temperature)
-    elif not (isinstance(scale, (int, float, np.floating)) and math.isfinite(scale) and scale > 0):
+    elif (isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating))
+          or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return q, k, v, keep, float(scale)
+
+
+def _causal_offset(mask, seq_q: int, seq_k: int) -> int | None:
+    """The offset of a CausalMask that covers the scores exactly; None for any other mask.
+
+    A causal mask that only broadcasts to the scores (a (1, 1) mask is all ones) is an
+    ordinary mask: its offset says nothing about which keys the scores may skip.
+    """
+    if isinstance(mask, CausalMask) and mask.shape == (seq_q, seq_k):
+        return mask.offset
+    return None
 
 
 def math_attention(query, key, value, mask=None, scale=None):
@@ -536,8 +548,7 @@ class ScaledDotProductAttention:
         if _backend == "fast":
             lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
             keep = _to_mask(mask, lead + (q.shape[-2], k.shape[-2]))
-            offset = mask.offset if isinstance(mask, CausalMask) else None
-            return _fast_attention(q, k, v, keep, scale, offset, need_weights)
+            return _fast_attention(q, k, v, keep, scale, _causal_offset(mask, q.shape[-2], k.shape[-2]), need_weights)
         output, weights = math_attention(q, k, v, mask, scale)
         return output.data, weights.data
 
@@ -1248,8 +1259,8 @@ def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool 
         (output (..., T, d_v), weights (..., T, S) or None) as float32 Tensors.
     """
     q, k, v, keep, scale = _check_attention_inputs(query, key, value, mask, scale)
-    offset = mask.offset if isinstance(mask, CausalMask) else None
-    output, weights = _fast_attention(q, k, v, keep, scale, offset, need_weights)
+    output, weights = _fast_attention(q, k, v, keep, scale, _causal_offset(mask, q.shape[-2], k.shape[-2]),
+                                      need_weights)
     return Tensor(output), None if weights is None else Tensor(weights)
 
 
@@ -1327,9 +1338,9 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
     """
     q, k, v, keep, scale = _check_attention_inputs(query, key, value, mask, scale)
     block_size = _check_int(block_size, "block_size", 1)
-    offset = mask.offset if isinstance(mask, CausalMask) else None
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    offset = _causal_offset(mask, T, S)
     if keep is not None:
         keep = np.broadcast_to(keep, lead + (T, S))                     # a view, not a copy
     output = np.zeros(lead + (T, dv), dtype=np.float32)

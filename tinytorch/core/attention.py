@@ -119,7 +119,7 @@ def masked_softmax(scores, mask=None) -> Tensor:
     ### END SOLUTION
     return Tensor(weights.astype(np.float32, copy=False))
 
-# %% ../../modules/13_attention/attention_dev.ipynb #3ccd6d25
+# %% ../../modules/13_attention/attention_dev.ipynb #5e738721
 def _check_attention_inputs(query, key, value, mask, scale, temperature=1.0):
     """Validated float32 (query, key, value), boolean mask (or None) and the score scale."""
     q, k, v = _to_array(query, "query"), _to_array(key, "key"), _to_array(value, "value")
@@ -141,9 +141,21 @@ def _check_attention_inputs(query, key, value, mask, scale, temperature=1.0):
     keep = _to_mask(mask, lead + (q.shape[-2], k.shape[-2]))
     if scale is None:
         scale = 1.0 / (math.sqrt(q.shape[-1]) * temperature)
-    elif not (isinstance(scale, (int, float, np.floating)) and math.isfinite(scale) and scale > 0):
+    elif (isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating))
+          or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return q, k, v, keep, float(scale)
+
+
+def _causal_offset(mask, seq_q: int, seq_k: int) -> int | None:
+    """The offset of a CausalMask that covers the scores exactly; None for any other mask.
+
+    A causal mask that only broadcasts to the scores (a (1, 1) mask is all ones) is an
+    ordinary mask: its offset says nothing about which keys the scores may skip.
+    """
+    if isinstance(mask, CausalMask) and mask.shape == (seq_q, seq_k):
+        return mask.offset
+    return None
 
 
 def math_attention(query, key, value, mask=None, scale=None):
@@ -164,7 +176,7 @@ def math_attention(query, key, value, mask=None, scale=None):
     ### END SOLUTION
     return Tensor(output.astype(np.float32, copy=False)), Tensor(weights)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #879273fe
+# %% ../../modules/13_attention/attention_dev.ipynb #fc677309
 ATTENTION_BACKENDS = ("math", "fast")
 _backend = "math"  # Part 7 makes "fast" the default once the fast kernel exists
 
@@ -278,8 +290,7 @@ class ScaledDotProductAttention:
         if _backend == "fast":
             lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
             keep = _to_mask(mask, lead + (q.shape[-2], k.shape[-2]))
-            offset = mask.offset if isinstance(mask, CausalMask) else None
-            return _fast_attention(q, k, v, keep, scale, offset, need_weights)
+            return _fast_attention(q, k, v, keep, scale, _causal_offset(mask, q.shape[-2], k.shape[-2]), need_weights)
         output, weights = math_attention(q, k, v, mask, scale)
         return output.data, weights.data
 
@@ -573,7 +584,7 @@ class KVCache:
         return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
                 f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
 
-# %% ../../modules/13_attention/attention_dev.ipynb #60259d85
+# %% ../../modules/13_attention/attention_dev.ipynb #4e59d712
 _QUERY_ROWS = 256                 # query rows per tile: 256 x 512 float32 scores = 0.5 MiB, cache-sized
 _CAUSAL_QUERY_ROWS = 64           # smaller tiles skip more of a causal mask's future
 _PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
@@ -688,14 +699,14 @@ def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool 
         (output (..., T, d_v), weights (..., T, S) or None) as float32 Tensors.
     """
     q, k, v, keep, scale = _check_attention_inputs(query, key, value, mask, scale)
-    offset = mask.offset if isinstance(mask, CausalMask) else None
-    output, weights = _fast_attention(q, k, v, keep, scale, offset, need_weights)
+    output, weights = _fast_attention(q, k, v, keep, scale, _causal_offset(mask, q.shape[-2], k.shape[-2]),
+                                      need_weights)
     return Tensor(output), None if weights is None else Tensor(weights)
 
 
 set_attention_backend("fast")  # from here on, attention layers run the fast kernel by default
 
-# %% ../../modules/13_attention/attention_dev.ipynb #fccf6ecd
+# %% ../../modules/13_attention/attention_dev.ipynb #9db98e28
 def blocked_attention(query, key, value, mask=None, scale=None, block_size: int = 128) -> Tensor:
     """Attention computed block by block with an online softmax; never holds a T x S array.
 
@@ -707,9 +718,9 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
     """
     q, k, v, keep, scale = _check_attention_inputs(query, key, value, mask, scale)
     block_size = _check_int(block_size, "block_size", 1)
-    offset = mask.offset if isinstance(mask, CausalMask) else None
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    offset = _causal_offset(mask, T, S)
     if keep is not None:
         keep = np.broadcast_to(keep, lead + (T, S))                     # a view, not a copy
     output = np.zeros(lead + (T, dv), dtype=np.float32)
