@@ -99,6 +99,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention._fast_attention': ( '13_attention/attention_dev.html#_fast_attention',
                                                                                         'tinytorch/core/attention.py'),
+                                          'tinytorch.core.attention._parallel_blocked_attention': ( '13_attention/attention_dev.html#_parallel_blocked_attention',
+                                                                                                    'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention._parallel_map': ( '13_attention/attention_dev.html#_parallel_map',
                                                                                       'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention._to_array': ( '13_attention/attention_dev.html#_to_array',

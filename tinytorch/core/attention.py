@@ -176,7 +176,7 @@ def math_attention(query, key, value, mask=None, scale=None):
     ### END SOLUTION
     return Tensor(output.astype(np.float32, copy=False)), Tensor(weights)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #fc677309
+# %% ../../modules/13_attention/attention_dev.ipynb #a9cb48da
 ATTENTION_BACKENDS = ("math", "fast")
 _backend = "math"  # Part 7 makes "fast" the default once the fast kernel exists
 
@@ -281,7 +281,7 @@ class ScaledDotProductAttention:
             if need_weights:
                 raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
                                  f"block_size={self.block_size} never forms")
-            return blocked_attention(q, k, v, mask, scale, self.block_size).data, None
+            return _parallel_blocked_attention(q, k, v, mask, scale, self.block_size), None
         if self.training and self.dropout > 0:
             _, weights = math_attention(q, k, v, mask, scale)
             keep = self._rng.random(weights.shape) >= self.dropout
@@ -747,6 +747,30 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
         output[..., i0:i1, :] = acc / np.where(row_sum > 0.0, row_sum, 1.0)
         ### END SOLUTION
     return Tensor(output)
+
+# %% ../../modules/13_attention/attention_dev.ipynb #38fea0f2
+def _parallel_blocked_attention(q, k, v, mask, scale: float, block_size: int) -> np.ndarray:
+    """`blocked_attention` run one query block per task on the thread pool; returns the output array."""
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    if T <= block_size or (os.cpu_count() or 1) == 1:
+        return blocked_attention(q, k, v, mask, scale, block_size).data
+    keep, offset = _to_mask(mask, lead + (T, S)), _causal_offset(mask, T, S)
+    output = np.empty(lead + (T, dv), dtype=np.float32)
+
+    def rows_mask(r0, r1):
+        if offset is not None:
+            return CausalMask(mask.data[r0:r1], offset + r0)            # (r, S), offset shifted
+        if keep is None or keep.ndim < 2 or keep.shape[-2] == 1:
+            return keep                                                  # the same for every row
+        return keep[..., r0:r1, :]
+
+    def run(r0, r1):
+        output[..., r0:r1, :] = blocked_attention(q[..., r0:r1, :], k, v, rows_mask(r0, r1), scale, block_size).data
+
+    blocks = [(r0, min(r0 + block_size, T)) for r0 in range(0, T, block_size)]
+    _parallel_map(run, blocks[::-1])                                     # largest causal blocks first
+    return output
 
 # %% ../../modules/13_attention/attention_dev.ipynb #f914d80b
 class AttentionProfiler:
