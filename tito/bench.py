@@ -337,6 +337,7 @@ def format_table(result: dict) -> str:
 def plot_sweep(result: dict, path) -> None:
     """Log-log plot of the sweep: time and peak memory against sequence length, with fitted slopes."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -354,6 +355,8 @@ def plot_sweep(result: dict, path) -> None:
             tail = slice(len(lengths) // 2, None)
             slope = np.polyfit(np.log(lengths[tail]), np.log(np.maximum(values[tail], 1e-9)), 1)[0]
             axes.loglog(lengths, values, "o-", label=f"{key.split('_')[0]} (slope {slope:.2f})")
+        axes.set_xticks(lengths, [str(n) for n in lengths])
+        axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axes.set_xlabel("sequence length T")
         axes.set_ylabel(label)
         axes.grid(True, which="both", alpha=0.3)

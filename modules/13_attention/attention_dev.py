@@ -1105,6 +1105,21 @@ def test_unit_cached_decoding():
 test_unit_cached_decoding()
 
 # %% [markdown]
+# ### What grouped key/value heads save
+#
+# The cache holds Hkv heads, not H. The same 8-query-head layer with 8, 2 and 1 key/value heads,
+# caching a batch of 4 sequences of up to 2,048 tokens. The megabytes are what the cache allocates
+# (its arrays' sizes), and the last column is `get_memory_usage()`'s saving factor H / Hkv:
+
+# %%
+for kv_heads in (8, 2, 1):
+    layer = MultiHeadAttention(embed_dim=512, num_heads=8, num_kv_heads=kv_heads, seed=0)
+    cache = KVCache(max_batch_size=4, max_seq_length=2048, num_heads=kv_heads, head_dim=layer.head_dim)
+    usage, info = cache.get_memory_usage(), layer.get_memory_usage()
+    print(f"num_kv_heads={kv_heads}: cache {usage['total_mb']:6.1f} MiB, {usage['bytes_per_token']:5d} bytes "
+          f"per token, projections {info['parameter_count']:,} parameters, saving {info['kv_cache_saving']:.0f}x")
+
+# %% [markdown]
 # ## Part 7: Production patterns: a fast path beside the readable one
 #
 # Your `math_attention` is the definition of attention, and it is correct. It is also slower than
@@ -1689,6 +1704,8 @@ for name, rows in scaling.items():
     memory_axes.loglog(lengths, [row["peak_memory_mb"] for row in rows], "o-",
                        label=f"{name} (slope {fits[name]['memory_exponent']:.2f})")
 for axes, what in ((time_axes, "time per forward (ms)"), (memory_axes, "peak memory (MiB, tracemalloc)")):
+    axes.set_xticks(scaling_lengths, [str(n) for n in scaling_lengths])
+    axes.minorticks_off()
     axes.set_xlabel("sequence length T")
     axes.set_ylabel(what)
     axes.grid(True, which="both", alpha=0.3)
