@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 from tinytorch.core.attention import (KVCache, MultiHeadAttention, blocked_attention, create_causal_mask,
                                       fast_attention, masked_softmax, math_attention)
 
-# CI: fixed examples, no example database, no deadline (shared runners have noisy clocks).
-# `tito grade` sets TITO_GRADE_PACKAGE; grading gets the fixed examples too, so a grade is reproducible.
-settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True, database=None)
-settings.register_profile("dev", max_examples=50, deadline=None)
-settings.load_profile("ci" if os.environ.get("CI") or os.environ.get("TITO_GRADE_PACKAGE") else "dev")
+# Every run checks the same examples (derandomized, no example database, no deadline for noisy
+# clocks), so the suite and the grades it gives are reproducible. HYPOTHESIS_PROFILE=explore draws
+# fresh random examples, and more of them, to hunt for new failures.
+settings.register_profile("fixed", max_examples=50, deadline=None, derandomize=True, database=None)
+settings.register_profile("explore", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 TOL = dict(rtol=1e-5, atol=1e-5)         # two float32 computations of the same attention
 EXACT = dict(rtol=1e-6, atol=1e-7)       # the same float32 arithmetic, possibly in another order
