@@ -1147,7 +1147,9 @@ for kv_heads in (8, 2, 1):
 #   they do, BLAS is limited to one thread each (threadpoolctl), or the two kinds of threads would
 #   fight over the same cores.
 # - With a `CausalMask` it reads the offset and **skips** every key block that lies wholly in the
-#   future: those scores are never computed.
+#   future: those scores are never computed. Its tiles are then smaller (64 rows) but span every
+#   head at once, so that one batched call replaces many small ones, and only the tile on the
+#   diagonal is masked.
 #
 # **Why keep both?** This is the same choice PyTorch makes with its "math" and fused kernels.
 # The readable version is the specification: the fast one is tested against it (the test below,
