@@ -61,14 +61,17 @@ def cmd_grade(args: argparse.Namespace) -> int:
     from tito.grade import format_report, grade
 
     root = find_root()
-    result = grade(root, args.module, args.package)
+    result = grade(root, args.module, args.package, timeout=args.timeout)
     module = resolve_module(root, args.module)
     to_stdout = args.json is not None and str(args.json) == "-"
     print(format_report(result, module.relative(module.source)), file=sys.stderr if to_stdout else sys.stdout)
     if to_stdout:
         print(json.dumps(result, indent=2))
     elif args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        try:
+            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise TitoError(f"cannot write --json {args.json}: {error}") from error
         print(f"wrote {args.json}")
     return 0 if result["all_passed"] else 1
 
@@ -147,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the tinytorch folder to grade, or a workspace holding one (default: this workspace's)")
     grade.add_argument("--json", type=Path, default=None, metavar="PATH",
                        help="also write the result as JSON to PATH ('-': JSON on standard output, the table on standard error)")
+    grade.add_argument("--timeout", type=float, default=600,
+                       help="seconds the tests may run in all; unfinished tests count as failed (default: 600)")
     grade.set_defaults(handler=cmd_grade)
 
     bench = commands.add_parser(

@@ -73,26 +73,61 @@ def _function_at(path: str, line: int) -> str | None:
         body = around.body
 
 
-def run_grading(module: Module, package: Path, tests: Path) -> list[dict]:
-    """Run pytest on `tests` with `package` first on the path; returns the plugin's records."""
+def run_grading(module: Module, package: Path, tests: Path, timeout: float) -> tuple[list[dict], list[str]]:
+    """Run pytest on `tests` against `package`; returns the plugin's records and any problems.
+
+    Only the graded package is put on the path (a link to it in a scratch folder), so nothing
+    else in the student's workspace, such as a folder named `tito` or `numpy`, can stand in for
+    the real one.
+    """
+    problems = []
     with tempfile.TemporaryDirectory(prefix="tito-grade-") as scratch:
-        report = Path(scratch) / "report.jsonl"
-        env = dict(os.environ,
-                   PYTHONPATH=os.pathsep.join([str(package.parent), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                   TITO_GRADE_PACKAGE=str(package), TITO_GRADE_MODULE=f"tinytorch.core.{module.name}",
-                   TITO_GRADE_REPORT=str(report))
+        report, path = Path(scratch) / "report.jsonl", Path(scratch) / "path"
+        path.mkdir()
+        (path / "tinytorch").symlink_to(package, target_is_directory=True)
+        env = dict(os.environ, PYTHONPATH=str(path), TITO_GRADE_PACKAGE=str(package),
+                   TITO_GRADE_MODULE=f"tinytorch.core.{module.name}", TITO_GRADE_REPORT=str(report))
         command = [sys.executable, "-m", "pytest", str(tests), "-p", "tito.grading_plugin", "-q",
-                   "-p", "no:cacheprovider", "--rootdir", str(COURSE_ROOT), "--no-header", "-W",
-                   "ignore::pytest.PytestAssertRewriteWarning"]
-        # cwd is the scratch folder: `python -m` puts the cwd first on sys.path, and it must hold no tinytorch
-        result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True)
-        records = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
-    if result.returncode == 3 or not records:
-        raise TitoError(f"grading did not run:\n{(result.stdout + result.stderr).strip()[-3000:]}")
-    return records
+                   "-p", "no:cacheprovider", "--rootdir", str(COURSE_ROOT), "--no-header"]
+        # cwd is the scratch folder: `python -m` puts the cwd first on sys.path
+        try:
+            result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
+            output, code = result.stdout + result.stderr, result.returncode
+        except subprocess.TimeoutExpired as expired:
+            output, code = f"{expired.stdout or ''}{expired.stderr or ''}", None
+            problems.append(f"the tests did not finish within {timeout:g} s (an endless loop?); "
+                            "the tests that had not finished count as failed")
+        lines = report.read_text(encoding="utf-8").splitlines() if report.exists() else []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # the last line of a run that was killed mid-write
+            continue
+    if code == 3 or not any(record["kind"] == "collected" for record in records):
+        raise TitoError(f"grading did not run:\n{output.strip()[-3000:]}")
+    if code not in (0, 1, None):
+        problems.append(f"the test run ended early (pytest exit status {code}); "
+                        f"the tests that had not finished count as failed\n{output.strip()[-1500:]}")
+    return records, problems
 
 
-def grade(root: Path, spec: str, package: Path | None = None) -> dict:
+def _outcomes(records: list[dict]) -> dict[str, dict]:
+    """Each collected test's result: its first failed phase, a skip, a pass, or 'did not finish'."""
+    results = {record["nodeid"]: {"grades": record["grades"], "outcome": "unfinished"}
+               for record in records if record["kind"] == "collected"}
+    for record in records:
+        if record["kind"] != "test" or record["nodeid"] not in results:
+            continue
+        result = results[record["nodeid"]]
+        if result["outcome"] == "failed":
+            continue
+        if record["outcome"] in ("failed", "skipped") or (record["when"] == "call" and result["outcome"] == "unfinished"):
+            result.update(outcome=record["outcome"], longrepr=record["longrepr"], todo=record["todo"])
+    return results
+
+
+def grade(root: Path, spec: str, package: Path | None = None, timeout: float = 600) -> dict:
     """Grade the module named by `spec` in the exported `package`; returns the full result."""
     module = resolve_module(root, spec)
     course_module = resolve_module(COURSE_ROOT, module.folder_name)
@@ -105,27 +140,32 @@ def grade(root: Path, spec: str, package: Path | None = None) -> dict:
         raise TitoError(f"{graded_file} does not exist: run `tito export {module.number}` first")
 
     parts = {part.grade_id: part for part in graded_parts(course_module)}
-    records = run_grading(module, package, tests)
-    problems = []
-    for record in records:
+    records, problems = run_grading(module, package, tests, timeout)
+    imported = [record for record in records if record["kind"] in ("graded-file", "import-error")]
+    if not imported:
+        raise TitoError("the grading run did not report which file it imported; nothing was graded")
+    for record in imported:
         if record["kind"] == "graded-file" and Path(record["path"]) != graded_file.resolve():
             raise TitoError(f"the tests imported {record['path']} instead of {graded_file}; nothing was graded")
-        if record["kind"] in ("import-error", "collect-error"):
-            problems.append(record.get("error") or record["longrepr"])
-        if record["kind"] != "test" or record["grades"] is None:
+        if record["kind"] == "import-error":
+            problems.append(f"{graded_file} does not import: {record['error']}")
+    problems.extend(record["longrepr"] for record in records if record["kind"] == "collect-error")
+
+    for nodeid, result in _outcomes(records).items():
+        if result["grades"] is None or result["outcome"] == "skipped":
             continue
-        part = parts.get(record["grades"])
+        part = parts.get(result["grades"])
         if part is None:
-            raise TitoError(f"{record['nodeid']} grades {record['grades']!r}, which is not a graded part of "
+            raise TitoError(f"{nodeid} grades {result['grades']!r}, which is not a graded part of "
                             f"{course_module.relative(course_module.source)}")
-        if record["nodeid"] not in part.tests:
-            part.tests.append(record["nodeid"])
-        if record["outcome"] == "passed":
+        part.tests.append(nodeid)
+        if result["outcome"] == "passed":
             part.passed += 1
-        else:
-            todo = record.get("todo")
-            function = _function_at(todo["path"], todo["line"]) if todo else None
-            part.failures.append({"test": record["nodeid"], "todo": function, "traceback": record["longrepr"]})
+            continue
+        todo = result.get("todo")
+        function = _function_at(todo["path"], todo["line"]) if todo else None
+        traceback = result.get("longrepr") or "the test did not finish: the test run ended before it"
+        part.failures.append({"test": nodeid, "todo": function, "traceback": traceback})
 
     auto = [part for part in parts.values() if not part.manual]
     return {
@@ -155,7 +195,7 @@ def format_report(result: dict, source_hint: str) -> str:
     if result["manual_points"]:
         lines.append(f"{result['manual_points']:g} more points are graded by hand (the reflection answers).")
     for problem in result["problems"]:
-        lines += ["", "could not import or collect the tests:", problem.strip()[-2000:]]
+        lines += ["", "problem: " + problem.strip()[-2000:]]
     for part in result["parts"]:
         if not part["failures"]:
             continue

@@ -1,7 +1,9 @@
 """A pytest plugin that `tito grade` loads (`-p tito.grading_plugin`) in the grading subprocess.
 
-It makes sure the tests import the package being graded and no other, and appends one JSON line
-per test outcome to the report file, so that results survive even if student code kills the run.
+It makes sure the tests import the package being graded and no other, records every collected
+test with the part it grades, and appends one JSON line per test phase to the report file, so
+that results survive even if student code kills the run: a collected test with no result is
+then graded as failed.
 """
 from __future__ import annotations
 
@@ -46,14 +48,20 @@ def _todo_location(report) -> dict | None:
     return {"path": crash.path, "line": crash.lineno}
 
 
+def pytest_collection_modifyitems(items):
+    for item in items:
+        marker = item.get_closest_marker("grades")
+        _write({"kind": "collected", "nodeid": item.nodeid, "grades": marker.args[0] if marker else None})
+
+
 def pytest_runtest_logreport(report):
     if not (report.when == "call" or report.failed or report.skipped):
         return
     _write({
         "kind": "test",
         "nodeid": report.nodeid,
+        "when": report.when,
         "outcome": report.outcome,
-        "grades": next((value for key, value in report.user_properties if key == "grades"), None),
         "longrepr": str(report.longrepr) if report.failed else "",
         "todo": _todo_location(report) if report.failed else None,
     })
@@ -62,10 +70,3 @@ def pytest_runtest_logreport(report):
 def pytest_collectreport(report):
     if report.failed:
         _write({"kind": "collect-error", "nodeid": report.nodeid, "longrepr": str(report.longrepr)})
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    marker = item.get_closest_marker("grades")
-    if marker is not None:
-        item.user_properties.append(("grades", marker.args[0]))

@@ -8,14 +8,15 @@ __all__ = ['ATTENTION_BACKENDS', 'CausalMask', 'create_causal_mask', 'masked_sof
            'repeat_kv_heads', 'MultiHeadAttention', 'KVCache', 'fast_attention', 'blocked_attention',
            'AttentionProfiler']
 
-# %% ../../modules/13_attention/attention_dev.ipynb #44fad4d9
+# %% ../../modules/13_attention/attention_dev.ipynb #d2ad22ce
 import math
 import os
 import threading
 import time
 import tracemalloc
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -176,37 +177,44 @@ def math_attention(query, key, value, mask=None, scale=None):
     ### END SOLUTION
     return Tensor(output.astype(np.float32, copy=False)), Tensor(weights)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #a9cb48da
+# %% ../../modules/13_attention/attention_dev.ipynb #cfcee238
 ATTENTION_BACKENDS = ("math", "fast")
-_backend = "math"  # Part 7 makes "fast" the default once the fast kernel exists
+_default_backend = "math"  # Part 7 makes "fast" the default once the fast kernel exists
+_backend_in_block: ContextVar = ContextVar("tinytorch_attention_backend", default=None)
+
+
+def _check_backend(name: str) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    return name
 
 
 def get_attention_backend() -> str:
-    """The kernel that attention layers use: "math" or "fast"."""
-    return _backend
+    """The kernel that attention layers use here: "math" or "fast"."""
+    return _backend_in_block.get() or _default_backend
 
 
 def set_attention_backend(name: str) -> None:
-    """Choose the kernel for every attention layer: "math" (readable) or "fast" (tuned)."""
-    global _backend
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
-    _backend = name
+    """Choose the default kernel for every attention layer: "math" (readable) or "fast" (tuned)."""
+    global _default_backend
+    _default_backend = _check_backend(name)
 
 
 @contextmanager
 def attention_backend(name: str):
-    """Use the named kernel inside a `with` block, then restore the previous one."""
-    previous = get_attention_backend()
-    set_attention_backend(name)
+    """Use the named kernel inside a `with` block; other threads keep theirs."""
+    token = _backend_in_block.set(_check_backend(name))
     try:
         yield
     finally:
-        set_attention_backend(previous)
+        _backend_in_block.reset(token)
 
 
 _SMALL_WORK = 1 << 26  # below ~67M multiply-adds, a second BLAS thread costs more to wake than it saves
 _blas_controller = None
+_blas_lock = threading.Lock()
+_blas_single_users = 0  # callers inside a one-BLAS-thread region; the limit is process-wide
+_blas_limiter = None
 
 
 def _blas():
@@ -219,12 +227,30 @@ def _blas():
 
 
 @contextmanager
+def _single_threaded_blas():
+    """BLAS on one thread while any caller, in any thread, needs it: the first in limits, the last out restores."""
+    global _blas_single_users, _blas_limiter
+    with _blas_lock:
+        if _blas_single_users == 0:
+            _blas_limiter = _blas().limit(limits=1, user_api="blas")
+        _blas_single_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_single_users -= 1
+            if _blas_single_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
+@contextmanager
 def _blas_threads_for(work: int):
     """Let BLAS use its threads only for work large enough to pay for waking them."""
     if work >= _SMALL_WORK:
         yield
     else:
-        with _blas().limit(limits=1, user_api="blas"):
+        with _single_threaded_blas():
             yield
 
 
@@ -287,7 +313,7 @@ class ScaledDotProductAttention:
             keep = self._rng.random(weights.shape) >= self.dropout
             weights = np.where(keep, weights.data / np.float32(1.0 - self.dropout), np.float32(0.0))
             return (weights @ v).astype(np.float32, copy=False), weights
-        if _backend == "fast":
+        if get_attention_backend() == "fast":
             lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
             keep = _to_mask(mask, lead + (q.shape[-2], k.shape[-2]))
             return _fast_attention(q, k, v, keep, scale, _causal_offset(mask, q.shape[-2], k.shape[-2]), need_weights)
@@ -338,7 +364,7 @@ def repeat_kv_heads(x, num_heads: int) -> Tensor:
     ### END SOLUTION
     return Tensor(repeated)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #6af4505d
+# %% ../../modules/13_attention/attention_dev.ipynb #ea5c0698
 class _ParameterList(list):
     """A list of parameters that can also be called, PyTorch style: `layer.parameters()`."""
 
@@ -403,7 +429,7 @@ class MultiHeadAttention:
         Returns:
             output Tensor (B, T, E), or (output, weights).
         """
-        x_q, x_k, x_v = self._check_inputs(query, key, value, kv_cache)
+        x_q, x_k, x_v = self._check_inputs(query, key, value, kv_cache, return_attention_weights)
         ### BEGIN SOLUTION
         q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
         k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
@@ -421,7 +447,10 @@ class MultiHeadAttention:
         output = output.astype(np.float32, copy=False)
         return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
 
-    def _check_inputs(self, query, key, value, kv_cache):
+    def _check_inputs(self, query, key, value, kv_cache, return_attention_weights):
+        if return_attention_weights and self.attention.block_size is not None:
+            raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
+                             f"block_size={self.attention.block_size} never forms")
         x_q = _to_array(query, "query")
         x_k = x_q if key is None else _to_array(key, "key")
         x_v = x_k if value is None else _to_array(value, "value")
@@ -476,6 +505,9 @@ class MultiHeadAttention:
             row = int(np.argmax(lengths))
             raise ValueError(f"kv_cache row {row} holds {lengths[row]} of max_seq_length={cache.max_seq_length} "
                              f"positions; appending {T} would need {lengths[row] + T}")
+        if mask is not None:                                             # check it before the cache changes
+            longest_after = int(lengths.max()) + T if B else T
+            _to_mask(self._mask_over_heads(mask, B, T, longest_after), (B, self.num_heads, T, longest_after))
         for b in range(B):
             cache.update(b, k[b], v[b])
         lengths = cache.cache_lengths[:B]
@@ -584,12 +616,27 @@ class KVCache:
         return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
                 f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
 
-# %% ../../modules/13_attention/attention_dev.ipynb #4e59d712
+# %% ../../modules/13_attention/attention_dev.ipynb #2839a270
 _QUERY_ROWS = 256                 # query rows per tile: 256 x 512 float32 scores = 0.5 MiB, cache-sized
 _CAUSAL_QUERY_ROWS = 64           # smaller tiles skip more of a causal mask's future
 _PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
 _pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()     # one parallel region at a time: the BLAS thread limit is process-wide
+_pool_lock = threading.Lock()
+
+
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child has none of the parent's threads: start its own pool and locks when needed."""
+    global _pool, _pool_lock, _blas_lock, _blas_single_users, _blas_limiter
+    _pool, _pool_lock, _blas_lock, _blas_single_users, _blas_limiter = None, threading.Lock(), threading.Lock(), 0, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _parallel_map(function, tasks) -> None:
@@ -597,10 +644,13 @@ def _parallel_map(function, tasks) -> None:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="tinytorch-attention")
-        with _blas().limit(limits=1, user_api="blas"):
-            for _ in _pool.map(lambda task: function(*task), tasks):
-                pass
+            _pool = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="tinytorch-attention")
+        pool = _pool
+    with _single_threaded_blas():
+        futures = [pool.submit(function, *task) for task in tasks]
+        wait(futures)                    # every task has stopped writing before an error is raised
+    for future in futures:
+        future.result()
 
 
 def _attend_tile(q, keys_t, v, hidden, output, weights) -> None:
@@ -748,12 +798,12 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
         ### END SOLUTION
     return Tensor(output)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #38fea0f2
+# %% ../../modules/13_attention/attention_dev.ipynb #3581dca5
 def _parallel_blocked_attention(q, k, v, mask, scale: float, block_size: int) -> np.ndarray:
     """`blocked_attention` run one query block per task on the thread pool; returns the output array."""
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
-    if T <= block_size or (os.cpu_count() or 1) == 1:
+    if T <= block_size or _cores() == 1:
         return blocked_attention(q, k, v, mask, scale, block_size).data
     keep, offset = _to_mask(mask, lead + (T, S)), _causal_offset(mask, T, S)
     output = np.empty(lead + (T, dv), dtype=np.float32)
