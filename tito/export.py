@@ -46,11 +46,28 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
             stream.write(text)
+        os.chmod(temporary, path.stat().st_mode & 0o7777 if path.exists() else _default_mode())
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def _default_mode() -> int:
+    """The mode a plain open() would give a new file: 0o666 less the umask (mkstemp uses 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def backup_path(path: Path) -> Path:
+    """`name.bak`, or `name.bak2`, `name.bak3`, ... : the first that does not exist yet."""
+    candidate, n = path.with_name(path.name + ".bak"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.bak{n}")
+    return candidate
 
 
 def load_manifest(root: Path) -> dict[str, str]:
@@ -192,6 +209,8 @@ class ExportPlan:
     sources: dict[str, str] = field(default_factory=dict)  # relative source path -> text exported
     notes: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
+    edited: list[str] = field(default_factory=list)        # files that --force overwrites: kept as .bak
+    notes_backups: list[str] = field(default_factory=list)  # the .bak copies written
 
 
 def _plan_module(root: Path, module: Module, manifest: dict[str, str], plan: ExportPlan) -> str:
@@ -211,10 +230,11 @@ def _plan_module(root: Path, module: Module, manifest: dict[str, str], plan: Exp
                 plan.notes.append(f"{source_key}: updated from the edits made in {notebook_key}")
                 source_text = notebook_as_source
             else:
+                plan.edited.append(notebook_key)
                 plan.conflicts.append(
                     f"{notebook_key} and {source_key} were both edited since the last export; "
                     f"merge your notebook edits into {source_key} (or rerun with --force to let "
-                    f"{source_key} replace the notebook)"
+                    f"{source_key} replace the notebook, which is kept as a .bak copy)"
                 )
     plan.sources[source_key] = source_text
     return source_text
@@ -234,9 +254,10 @@ def plan_export(root: Path, modules: list[Module], force: bool = False) -> Expor
         if on_disk is not None and on_disk != text and sha256(on_disk) != manifest.get(relative):
             owner = next((m for m in modules if m.relative(m.package_file) == relative), None)
             edit_instead = f"edit {owner.relative(owner.source)} instead" if owner else "it is generated"
+            plan.edited.append(relative)
             plan.conflicts.append(
                 f"{relative} was edited by hand since the last export; {edit_instead}, "
-                f"then run tito export (or rerun with --force to discard the edits to {relative})"
+                f"then run tito export (or rerun with --force to replace it; your version is kept as a .bak copy)"
             )
         plan.writes[relative] = text
 
@@ -249,6 +270,10 @@ def apply_export(root: Path, plan: ExportPlan) -> list[str]:
     """Write what changed and update the manifest; returns the paths written."""
     manifest = load_manifest(root)
     written = []
+    for relative in plan.edited:
+        backup = backup_path(root / relative)
+        shutil.copy2(root / relative, backup)
+        plan.notes_backups.append(backup.relative_to(root).as_posix())
     for relative, text in plan.writes.items():
         if read_text(root / relative) != text:
             write_atomic(root / relative, text)
@@ -266,7 +291,9 @@ def apply_export(root: Path, plan: ExportPlan) -> list[str]:
 
 def export(root: Path, modules: list[Module], force: bool = False) -> ExportPlan:
     plan = plan_export(root, modules, force=force)
-    plan.notes.extend(f"wrote {path}" for path in apply_export(root, plan))
+    written = apply_export(root, plan)
+    plan.notes.extend(f"kept the edited {path.rsplit('.bak', 1)[0]} as {path}" for path in plan.notes_backups)
+    plan.notes.extend(f"wrote {path}" for path in written)
     return plan
 
 

@@ -88,7 +88,8 @@ def run_grading(module: Module, package: Path, tests: Path, timeout: float) -> t
         env = dict(os.environ, PYTHONPATH=str(path), TITO_GRADE_PACKAGE=str(package),
                    TITO_GRADE_MODULE=f"tinytorch.core.{module.name}", TITO_GRADE_REPORT=str(report))
         command = [sys.executable, "-m", "pytest", str(tests), "-p", "tito.grading_plugin", "-q",
-                   "-p", "no:cacheprovider", "--rootdir", str(COURSE_ROOT), "--no-header"]
+                   "-p", "no:cacheprovider", "--rootdir", str(COURSE_ROOT), "--no-header",
+                   "--tb=native", "--color=no"]  # plain Python tracebacks: many times faster to format
         # cwd is the scratch folder: `python -m` puts the cwd first on sys.path
         try:
             result = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)

@@ -45,7 +45,7 @@ def _todo_location(report) -> dict | None:
     crash = getattr(report.longrepr, "reprcrash", None)
     if crash is None or "NotImplementedError" not in crash.message:
         return None
-    return {"path": crash.path, "line": crash.lineno}
+    return {"path": str(Path(crash.path).resolve()), "line": crash.lineno}  # through the scratch link
 
 
 def pytest_collection_modifyitems(items):

@@ -16,7 +16,7 @@ import copy
 import shutil
 from pathlib import Path
 
-from tito.export import assign_cell_ids, export, notebook_text, read_source, write_atomic
+from tito.export import assign_cell_ids, backup_path, export, notebook_text, read_source, write_atomic
 from tito.workspace import Module, TitoError, discover_modules
 
 BEGIN_SOLUTION, END_SOLUTION = "BEGIN SOLUTION", "END SOLUTION"
@@ -125,14 +125,6 @@ Your work goes in `modules/{module}/{name}_dev.ipynb` (in Jupyter) or its paired
 """
 
 
-def _backup_path(path: Path) -> Path:
-    candidate, n = path.with_name(path.name + ".bak"), 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}.bak{n}")
-    return candidate
-
-
 def release(root: Path, module: Module, out: Path, force: bool = False) -> list[str]:
     """Write the student workspace for `module` into `out`; returns what was written."""
     out = out.resolve()
@@ -149,18 +141,11 @@ def release(root: Path, module: Module, out: Path, force: bool = False) -> list[
         target = out / relative
         text = content.read_text(encoding="utf-8") if isinstance(content, Path) else content
         if target.exists() and target.read_text(encoding="utf-8") != text:
-            backup = _backup_path(target)
+            backup = backup_path(target)
             shutil.copy2(target, backup)
             notes.append(f"kept your previous {relative} as {backup.relative_to(out)}")
         write_atomic(target, text)
-    generated = [m.relative(m.package_file) for m in discover_modules(out)]
-    previous = {relative: (out / relative).read_text(encoding="utf-8")
-                for relative in generated if (out / relative).exists()}
-    (out / ".tito" / "manifest.json").unlink(missing_ok=True)  # the release's own export writes a fresh one
-    export(out, discover_modules(out), force=True)
-    for relative, text in previous.items():
-        if (out / relative).read_text(encoding="utf-8") != text:
-            backup = _backup_path(out / relative)
-            write_atomic(backup, text)
-            notes.append(f"kept your previous {relative} as {backup.relative_to(out)}")
+    released = [m for m in discover_modules(out) if m.number <= module.number]
+    plan = export(out, released, force=True)   # a package file edited by hand is kept as a .bak copy
+    notes.extend(f"kept your previous {path.rsplit('.bak', 1)[0]} as {path}" for path in plan.notes_backups)
     return [f"wrote {len(files)} files and exported the package into {out}", *notes]

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import re
-import tomllib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 MODULE_DIR_PATTERN = re.compile(r"^(\d{2})_([a-z][a-z0-9_]*)$")
 
@@ -79,7 +84,9 @@ def discover_modules(root: Path) -> list[Module]:
     for folder in sorted(modules_dir.iterdir()):
         match = MODULE_DIR_PATTERN.match(folder.name)
         if folder.is_dir() and match:
-            found.append(Module(root, match.group(1), match.group(2)))
+            module = Module(root, match.group(1), match.group(2))
+            if module.source.exists() or module.notebook.exists():  # not a folder for a module still to come
+                found.append(module)
     return found
 
 
