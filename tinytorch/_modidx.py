@@ -105,6 +105,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention._forget_pool_after_fork': ( '13_attention/attention_dev.html#_forget_pool_after_fork',
                                                                                                 'tinytorch/core/attention.py'),
+                                          'tinytorch.core.attention._is_number': ( '13_attention/attention_dev.html#_is_number',
+                                                                                   'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention._parallel_blocked_attention': ( '13_attention/attention_dev.html#_parallel_blocked_attention',
                                                                                                     'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention._parallel_map': ( '13_attention/attention_dev.html#_parallel_map',

@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import time
-import tracemalloc
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,14 +79,10 @@ def median_time(function, repeats: int) -> float:
 
 
 def peak_bytes(function) -> int:
-    tracemalloc.start()
-    try:
-        baseline = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        function()
-        return tracemalloc.get_traced_memory()[1] - baseline
-    finally:
-        tracemalloc.stop()
+    """Peak bytes allocated while `function()` runs, above those allocated when it starts."""
+    from tinytorch.core.attention import AttentionProfiler
+
+    return AttentionProfiler.peak_memory(function)
 
 
 def matmul_peak_gflops(size: int) -> float:
@@ -124,27 +119,38 @@ def _machine(peak: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- workloads
+def _mha_input(s: Sizes) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((s.batch, s.seq, s.embed), dtype=np.float32)
+
+
+def _our_mha(s: Sizes, causal: bool):
+    """A call of our MultiHeadAttention on the benchmark input, with or without a causal mask."""
+    from tinytorch.core.attention import MultiHeadAttention, create_causal_mask
+
+    layer, x = MultiHeadAttention(s.embed, s.heads, seed=0).eval(), _mha_input(s)
+    mask = create_causal_mask(s.seq) if causal else None
+    return lambda: layer(x, mask=mask)
+
+
 def _mha_pair(s: Sizes, causal: bool):
     """Our MultiHeadAttention and PyTorch's, with the same weights, on the same input."""
     import torch
 
-    from tinytorch.core.attention import MultiHeadAttention, create_causal_mask
+    from tinytorch.core.attention import MultiHeadAttention
 
-    ours = MultiHeadAttention(s.embed, s.heads, seed=0).eval()
+    weights = MultiHeadAttention(s.embed, s.heads, seed=0)       # the same seed as _our_mha's layer
     theirs = torch.nn.MultiheadAttention(s.embed, s.heads, bias=False, batch_first=True).eval()
     with torch.no_grad():
-        theirs.in_proj_weight.copy_(torch.from_numpy(np.concatenate([w.data.T for w in ours.parameters[:3]])))
-        theirs.out_proj.weight.copy_(torch.from_numpy(ours.w_o.data.T))
-    x = np.random.default_rng(1).standard_normal((s.batch, s.seq, s.embed), dtype=np.float32)
-    tx = torch.from_numpy(x)
-    mask = create_causal_mask(s.seq) if causal else None
-    hidden = torch.from_numpy(mask.data == 0) if causal else None   # PyTorch: True = may NOT attend
+        theirs.in_proj_weight.copy_(torch.from_numpy(np.concatenate([w.data.T for w in weights.parameters[:3]])))
+        theirs.out_proj.weight.copy_(torch.from_numpy(weights.w_o.data.T))
+    tx = torch.from_numpy(_mha_input(s))
+    hidden = torch.ones(s.seq, s.seq, dtype=torch.bool).triu(1) if causal else None   # PyTorch: True = may NOT attend
 
     def run_theirs():
         with torch.no_grad():
             return theirs(tx, tx, tx, attn_mask=hidden, need_weights=False, is_causal=causal)[0]
 
-    return (lambda: ours(x, mask=mask)), run_theirs
+    return _our_mha(s, causal), run_theirs
 
 
 def _mha_flops(s: Sizes, causal: bool) -> float:
@@ -236,11 +242,10 @@ def run_bench(quick: bool = False) -> dict:
             name = "causal multi-head attention" if causal else "multi-head attention"
             rows.append(Row(name, ours_s * 1e3, "PyTorch", ref_s * 1e3, ratio, _mha_flops(s, causal),
                             "" if causal else "<= 1.0x PyTorch", None if causal else ratio <= 1.0))
-        plain, _ = _mha_pair(s, False)
-        masked, _ = _mha_pair(s, True)
-        ours_s, ref_s, ratio = paired(masked, plain, s.repeats)
-        rows.append(Row("causal vs unmasked multi-head (ours)", ours_s * 1e3, "ours, no mask", ref_s * 1e3, ratio,
-                        _mha_flops(s, True), "<= 0.75x unmasked", ratio <= 0.75))
+    plain, masked = _our_mha(s, causal=False), _our_mha(s, causal=True)
+    ours_s, ref_s, ratio = paired(masked, plain, s.repeats)
+    rows.append(Row("causal vs unmasked multi-head (ours)", ours_s * 1e3, "ours, no mask", ref_s * 1e3, ratio,
+                    _mha_flops(s, True), "<= 0.75x unmasked", ratio <= 0.75))
     causal_mask = create_causal_mask(s.seq)
     ours_s, ref_s, ratio = paired(lambda: sdpa(q, k, v, mask=causal_mask), lambda: sdpa(q, k, v), s.repeats)
     rows.append(Row("causal vs unmasked attention core (ours)", ours_s * 1e3, "ours, no mask", ref_s * 1e3, ratio,

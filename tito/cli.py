@@ -11,6 +11,15 @@ from tito.workspace import TitoError, find_root, resolve_module, select_modules
 MODULE_HELP = "module number or name: 13, 13_attention or attention"
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tinytorch")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from tito.export import export
 
@@ -18,8 +27,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     plan = export(root, select_modules(root, args.module), force=args.force)
     for line in plan.notes:
         print(line)
-    if plan.conflicts:
-        print("overwritten with --force:\n  " + "\n  ".join(plan.conflicts))
     if not any(note.startswith("wrote ") for note in plan.notes):
         print("export: everything already up to date")
     return 0
@@ -97,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tito",
         description="TinyTorch course tools: export modules, run their notebooks, test and grade them.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     export = commands.add_parser(
         "export", help="turn *_dev.py sources into notebooks and the tinytorch package",
@@ -171,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
     if getattr(args, "pytest_args", None) and args.pytest_args[0] == "--":
         args.pytest_args = args.pytest_args[1:]
     try:

@@ -240,6 +240,16 @@ def _plan_module(root: Path, module: Module, manifest: dict[str, str], plan: Exp
     return source_text
 
 
+def current_source(module: Module) -> tuple[str, str]:
+    """The text a module runs as now, and the file it comes from: the .py, or the notebook when it
+    was edited in Jupyter since the last export and the .py was not."""
+    plan = ExportPlan()
+    text = _plan_module(module.root, module, load_manifest(module.root), plan)
+    if plan.conflicts:
+        raise TitoError(plan.conflicts[0])
+    return text, module.relative(module.notebook if plan.writes else module.source)
+
+
 def plan_export(root: Path, modules: list[Module], force: bool = False) -> ExportPlan:
     manifest = load_manifest(root)
     plan = ExportPlan()

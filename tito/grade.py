@@ -1,8 +1,9 @@
 """`tito grade`: run a module's grading tests against one exported package and add up the points.
 
-Points come from the nbgrader metadata of the course's own module source (a grade cell's
-`points`); a pytest test grades the part named by its `@pytest.mark.grades("<grade_id>")`
-marker. A part earns its points in proportion to its tests that pass. Parts graded by hand
+The tests and the points are the workspace's own: run it in the course repository to grade a
+student's package with `--package`, or in a student workspace to check one's own work. Points
+come from the nbgrader metadata of the module source (a grade cell's `points`); a pytest test
+grades the part named by its `@pytest.mark.grades("<grade_id>")` marker. A part earns its points in proportion to its tests that pass. Parts graded by hand
 (markdown answers) are listed with their points but never counted as earned here.
 """
 from __future__ import annotations
@@ -16,11 +17,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import tito
 from tito.export import read_source
 from tito.workspace import Module, TitoError, resolve_module
-
-COURSE_ROOT = Path(tito.__file__).resolve().parents[1]  # the course repository tito runs from
 
 
 @dataclass
@@ -73,7 +71,7 @@ def _function_at(path: str, line: int) -> str | None:
         body = around.body
 
 
-def run_grading(module: Module, package: Path, tests: Path, timeout: float) -> tuple[list[dict], list[str]]:
+def run_grading(module: Module, package: Path, timeout: float) -> tuple[list[dict], list[str]]:
     """Run pytest on `tests` against `package`; returns the plugin's records and any problems.
 
     Only the graded package is put on the path (a link to it in a scratch folder), so nothing
@@ -87,8 +85,8 @@ def run_grading(module: Module, package: Path, tests: Path, timeout: float) -> t
         (path / "tinytorch").symlink_to(package, target_is_directory=True)
         env = dict(os.environ, PYTHONPATH=str(path), TITO_GRADE_PACKAGE=str(package),
                    TITO_GRADE_MODULE=f"tinytorch.core.{module.name}", TITO_GRADE_REPORT=str(report))
-        command = [sys.executable, "-m", "pytest", str(tests), "-p", "tito.grading_plugin", "-q",
-                   "-p", "no:cacheprovider", "--rootdir", str(COURSE_ROOT), "--no-header",
+        command = [sys.executable, "-m", "pytest", str(module.tests), "-p", "tito.grading_plugin", "-q",
+                   "-p", "no:cacheprovider", "--rootdir", str(module.root), "--no-header",
                    "--tb=native", "--color=no"]  # plain Python tracebacks: many times faster to format
         # cwd is the scratch folder: `python -m` puts the cwd first on sys.path
         try:
@@ -131,17 +129,18 @@ def _outcomes(records: list[dict]) -> dict[str, dict]:
 def grade(root: Path, spec: str, package: Path | None = None, timeout: float = 600) -> dict:
     """Grade the module named by `spec` in the exported `package`; returns the full result."""
     module = resolve_module(root, spec)
-    course_module = resolve_module(COURSE_ROOT, module.folder_name)
-    tests = course_module.tests
+    tests = module.tests
     if not tests.is_dir():
-        raise TitoError(f"the course has no grading tests for {module.folder_name} at {tests}")
+        raise TitoError(f"no grading tests for {module.folder_name}: expected them in {tests}")
     package = resolve_package(package or root)
     graded_file = package / "core" / f"{module.name}.py"
     if not graded_file.exists():
         raise TitoError(f"{graded_file} does not exist: run `tito export {module.number}` first")
 
-    parts = {part.grade_id: part for part in graded_parts(course_module)}
-    records, problems = run_grading(module, package, tests, timeout)
+    parts = {part.grade_id: part for part in graded_parts(module)}
+    if not any(not part.manual for part in parts.values()):
+        raise TitoError(f"{module.relative(module.source)} has no auto-graded parts; nothing to grade")
+    records, problems = run_grading(module, package, timeout)
     imported = [record for record in records if record["kind"] in ("graded-file", "import-error")]
     if not imported:
         raise TitoError("the grading run did not report which file it imported; nothing was graded")
@@ -158,7 +157,7 @@ def grade(root: Path, spec: str, package: Path | None = None, timeout: float = 6
         part = parts.get(result["grades"])
         if part is None:
             raise TitoError(f"{nodeid} grades {result['grades']!r}, which is not a graded part of "
-                            f"{course_module.relative(course_module.source)}")
+                            f"{module.relative(module.source)}")
         part.tests.append(nodeid)
         if result["outcome"] == "passed":
             part.passed += 1

@@ -7,8 +7,9 @@ region is replaced whole. Outputs are cleared; every other cell and all nbgrader
 kept. With the `instructor` extra installed, nbgrader's own preprocessors do the work; without
 it, `clear_solutions` below does the same (tests/tooling compares the two).
 
-The release is a complete student workspace: the stripped module, the modules before it, the
-package they export to, and a manifest, so that `tito export` and `tito grade` work inside it.
+The release is a complete student workspace: the stripped module, the modules before it, their
+tests, the package they export to, the `tito` tools and a manifest. Installed with
+`pip install -e ".[dev]"`, it needs nothing from the course repository, which holds the solutions.
 """
 from __future__ import annotations
 
@@ -100,9 +101,13 @@ def _release_files(root: Path, target: Module) -> dict[str, str | Path]:
     import jupytext
 
     files: dict[str, str | Path] = {name: root / name for name in WORKSPACE_FILES if (root / name).exists()}
+    tooling = Path(__file__).resolve().parent                    # the tito package itself
+    files.update({f"tito/{path.name}": path for path in sorted(tooling.glob("*.py"))})
     for module in discover_modules(root):
         if module.number > target.number:
             continue
+        for test in sorted(module.tests.glob("*.py")) if module.tests.is_dir() else []:
+            files[module.relative(test)] = test
         released = release_notebook(module)
         files[module.relative(module.notebook)] = notebook_text(released)
         files[module.relative(module.source)] = jupytext.writes(released, fmt="py:percent")
@@ -115,13 +120,18 @@ def _release_files(root: Path, target: Module) -> dict[str, str | Path]:
 STUDENT_README = """\
 # TinyTorch workspace: module {module}
 
+Install it once, from this folder (Python 3.10 or newer):
+
+    pip install -e ".[dev]"
+
 Your work goes in `modules/{module}/{name}_dev.ipynb` (in Jupyter) or its paired
 `modules/{module}/{name}_dev.py` (in an editor): replace each `raise NotImplementedError()` under
 `# YOUR CODE HERE`, and each `YOUR ANSWER HERE`.
 
     tito run {number}       # run the notebook top to bottom; it stops at the first unfinished part
     tito export {number}    # put your code into tinytorch/core/{name}.py
-    tito grade {number}     # grade that exported code: points per part, and what is left to do
+    tito test {number}      # run the tests of the exported code
+    tito grade {number}     # the same tests as points per part, and what is left to do
 """
 
 

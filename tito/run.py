@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
-from tito.export import read_source
+from tito.export import current_source, read_source
 from tito.workspace import Module, TitoError
 
 OUTPUT_ROOT = Path("tito-output")  # where plots land unless --figures says otherwise
@@ -59,19 +60,24 @@ def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 9
         raise TitoError('tito run needs nbclient and ipykernel: pip install -e ".[dev]"') from error
 
     figures_dir = (figures_dir or module.root / OUTPUT_ROOT / module.folder_name).resolve()
-    notebook = read_source(module)
+    text, origin = current_source(module)
+    notebook = read_source(module, text)
     code_cells = [(index, cell) for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
     client = NotebookClient(
         notebook, timeout=timeout, kernel_name="python3",
         resources={"metadata": {"path": str(module.folder)}},
         extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no start-up chatter from the kernel
     )
-    print(f"tito run {module.folder_name}: executing {module.relative(module.source)} "
-          f"({len(code_cells)} code cells) in a python3 kernel")
+    print(f"tito run {module.folder_name}: executing {origin} ({len(code_cells)} code cells) in a python3 kernel")
     started = time.perf_counter()
     saved: list[Path] = []
+    for stale in figures_dir.glob("cell*.png") if figures_dir.is_dir() else []:
+        stale.unlink()                                   # figures of an earlier run
+    # The kernel imports this workspace's tinytorch, whatever else is installed.
+    kernel_env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(module.root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     try:
-        with client.setup_kernel():
+        with client.setup_kernel(env=kernel_env):
             for position, (index, cell) in enumerate(code_cells, start=1):
                 label = _cell_label(cell, position, len(code_cells))
                 cell_started = time.perf_counter()

@@ -437,3 +437,41 @@ def test_package_import_and_a_representative_workload_raise_no_warnings():
     result = subprocess.run([sys.executable, "-W", "error", "-c", WORKLOAD], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
+
+
+def test_values_beyond_float32_range_raise_instead_of_becoming_inf():
+    with pytest.raises(ValueError, match="scores holds values beyond float32's range"):
+        masked_softmax(np.array([1e39, 0.0]))
+    with pytest.raises(ValueError, match="query holds values beyond float32's range"):
+        math_attention(np.full((2, 4), 1e39), np.ones((2, 4)), np.ones((2, 4)))
+    with pytest.raises(ValueError, match="temperature must be a positive number within float32's range"):
+        ScaledDotProductAttention(temperature=1e-39)
+    assert ScaledDotProductAttention(temperature=np.float32(2), dropout=np.float32(0.1)).temperature == 2.0
+
+
+def test_nan_in_a_mask_is_an_error():
+    with pytest.raises(ValueError, match="mask holds NaN"):
+        masked_softmax(np.zeros((2, 3)), np.array([1.0, np.nan, 0.0]))
+
+
+def test_a_causal_mask_must_match_its_offset():
+    from tinytorch.core.attention import CausalMask
+
+    with pytest.raises(ValueError, match="not the causal mask with offset 0"):
+        CausalMask(np.ones((3, 3)), 0)
+    assert CausalMask(np.tril(np.ones((2, 4)), k=2), 2).offset == 2
+
+
+def test_fast_weights_are_formed_even_when_values_are_empty():
+    q, k, v = np.ones((3, 4)), np.ones((5, 4)), np.ones((5, 0))
+    output, weights = fast_attention(q, k, v)
+    assert output.shape == (3, 0)
+    np.testing.assert_allclose(weights.data, math_attention(q, k, v)[1].data, rtol=1e-6)
+
+
+def test_ragged_lists_get_the_same_type_error_through_every_entry_point():
+    ragged = [[1.0, 2.0], [3.0]]
+    for call in (lambda: math_attention(ragged, ragged, ragged), lambda: ScaledDotProductAttention()(ragged, ragged, ragged),
+                 lambda: MultiHeadAttention(2, 1, seed=0)(ragged)):
+        with pytest.raises(TypeError, match="query must be a Tensor or an array of numbers"):
+            call()

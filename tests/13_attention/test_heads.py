@@ -29,9 +29,9 @@ def reference_merge(heads):
 
 
 def reference_repeat(x, num_heads):
-    """out[:, h] = x[:, h // group] with group = num_heads // Hkv."""
-    group = num_heads // x.shape[1]
-    return np.stack([x[:, h // group] for h in range(num_heads)], axis=1)
+    """out[:, h] = x[:, h // G], G = num_heads // Hkv query heads per key/value head."""
+    heads_per_kv = num_heads // x.shape[1]
+    return np.stack([x[:, h // heads_per_kv] for h in range(num_heads)], axis=1)
 
 
 # ---------------------------------------------------------------- split_heads / merge_heads

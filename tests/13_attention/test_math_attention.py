@@ -255,7 +255,7 @@ def test_leading_axes_that_do_not_broadcast_raise():
         math_attention(np.zeros((2, 3, 4)), np.zeros((3, 5, 4)), np.zeros((3, 5, 2)))
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan"), 1e39, 1e-39, True])
 def test_bad_scale_raises(scale):
-    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+    with pytest.raises(ValueError, match="scale must be a positive number within float32's range"):
         math_attention(np.zeros((3, 4)), np.zeros((5, 4)), np.zeros((5, 2)), scale=scale)

@@ -1,5 +1,6 @@
 """The student loop: release without solutions, export, and grading that cannot pass by accident."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -197,3 +198,38 @@ def test_released_notebook_stops_at_the_first_unfinished_part(released):
     failed = [line for line in result.stdout.splitlines() if line.endswith("FAILED")]
     assert len(failed) == 1 and "test-causal-mask" in failed[0]
     assert "NotImplementedError" in result.stdout
+
+
+def test_the_release_is_a_self_contained_workspace(released):
+    assert (released / "tito/cli.py").is_file() and (released / "tests/13_attention/conftest.py").is_file()
+    assert not (released / "tests/tooling").exists()
+    result = tito("test", "13", "--", "-x", "-q", cwd=released)         # its own tests, its own package
+    assert result.returncode == 1 and "NotImplementedError" in result.stdout
+
+
+def test_tito_run_runs_notebook_edits_against_the_workspace_package(tmp_path, repo_root):
+    import jupytext
+
+    out = tmp_path / "student"
+    assert tito("release", "13", "--out", str(out), cwd=repo_root).returncode == 0
+    notebook_path = out / "modules/13_attention/attention_dev.ipynb"
+    notebook = jupytext.read(notebook_path)
+    for cell in notebook.cells:
+        cell.source = cell.source.replace(CAUSAL_STUB, CAUSAL_DONE)
+    probe = jupytext.reads("# %%\nimport tinytorch\nprint('package:', tinytorch.__file__)\n", fmt="py:percent")
+    notebook.cells.insert(3, probe.cells[0])
+    jupytext.write(notebook, notebook_path)
+    result = tito("run", "13", cwd=out)
+    assert "executing modules/13_attention/attention_dev.ipynb" in result.stdout
+    assert f"package: {out / 'tinytorch/__init__.py'}" in result.stdout
+    failed = [line for line in result.stdout.splitlines() if line.endswith("FAILED")]
+    assert result.returncode == 1 and len(failed) == 1 and "test-masked-softmax" in failed[0]
+
+
+def test_released_files_get_the_usual_permissions(released):
+    """New files get 0o666 less the umask, as open() would give them, not mkstemp's private 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (released / "modules/13_attention/attention_dev.ipynb", released / "tinytorch/core/attention.py",
+                 released / "README.md", released / ".tito/manifest.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

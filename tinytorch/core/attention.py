@@ -22,7 +22,7 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/attention_dev.ipynb #aee8f820
+# %% ../../modules/13_attention/attention_dev.ipynb #401934d8
 def _to_array(x, name: str) -> np.ndarray:
     """`x` (a Tensor, an array or nested lists of numbers) as a float32 array."""
     data = x.data if isinstance(x, Tensor) else x
@@ -34,7 +34,19 @@ def _to_array(x, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be a Tensor or an array of numbers, got {type(x).__name__}") from error
     if array.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold numbers, got dtype {array.dtype}")
-    return array.astype(np.float32, copy=False)
+    if array.dtype == np.float32:
+        return array
+    with np.errstate(over="raise"):
+        try:
+            return array.astype(np.float32)
+        except FloatingPointError:
+            raise ValueError(f"{name} holds values beyond float32's range "
+                             f"(+-{np.finfo(np.float32).max:.3g})") from None
+
+
+def _is_number(value) -> bool:
+    """A real number (Python or NumPy), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _broadcasts_to(shape: tuple, target: tuple) -> bool:
@@ -57,6 +69,8 @@ def _to_mask(mask, scores_shape: tuple, name: str = "mask") -> np.ndarray | None
         raise TypeError(f"{name} must be boolean or numeric, got dtype {array.dtype}")
     if not _broadcasts_to(array.shape, scores_shape):
         raise ValueError(f"{name} of shape {array.shape} does not broadcast to scores {tuple(scores_shape)}")
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        raise ValueError(f"{name} holds NaN; use 1/True for 'may attend' and 0/False for 'masked out'")
     return array if array.dtype == np.bool_ else array != 0
 
 
@@ -68,13 +82,18 @@ def _check_int(value, name: str, minimum: int) -> int:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #0baaa91d
+# %% ../../modules/13_attention/attention_dev.ipynb #794274a6
 class CausalMask(Tensor):
     """A read-only causal mask that remembers its diagonal offset."""
 
     def __init__(self, data, offset: int):
         super().__init__(np.array(data, dtype=np.float32))
-        self.data.flags.writeable = False  # the offset must keep describing the data
+        if self.data.ndim != 2:
+            raise ValueError(f"a causal mask has shape (seq_len, key_len), got shape {self.data.shape}")
+        if not np.array_equal(self.data, np.tri(*self.data.shape, k=offset, dtype=np.float32)):
+            raise ValueError(f"data is not the causal mask with offset {offset}: entry [i, j] must be 1 "
+                             f"exactly where j <= i + {offset}")
+        self.data.flags.writeable = False  # kernels trust the offset, so the data may not change
         self.offset = int(offset)
 
 
@@ -120,7 +139,10 @@ def masked_softmax(scores, mask=None) -> Tensor:
     ### END SOLUTION
     return Tensor(weights.astype(np.float32, copy=False))
 
-# %% ../../modules/13_attention/attention_dev.ipynb #5e738721
+# %% ../../modules/13_attention/attention_dev.ipynb #20d9f160
+_FLOAT32_TINY, _FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
 def _check_attention_inputs(query, key, value, mask, scale, temperature=1.0):
     """Validated float32 (query, key, value), boolean mask (or None) and the score scale."""
     q, k, v = _to_array(query, "query"), _to_array(key, "key"), _to_array(value, "value")
@@ -142,9 +164,8 @@ def _check_attention_inputs(query, key, value, mask, scale, temperature=1.0):
     keep = _to_mask(mask, lead + (q.shape[-2], k.shape[-2]))
     if scale is None:
         scale = 1.0 / (math.sqrt(q.shape[-1]) * temperature)
-    elif (isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating))
-          or not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if not (_is_number(scale) and _FLOAT32_TINY <= scale <= _FLOAT32_MAX):
+        raise ValueError(f"scale must be a positive number within float32's range, got {scale!r}")
     return q, k, v, keep, float(scale)
 
 
@@ -177,7 +198,7 @@ def math_attention(query, key, value, mask=None, scale=None):
     ### END SOLUTION
     return Tensor(output.astype(np.float32, copy=False)), Tensor(weights)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #cfcee238
+# %% ../../modules/13_attention/attention_dev.ipynb #5d70ee67
 ATTENTION_BACKENDS = ("math", "fast")
 _default_backend = "math"  # Part 7 makes "fast" the default once the fast kernel exists
 _backend_in_block: ContextVar = ContextVar("tinytorch_attention_backend", default=None)
@@ -259,10 +280,11 @@ class ScaledDotProductAttention:
 
     def __init__(self, dropout: float = 0.0, temperature: float = 1.0, block_size: int | None = None,
                  seed: int | None = None):
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        if not (_is_number(dropout) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if not (_is_number(temperature) and temperature > 0 and
+                _FLOAT32_TINY <= 1.0 / temperature <= _FLOAT32_MAX):
+            raise ValueError(f"temperature must be a positive number within float32's range, got {temperature!r}")
         if block_size is not None:
             block_size = _check_int(block_size, "block_size", 1)
             if dropout > 0:
@@ -296,8 +318,8 @@ class ScaledDotProductAttention:
         return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
 
     def __call__(self, query, key, value, *args, **kwargs):
-        q_shape, k_shape = np.shape(getattr(query, "data", query)), np.shape(getattr(key, "data", key))
-        with _blas_threads_for(math.prod(q_shape) * (k_shape[-2] if len(k_shape) >= 2 else 1)):
+        query, key = _to_array(query, "query"), _to_array(key, "key")
+        with _blas_threads_for(query.size * (key.shape[-2] if key.ndim >= 2 else 1)):
             return self.forward(query, key, value, *args, **kwargs)
 
     def _attend(self, q, k, v, mask, need_weights: bool):
@@ -364,7 +386,7 @@ def repeat_kv_heads(x, num_heads: int) -> Tensor:
     ### END SOLUTION
     return Tensor(repeated)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #ea5c0698
+# %% ../../modules/13_attention/attention_dev.ipynb #759737c6
 class _ParameterList(list):
     """A list of parameters that can also be called, PyTorch style: `layer.parameters()`."""
 
@@ -402,18 +424,21 @@ class MultiHeadAttention:
 
     @property
     def training(self) -> bool:
+        """True in training mode, where dropout on the attention weights is active."""
         return self.attention.training
 
     def train(self, mode: bool = True):
+        """Training mode (dropout active). Returns self."""
         self.attention.train(mode)
         return self
 
     def eval(self):
+        """Evaluation mode (dropout off). Returns self."""
         return self.train(False)
 
     def __call__(self, query, *args, **kwargs):
-        rows = math.prod(np.shape(getattr(query, "data", query))[:-1])
-        with _blas_threads_for(rows * self.embed_dim * self.embed_dim):
+        query = _to_array(query, "query")
+        with _blas_threads_for(query.size * self.embed_dim):
             return self.forward(query, *args, **kwargs)
 
     def forward(self, query, key=None, value=None, mask=None, return_attention_weights: bool = False,
@@ -435,6 +460,7 @@ class MultiHeadAttention:
         k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
         v = split_heads(x_v @ self.w_v.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
         ### END SOLUTION
+        q, k, v = _to_array(q, "q"), _to_array(k, "k"), _to_array(v, "v")
         if kv_cache is not None:
             k, v, mask = self._append_to_cache(kv_cache, k, v, mask)    # (B, Hkv, L, hd)
         mask = self._mask_over_heads(mask, q.shape[0], q.shape[2], k.shape[2])
@@ -444,7 +470,7 @@ class MultiHeadAttention:
         ### BEGIN SOLUTION
         output = merge_heads(context).data @ self.w_o.data              # (B, T, E)
         ### END SOLUTION
-        output = output.astype(np.float32, copy=False)
+        output = _to_array(output, "output")
         return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
 
     def _check_inputs(self, query, key, value, kv_cache, return_attention_weights):
@@ -541,7 +567,7 @@ class MultiHeadAttention:
             "kv_cache_saving": self.num_heads / self.num_kv_heads,
         }
 
-# %% ../../modules/13_attention/attention_dev.ipynb #1f12cb6d
+# %% ../../modules/13_attention/attention_dev.ipynb #ec08081e
 class KVCache:
     """Preallocated keys and values for incremental decoding, one length per batch row."""
 
@@ -601,7 +627,8 @@ class KVCache:
         self.cache_lengths[rows] = 0
 
     def get_memory_usage(self) -> dict:
-        """Allocated megabytes, in total and per sequence, and the fraction of positions in use."""
+        """Allocated memory in total and per sequence (MB here means MiB, 2**20 bytes) and the fraction
+        of positions in use."""
         total_bytes = self.cached_keys.nbytes + self.cached_values.nbytes
         capacity = self.max_batch_size * self.max_seq_length
         return {
@@ -616,7 +643,7 @@ class KVCache:
         return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
                 f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
 
-# %% ../../modules/13_attention/attention_dev.ipynb #2839a270
+# %% ../../modules/13_attention/attention_dev.ipynb #3ea27b04
 _QUERY_ROWS = 256                 # query rows per tile: 256 x 512 float32 scores = 0.5 MiB, cache-sized
 _CAUSAL_QUERY_ROWS = 64           # smaller tiles skip more of a causal mask's future
 _PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
@@ -694,19 +721,19 @@ def _fast_attention(q, k, v, keep, scale, causal_offset, need_weights):
     output = (np.empty_like(q, shape=lead + (T, dv)) if q.shape[:-2] == lead
               else np.empty(lead + (T, dv), dtype=np.float32))
     weights = np.zeros(lead + (T, S), dtype=np.float32) if need_weights else None
-    if output.size == 0 or S == 0:
+    if S == 0 or output.size == 0 and (weights is None or weights.size == 0):
         output[...] = 0.0
         return output, weights
     q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
     if causal_offset is not None and T == 1 and causal_offset >= S - 1:
         keep = None                                              # one query that sees every key
-    hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
-
-    if math.prod(lead) * T * S < _PARALLEL_MIN_SCORES:          # small: one vectorised call
-        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights)
-        return output, weights
-    if causal_offset is not None:
+    big = math.prod(lead) * T * S >= _PARALLEL_MIN_SCORES        # else one vectorised call is quicker
+    if big and causal_offset is not None:                        # the offset replaces the mask
         _parallel_map(_attend_tile, _causal_tasks(q, k, v, causal_offset, output, weights))
+        return output, weights
+    hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
+    if not big:
+        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights)
         return output, weights
 
     tasks = []                                                   # one tile: one head, a block of rows
@@ -822,7 +849,7 @@ def _parallel_blocked_attention(q, k, v, mask, scale: float, block_size: int) ->
     _parallel_map(run, blocks[::-1])                                     # largest causal blocks first
     return output
 
-# %% ../../modules/13_attention/attention_dev.ipynb #f914d80b
+# %% ../../modules/13_attention/attention_dev.ipynb #0a1969c9
 class AttentionProfiler:
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc)."""
 
@@ -915,7 +942,8 @@ class AttentionProfiler:
         """Generate `new_tokens` positions one at a time, with a KV cache and by recomputing everything.
 
         Each step feeds the next position of a fixed random sequence, so both ways must give the
-        same outputs; `max_abs_difference` reports how closely they agree.
+        same outputs; `max_abs_difference` reports how closely they agree (put a layer with
+        dropout in `eval()` mode first, or the two ways drop different weights).
         Returns:
             per-token times in ms for both ways (measured), their medians, the total speed-up and
             the largest difference between the two ways' outputs.
