@@ -1410,7 +1410,9 @@ test_unit_fast_attention()
 #   a \leftarrow c\,a + \sum_{j \in \text{block}} e^{s'_j - m'}\, v_j, \qquad m \leftarrow m'.$$
 #
 # After the last block the output is $a / \ell$, the same number the full softmax gives, up to
-# float rounding. Memory is now O(block²) per head instead of O(T · S).
+# float rounding. The scores now take O(block²) memory per head instead of O(T · S). (A mask you
+# pass is yours and stays as large as it is: `create_causal_mask(T)` is itself a T × S array. What
+# blocked attention removes are the scores, exponentials and weights the formula would add.)
 #
 # Two details make it exact for masks. Masked scores are −∞ and contribute $e^{-\infty} = 0$. A
 # row that has seen only masked keys so far has $m = -\infty$; use 0 in its place when
@@ -1424,7 +1426,7 @@ test_unit_fast_attention()
 # %% nbgrader={"grade": false, "grade_id": "blocked-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
 def blocked_attention(query, key, value, mask=None, scale=None, block_size: int = 128) -> Tensor:
-    """Attention computed block by block with an online softmax; never holds a T x S array.
+    """Attention computed block by block with an online softmax; never forms the T x S scores.
 
     Args:
         query, key, value, mask, scale: as for `math_attention`.
@@ -1497,7 +1499,8 @@ def _parallel_blocked_attention(q, k, v, mask, scale: float, block_size: int) ->
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if T <= block_size or _cores() == 1:
         return blocked_attention(q, k, v, mask, scale, block_size).data
-    keep, offset = _to_mask(mask, lead + (T, S)), _causal_offset(mask, T, S)
+    offset = _causal_offset(mask, T, S)
+    keep = None if offset is not None else _to_mask(mask, lead + (T, S))
     output = np.empty(lead + (T, dv), dtype=np.float32)
 
     def rows_mask(r0, r1):

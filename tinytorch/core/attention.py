@@ -783,9 +783,9 @@ def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool 
 
 set_attention_backend("fast")  # from here on, attention layers run the fast kernel by default
 
-# %% ../../modules/13_attention/attention_dev.ipynb #9db98e28
+# %% ../../modules/13_attention/attention_dev.ipynb #e842b28d
 def blocked_attention(query, key, value, mask=None, scale=None, block_size: int = 128) -> Tensor:
-    """Attention computed block by block with an online softmax; never holds a T x S array.
+    """Attention computed block by block with an online softmax; never forms the T x S scores.
 
     Args:
         query, key, value, mask, scale: as for `math_attention`.
@@ -825,14 +825,15 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
         ### END SOLUTION
     return Tensor(output)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #3581dca5
+# %% ../../modules/13_attention/attention_dev.ipynb #dd53baa5
 def _parallel_blocked_attention(q, k, v, mask, scale: float, block_size: int) -> np.ndarray:
     """`blocked_attention` run one query block per task on the thread pool; returns the output array."""
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if T <= block_size or _cores() == 1:
         return blocked_attention(q, k, v, mask, scale, block_size).data
-    keep, offset = _to_mask(mask, lead + (T, S)), _causal_offset(mask, T, S)
+    offset = _causal_offset(mask, T, S)
+    keep = None if offset is not None else _to_mask(mask, lead + (T, S))
     output = np.empty(lead + (T, dv), dtype=np.float32)
 
     def rows_mask(r0, r1):
