@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run", help="execute a module's notebook top to bottom in a Jupyter kernel",
-        description="Execute the module's notebook, built from its *_dev.py source, cell by cell "
-        "in a fresh ipykernel. Prints what each cell prints and stops at the first error.",
+        description="Execute the module cell by cell in a fresh ipykernel: its *_dev.py source, or its "
+        "notebook when that was edited since the last export. The kernel imports this workspace's "
+        "tinytorch. Prints what each cell prints, saves its plots, and stops at the first error.",
     )
     run.add_argument("module", help=MODULE_HELP)
     run.add_argument("--figures", type=Path, default=None,
@@ -138,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     release = commands.add_parser(
         "release", help="write the student version of a module, solutions stripped",
-        description="Write a student workspace: the module's notebook and .py with every solution "
-        "region replaced by a stub (nbgrader's ClearSolutions semantics), the modules before it, "
-        "and the package exported from them. Existing files are never overwritten without --force, "
-        "and with --force changed files are kept as .bak copies.",
+        description="Write a self-contained student workspace: the module's notebook and .py with every "
+        "solution region replaced by a stub (nbgrader's ClearSolutions semantics), the modules before "
+        "it, their tests, the package exported from them and the tito tools. Existing files are never "
+        "overwritten without --force, and with --force changed files are kept as .bak copies.",
     )
     release.add_argument("module", help=MODULE_HELP)
     release.add_argument("--out", type=Path, default=None, help="workspace to write (default: ./release)")
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     grade = commands.add_parser(
         "grade", help="grade an exported package and print the points per part",
-        description="Run the course's grading tests for the module against one exported package "
+        description="Run this workspace's grading tests for the module against one exported package "
         "and print part, points earned and points possible. Exit status 0 only when every test passed.",
     )
     grade.add_argument("module", help=MODULE_HELP)
