@@ -10,7 +10,6 @@ threads otherwise spin between operations and starve the thread that issues them
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import platform
 import time

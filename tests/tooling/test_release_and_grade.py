@@ -37,9 +37,11 @@ def solution_lines(source: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory, repo_root_path=Path(__file__).resolve().parents[2]):
+def released(tmp_path_factory):
+    """One blank student release, shared by the tests that only read it."""
+    course = Path(__file__).resolve().parents[2]
     out = tmp_path_factory.mktemp("student")
-    release(repo_root_path, resolve_module(repo_root_path, "13"), out)
+    release(course, resolve_module(course, "13"), out)
     return out
 
 
@@ -85,7 +87,9 @@ def test_fallback_matches_nbgrader(repo_root):
     assert ours.metadata == theirs.metadata
 
 
-def test_release_never_overwrites_without_force(released, repo_root, capsys):
+def test_release_never_overwrites_without_force(tmp_path, repo_root):
+    released = tmp_path / "student"
+    assert tito("release", "13", "--out", str(released), cwd=repo_root).returncode == 0
     student_source = released / SOURCE
     student_source.write_text(student_source.read_text().replace(CAUSAL_STUB, CAUSAL_DONE))
     work = student_source.read_text()
