@@ -1312,7 +1312,7 @@ def _fast_attention(q, k, v, keep, scale, causal_offset, need_weights):
         return output, weights
     hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
     if not big:
-        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights)
+        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights)   # keys as (..., d, S)
         return output, weights
 
     tasks = []                                                   # one tile: one head, a block of rows

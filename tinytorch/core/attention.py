@@ -643,7 +643,7 @@ class KVCache:
         return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
                 f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
 
-# %% ../../modules/13_attention/attention_dev.ipynb #3ea27b04
+# %% ../../modules/13_attention/attention_dev.ipynb #e6363f6e
 _QUERY_ROWS = 256                 # query rows per tile: 256 x 512 float32 scores = 0.5 MiB, cache-sized
 _CAUSAL_QUERY_ROWS = 64           # smaller tiles skip more of a causal mask's future
 _PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
@@ -733,7 +733,7 @@ def _fast_attention(q, k, v, keep, scale, causal_offset, need_weights):
         return output, weights
     hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
     if not big:
-        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights)
+        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights)   # keys as (..., d, S)
         return output, weights
 
     tasks = []                                                   # one tile: one head, a block of rows
