@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from tito.export import current_source, read_source
-from tito.workspace import Module, TitoError
+from tito.workspace import Module, TitoError, check_prerequisites, module_metadata
 
 OUTPUT_ROOT = Path("tito-output")  # where plots land unless --figures says otherwise
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -60,6 +60,11 @@ def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 9
         raise TitoError('tito run needs nbclient and ipykernel: pip install -e ".[dev]"') from error
 
     figures_dir = (figures_dir or module.root / OUTPUT_ROOT / module.folder_name).resolve()
+    check_prerequisites(module)
+    metadata = module_metadata(module)
+    if metadata:
+        print(f"Module {module.number}: {metadata['title']} (about {metadata['estimated_time']}; "
+              f"builds on {', '.join(metadata['prerequisites'])}; next: {metadata['next_module']})")
     text, origin = current_source(module)
     notebook = read_source(module, text)
     code_cells = [(index, cell) for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"]

@@ -109,3 +109,27 @@ def select_modules(root: Path, spec: str | None) -> list[Module]:
             raise TitoError(f"no modules found under {root / 'modules'}")
         return modules
     return [resolve_module(root, spec)]
+
+
+def module_metadata(module: Module) -> dict:
+    """The module's entry in the workspace's module.yaml, or {} when that file describes another module."""
+    path = module.root / "module.yaml"
+    if not path.exists():
+        return {}
+    import yaml
+
+    try:
+        metadata = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise TitoError(f"{path} is not valid YAML: {error}") from error
+    return metadata if f"{int(metadata.get('number', -1)):02d}" == module.number else {}
+
+
+def check_prerequisites(module: Module) -> None:
+    """Every prerequisite named in module.yaml must be exported before the module can run."""
+    for name in module_metadata(module).get("prerequisites", []):
+        prerequisite = resolve_module(module.root, name)
+        if not prerequisite.package_file.exists():
+            raise TitoError(f"module {module.folder_name} needs {prerequisite.folder_name} exported first: "
+                            f"run `tito export {prerequisite.number}`")
+

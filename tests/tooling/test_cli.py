@@ -78,3 +78,17 @@ def test_tito_run_reports_a_failing_cell_and_exits_nonzero(workspace):
 
 def test_titoerror_carries_its_exit_code():
     assert TitoError("x", exit_code=2).exit_code == 2
+
+
+def test_module_yaml_describes_module_13_only(repo_root):
+    from tito.workspace import module_metadata
+
+    assert module_metadata(resolve_module(repo_root, "13"))["title"] == "Attention"
+    assert module_metadata(resolve_module(repo_root, "12")) == {}
+
+
+def test_tito_run_needs_the_prerequisites_of_module_yaml_exported(workspace):
+    (workspace / "tinytorch/core/embeddings.py").unlink()
+    result = tito("run", "13", cwd=workspace)
+    assert result.returncode == 1
+    assert "module 13_attention needs 12_embeddings exported first: run `tito export 12`" in result.stderr
