@@ -267,6 +267,8 @@ def masked_softmax(scores, mask=None) -> Tensor:
     scores = _to_array(scores, "scores")
     if scores.ndim < 1:
         raise ValueError(f"scores must have at least 1 axis, got shape {scores.shape}")
+    if np.isnan(scores).any() or np.isposinf(scores).any():
+        raise ValueError("scores hold NaN or +inf; a softmax needs finite scores (-inf means masked out)")
     keep = _to_mask(mask, scores.shape)
     ### BEGIN SOLUTION
     if keep is not None:
@@ -340,6 +342,9 @@ def _check_attention_inputs(query, key, value, mask, scale, temperature=1.0):
                               ("value", v, "(..., seq_k, d_v)")):
         if array.ndim < 2:
             raise ValueError(f"{name} must have shape {axes} with at least 2 axes, got shape {array.shape}")
+    for name, array in (("query", q), ("key", k)):  # they make the scores; values only get mixed
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} holds inf or NaN; the attention scores need finite queries and keys")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"key has d_k={k.shape[-1]} but query has d_k={q.shape[-1]}")
     if q.shape[-1] == 0:

@@ -475,3 +475,16 @@ def test_ragged_lists_get_the_same_type_error_through_every_entry_point():
                  lambda: MultiHeadAttention(2, 1, seed=0)(ragged)):
         with pytest.raises(TypeError, match="query must be a Tensor or an array of numbers"):
             call()
+
+
+def test_non_finite_queries_keys_and_scores_raise():
+    finite = np.ones((2, 4))
+    for name, arrays in (("query", (np.full((2, 4), np.inf), finite, finite)),
+                         ("key", (finite, np.array([[np.nan, 0, 0, 0], [0, 0, 0, 0]]), finite))):
+        with pytest.raises(ValueError, match=f"{name} holds inf or NaN"):
+            math_attention(*arrays)
+        with pytest.raises(ValueError, match=f"{name} holds inf or NaN"):
+            fast_attention(*arrays)
+    with pytest.raises(ValueError, match=r"scores hold NaN or \+inf"):
+        masked_softmax(np.array([[0.0, np.inf]]))
+    np.testing.assert_array_equal(masked_softmax(np.array([[0.0, -np.inf]])).data, [[1.0, 0.0]])  # -inf: masked

@@ -114,7 +114,7 @@ def create_causal_mask(seq_len: int, key_len: int | None = None) -> CausalMask:
     ### END SOLUTION
     return CausalMask(mask, offset)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #6a17ffdc
+# %% ../../modules/13_attention/attention_dev.ipynb #caedc91f
 def masked_softmax(scores, mask=None) -> Tensor:
     """Softmax over the last axis; masked positions get weight 0.
 
@@ -127,6 +127,8 @@ def masked_softmax(scores, mask=None) -> Tensor:
     scores = _to_array(scores, "scores")
     if scores.ndim < 1:
         raise ValueError(f"scores must have at least 1 axis, got shape {scores.shape}")
+    if np.isnan(scores).any() or np.isposinf(scores).any():
+        raise ValueError("scores hold NaN or +inf; a softmax needs finite scores (-inf means masked out)")
     keep = _to_mask(mask, scores.shape)
     ### BEGIN SOLUTION
     if keep is not None:
@@ -139,7 +141,7 @@ def masked_softmax(scores, mask=None) -> Tensor:
     ### END SOLUTION
     return Tensor(weights.astype(np.float32, copy=False))
 
-# %% ../../modules/13_attention/attention_dev.ipynb #20d9f160
+# %% ../../modules/13_attention/attention_dev.ipynb #8100212b
 _FLOAT32_TINY, _FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
@@ -150,6 +152,9 @@ def _check_attention_inputs(query, key, value, mask, scale, temperature=1.0):
                               ("value", v, "(..., seq_k, d_v)")):
         if array.ndim < 2:
             raise ValueError(f"{name} must have shape {axes} with at least 2 axes, got shape {array.shape}")
+    for name, array in (("query", q), ("key", k)):  # they make the scores; values only get mixed
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} holds inf or NaN; the attention scores need finite queries and keys")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"key has d_k={k.shape[-1]} but query has d_k={q.shape[-1]}")
     if q.shape[-1] == 0:
