@@ -891,7 +891,7 @@ class MultiHeadAttention:
         return x_q, x_k, x_v
 
     def _mask_over_heads(self, mask, batch: int, seq_q: int, seq_k: int):
-        """Reshape a user mask so that it broadcasts to (B, H, T, S), keeping a CausalMask as it is."""
+        """A user mask as a boolean array that broadcasts to (B, H, T, S); a CausalMask stays as it is."""
         if mask is None or isinstance(mask, CausalMask):
             return mask
         data = mask.data if isinstance(mask, Tensor) else np.asarray(mask)
@@ -903,8 +903,7 @@ class MultiHeadAttention:
         elif data.ndim not in (2, 4):
             raise ValueError(f"mask must have shape (seq_q, seq_k), (batch, seq_q, seq_k) or "
                              f"(batch, heads, seq_q, seq_k), got shape {data.shape}")
-        _to_mask(data, (batch, self.num_heads, seq_q, seq_k))            # raises if it does not broadcast
-        return data
+        return _to_mask(data, (batch, self.num_heads, seq_q, seq_k))     # raises if it does not broadcast
 
     def _append_to_cache(self, cache, k, v, mask):
         """Append this call's keys/values to `cache` and return all cached ones with a causal mask.
@@ -921,13 +920,12 @@ class MultiHeadAttention:
             row = int(np.argmax(lengths))
             raise ValueError(f"kv_cache row {row} holds {lengths[row]} of max_seq_length={cache.max_seq_length} "
                              f"positions; appending {T} would need {lengths[row] + T}")
-        if mask is not None:                                             # check it before the cache changes
-            longest_after = int(lengths.max()) + T if B else T
-            _to_mask(self._mask_over_heads(mask, B, T, longest_after), (B, self.num_heads, T, longest_after))
+        longest = int(lengths.max()) + T if B else T                     # every row grows by T
+        if mask is not None:                                             # checked before the cache changes
+            mask = _to_mask(self._mask_over_heads(mask, B, T, longest), (B, self.num_heads, T, longest))
         for b in range(B):
             cache.update(b, k[b], v[b])
         lengths = cache.cache_lengths[:B]
-        longest = int(lengths.max()) if B else T
         keys = cache.cached_keys[:B, :, :longest]                        # (B, Hkv, L, hd), a view
         values = cache.cached_values[:B, :, :longest]
         if B and np.all(lengths == longest):
@@ -937,9 +935,8 @@ class MultiHeadAttention:
             causal = np.arange(longest) <= position                      # (B, 1, T, L)
         if mask is None or causal is None:
             return keys, values, causal if mask is None else mask
-        user = _to_mask(self._mask_over_heads(mask, B, T, longest), (B, self.num_heads, T, longest))
         causal = causal.data > 0 if isinstance(causal, Tensor) else causal
-        return keys, values, np.logical_and(user, causal)
+        return keys, values, np.logical_and(mask, causal)
 
     def get_memory_usage(self) -> dict:
         """Parameter memory and counts, in total and per head, and the KV-cache cost per token."""
