@@ -73,8 +73,10 @@ def paired(ours, reference, repeats: int) -> tuple[float, float, float]:
 
 
 def median_time(function, repeats: int) -> float:
-    function()
-    return float(np.median([_time(function) for _ in range(repeats)]))
+    """Median seconds of `function()` over `repeats` runs, after one warm-up run."""
+    from tinytorch.core.attention import AttentionProfiler
+
+    return AttentionProfiler(repeats=repeats, warmup=1).time_call(function)
 
 
 def peak_bytes(function) -> int:
