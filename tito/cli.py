@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from tito.workspace import TitoError, find_root, resolve_module, select_modules
@@ -32,13 +34,59 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pytest_paths(arguments: list[str]) -> tuple[list[str], list[str]]:
+    """Split pytest arguments into test paths (made absolute: pytest runs in the workspace root)
+    and everything else. A path is an argument naming an existing file or folder, with or without
+    a `::test_name` suffix."""
+    paths, others = [], []
+    for argument in arguments:
+        path, separator, rest = argument.partition("::")
+        if not argument.startswith("-") and path and Path(path).exists():
+            paths.append(str(Path(path).resolve()) + separator + rest)
+        else:
+            others.append(argument)
+    return paths, others
+
+
+def _run_pytest(module, part: str | None, verbose: bool, arguments: list[str]) -> int:
+    """pytest's own output: on the module's tests, or only on the test paths given after --."""
+    from tito.grading_plugin import MODULE_ENV, PACKAGE_ENV, PART_ENV, REPORT_ENV
+
+    paths, others = _pytest_paths(arguments)
+    command = [sys.executable, "-m", "pytest", *(paths or [str(module.tests)]), "-p", "tito.grading_plugin",
+               *(["-v"] if verbose else []), *others]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(module.root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    # The plugin checks that the tests import this workspace's package, and selects the part.
+    env.update({PACKAGE_ENV: str(module.root / "tinytorch"), MODULE_ENV: f"tinytorch.core.{module.name}"})
+    env.pop(REPORT_ENV, None)
+    env.pop(PART_ENV, None)
+    if part is not None:
+        env[PART_ENV] = part
+    return subprocess.call(command, cwd=module.root, env=env)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
+    from tito.freshness import export_if_changed
+    from tito.grade import format_summary, grade, graded_parts, select_part
+
     root = find_root()
     module = resolve_module(root, args.module)
     if not module.tests.is_dir():
         raise TitoError(f"module {module.folder_name} has no tests folder {module.relative(module.tests)}")
-    command = [sys.executable, "-m", "pytest", str(module.tests), *args.pytest_args]
-    return subprocess.call(command, cwd=root)
+    graded = any(not part.manual for part in graded_parts(module))
+    if args.part is not None and not graded:
+        raise TitoError(f"{module.folder_name} has no graded parts to choose from; "
+                        f"run all its tests with `tito test {module.number}`", exit_code=2)
+    part = select_part(module, args.part) if args.part is not None else None
+    for line in export_if_changed(root, "test"):
+        print(line, flush=True)
+    if args.verbose or args.pytest_args or not graded:
+        return _run_pytest(module, part, args.verbose, args.pytest_args)
+    result = grade(root, args.module, timeout=args.timeout, part=part)
+    print(format_summary(result, module.relative(module.source), selected=part is not None))
+    ungraded = result["ungraded"]
+    return 0 if result["all_passed"] and ungraded["passed"] == ungraded["tests"] else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -65,12 +113,16 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_grade(args: argparse.Namespace) -> int:
     import json
 
+    from tito.freshness import export_if_changed
     from tito.grade import format_report, grade
 
     root = find_root()
-    result = grade(root, args.module, args.package, timeout=args.timeout)
     module = resolve_module(root, args.module)
     to_stdout = args.json is not None and str(args.json) == "-"
+    if args.package is None:                      # grading this workspace: never its stale package
+        for line in export_if_changed(root, "grade"):
+            print(line, file=sys.stderr if to_stdout else sys.stdout, flush=True)
+    result = grade(root, args.module, args.package, timeout=args.timeout)
     print(format_report(result, module.relative(module.source)), file=sys.stderr if to_stdout else sys.stdout)
     if to_stdout:
         print(json.dumps(result, indent=2))
@@ -118,12 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=cmd_export)
 
     test = commands.add_parser(
-        "test", help="run a module's tests with pytest",
-        description="Run tests/NN_name with pytest. Arguments after -- go to pytest.",
+        "test", help="run a module's tests and summarise them per part",
+        description=textwrap.fill(
+            "Run the module's tests (tests/NN_name) against this workspace's package and print, for each "
+            "graded part, the tests passed and either 'ok', 'not done yet' (a stub still raises "
+            "NotImplementedError) or its first failure, pointing at your line in the module's *_dev.py. "
+            "If the module's .py or notebook changed since the last export, it is exported first.", 90),
+        epilog="examples:\n"
+        "  tito test 13                       every part, summarised\n"
+        "  tito test 13 masked-softmax        one part (its name in the summary, or its grade_id)\n"
+        "  tito test 13 masked_softmax        the part that tests this function or class\n"
+        "  tito test 13 -v                    pytest's full output\n"
+        "  tito test 13 -- -x -k causal       pytest's full output with these pytest arguments\n"
+        "  tito test 13 -- tests/13_attention/test_masked_softmax.py   only this test file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     test.add_argument("module", help=MODULE_HELP)
-    test.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments")
-    test.set_defaults(handler=cmd_test)
+    test.add_argument("part", nargs="?", default=None,
+                      help="run one part's tests only: a part name such as masked-softmax, or a function name")
+    test.add_argument("-v", "--verbose", action="store_true", help="show pytest's full output instead of the summary")
+    test.add_argument("--timeout", type=float, default=600,
+                      help="seconds the tests may run for the summary; unfinished tests count as failed (default: 600)")
+    test.set_defaults(handler=cmd_test, pytest_args=[])
 
     run = commands.add_parser(
         "run", help="execute a module's notebook top to bottom in a Jupyter kernel",
@@ -179,12 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on = []                                  # what follows `--` goes to pytest, untouched
+    if "--" in argv:
+        split = argv.index("--")
+        argv, passed_on = argv[:split], argv[split + 1:]
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "pytest_args", None) and args.pytest_args[0] == "--":
-        args.pytest_args = args.pytest_args[1:]
+    if passed_on:
+        if args.command != "test":
+            parser.error(f"arguments after -- are passed to pytest by `tito test` only, not by `tito {args.command}`")
+        args.pytest_args = passed_on
     try:
         return args.handler(args)
     except TitoError as error:

@@ -3,8 +3,13 @@
 The tests and the points are the workspace's own: run it in the course repository to grade a
 student's package with `--package`, or in a student workspace to check one's own work. Points
 come from the nbgrader metadata of the module source (a grade cell's `points`); a pytest test
-grades the part named by its `@pytest.mark.grades("<grade_id>")` marker. A part earns its points in proportion to its tests that pass. Parts graded by hand
-(markdown answers) are listed with their points but never counted as earned here.
+grades the part named by its `@pytest.mark.grades("<grade_id>")` marker. A part earns its points
+in proportion to its tests that pass. Parts graded by hand (markdown answers) are listed with
+their points, and whether they still say "YOUR ANSWER HERE", but never counted as earned here.
+
+Failures are shown in the student's terms: the frames of the test and of the student's code,
+each package line mapped back to its line in `*_dev.py` and its notebook cell (tito/tracemap.py);
+pytest's, pluggy's and hypothesis's own frames are left out. `tito test` shares this machinery.
 """
 from __future__ import annotations
 
@@ -15,10 +20,17 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from tito.export import read_source
+from tito.grading_plugin import MODULE_ENV, PACKAGE_ENV, PART_ENV, REPORT_ENV
+from tito.release import TEXT_STUB
+from tito.tracemap import locate
 from tito.workspace import Module, TitoError, resolve_module
+
+TEST_PREFIX = "test-"   # a grade cell's grade_id is its part's name with this prefix
+STUBS_NAMED = 3         # a "not done yet" note names at most this many stubs
 
 
 @dataclass
@@ -29,6 +41,7 @@ class Part:
     tests: list[str] = field(default_factory=list)
     passed: int = 0
     failures: list[dict] = field(default_factory=list)
+    answered: bool | None = None   # a hand-graded answer: False while it still says YOUR ANSWER HERE
 
     @property
     def earned(self) -> float:
@@ -45,6 +58,60 @@ def graded_parts(module: Module) -> list[Part]:
     return parts
 
 
+def part_name(grade_id: str) -> str:
+    """What `tito test` calls a part: its grade_id without the `test-` prefix."""
+    return grade_id[len(TEST_PREFIX):] if grade_id.startswith(TEST_PREFIX) else grade_id
+
+
+def _defined_names(source: str) -> set[str]:
+    """Functions and classes a cell defines, and `Class.method` for their methods."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            names.update(f"{node.name}.{item.name}" for item in node.body if isinstance(item, ast.FunctionDef))
+    return names
+
+
+def select_part(module: Module, spec: str) -> str:
+    """The grade_id of the auto-graded part that `spec` names: `masked-softmax`,
+    `test-masked-softmax`, `masked_softmax`, or a function or class the part's code defines."""
+    cells = read_source(module.main).cells
+    auto = [cell.metadata["nbgrader"]["grade_id"] for cell in cells
+            if cell.metadata.get("nbgrader", {}).get("grade") and cell.cell_type == "code"]
+    wanted = spec.strip()
+    as_part = TEST_PREFIX + part_name(wanted.lower().replace("_", "-"))
+    if as_part in auto:
+        return as_part
+    pending = False       # a cell defining `spec` was seen; the next graded cell grades it
+    for cell in cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if cell.cell_type == "code" and not pending:
+            names = {name.lower() for name in _defined_names(cell.source)}
+            if wanted.lower() in names:
+                own = TEST_PREFIX + meta.get("grade_id", "")
+                if own in auto:
+                    return own
+                pending = True
+        if pending and meta.get("grade_id") in auto:
+            return meta["grade_id"]
+    known = ", ".join(part_name(grade_id) for grade_id in auto)
+    raise TitoError(f"{module.folder_name} has no part {spec!r}; its parts are {known} "
+                    "(a function name, such as the one a part asks you to write, works too)", exit_code=2)
+
+
+def _answers(module: Module, source: Path) -> dict[str, bool]:
+    """For each hand-graded markdown answer in `source`: True once it no longer says YOUR ANSWER HERE."""
+    cells = read_source(module.main, source.read_text(encoding="utf-8")).cells
+    return {cell.metadata["nbgrader"]["grade_id"]: TEXT_STUB not in cell.source for cell in cells
+            if cell.cell_type == "markdown" and cell.metadata.get("nbgrader", {}).get("grade")}
+
+
 def resolve_package(path: Path) -> Path:
     """The `tinytorch` folder for --package, given either it or the workspace that holds it."""
     path = path.resolve()
@@ -55,11 +122,18 @@ def resolve_package(path: Path) -> Path:
                     "workspace that contains one")
 
 
+@lru_cache(maxsize=8)
+def _parsed(path: str) -> ast.Module | None:
+    try:
+        return ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+
+
 def _function_at(path: str, line: int) -> str | None:
     """`Class.method` or `function` around `line` of a Python file, or None."""
-    try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-    except (OSError, SyntaxError):
+    tree = _parsed(path)
+    if tree is None:
         return None
     names, body = [], tree.body
     while True:
@@ -71,20 +145,23 @@ def _function_at(path: str, line: int) -> str | None:
         body = around.body
 
 
-def run_grading(module: Module, package: Path, timeout: float) -> tuple[list[dict], list[str]]:
-    """Run pytest on `tests` against `package`; returns the plugin's records and any problems.
+def run_grading(module: Module, package: Path, timeout: float, part: str | None = None) -> tuple[list[dict], list[str]]:
+    """Run pytest on the module's tests against `package`; returns the plugin's records and any problems.
 
     Only the graded package is put on the path (a link to it in a scratch folder), so nothing
     else in the student's workspace, such as a folder named `tito` or `numpy`, can stand in for
-    the real one.
+    the real one. `part` (a grade_id) runs only that part's tests.
     """
     problems = []
     with tempfile.TemporaryDirectory(prefix="tito-grade-") as scratch:
         report, path = Path(scratch) / "report.jsonl", Path(scratch) / "path"
         path.mkdir()
         (path / "tinytorch").symlink_to(package, target_is_directory=True)
-        env = dict(os.environ, PYTHONPATH=str(path), TITO_GRADE_PACKAGE=str(package),
-                   TITO_GRADE_MODULE=f"tinytorch.core.{module.name}", TITO_GRADE_REPORT=str(report))
+        env = dict(os.environ, PYTHONPATH=str(path), **{PACKAGE_ENV: str(package), REPORT_ENV: str(report),
+                                                         MODULE_ENV: f"tinytorch.core.{module.name}"})
+        env.pop(PART_ENV, None)
+        if part is not None:
+            env[PART_ENV] = part
         command = [sys.executable, "-m", "pytest", str(module.tests), "-p", "tito.grading_plugin", "-q",
                    "-p", "no:cacheprovider", "--rootdir", str(module.root), "--no-header",
                    "--tb=native", "--color=no"]  # plain Python tracebacks: many times faster to format
@@ -122,16 +199,89 @@ def _outcomes(records: list[dict]) -> dict[str, dict]:
         if result["outcome"] == "failed":
             continue
         if record["outcome"] in ("failed", "skipped") or (record["when"] == "call" and result["outcome"] == "unfinished"):
-            result.update(outcome=record["outcome"], longrepr=record["longrepr"], todo=record["todo"])
+            result.update(outcome=record["outcome"], longrepr=record["longrepr"], todo=record["todo"],
+                          failure=record.get("failure"))
     return results
 
 
-def grade(root: Path, spec: str, package: Path | None = None, timeout: float = 600) -> dict:
-    """Grade the module named by `spec` in the exported `package`; returns the full result."""
+def _shown_path(path: Path, root: Path) -> str:
+    for base in (root, Path.cwd()):
+        try:
+            return path.relative_to(base.resolve()).as_posix()
+        except ValueError:
+            continue
+    return str(path)
+
+
+def _student_frames(frames: list[dict], module: Module, package: Path) -> list[dict]:
+    """The frames of the tests and of the graded package, each package line mapped to its source."""
+    tests, package = module.tests.resolve(), package.resolve()
+    kept = []
+    for frame in frames:
+        path = Path(frame["path"])
+        shown = {"function": frame["function"], "code": frame["code"].strip(), "cell": None}
+        if path.is_relative_to(package):
+            where = locate(path, frame["line"])
+            shown.update(path=_shown_path(where.source if where else path, module.root),
+                         line=where.line if where else frame["line"], cell=where.cell if where else None)
+        elif path.is_relative_to(tests):
+            shown.update(path=_shown_path(path, module.root), line=frame["line"])
+        else:
+            continue
+        kept.append(shown)
+    return kept
+
+
+def _frame_lines(frame: dict) -> list[str]:
+    cell = f", notebook cell {frame['cell']}" if frame["cell"] else ""
+    return [f"{frame['path']}:{frame['line']}{cell}, in {frame['function']}", f"    {frame['code']}"]
+
+
+def failure_text(failure: dict, frame_limit: int = 8, message_limit: int = 12) -> list[str]:
+    """A failure as the student reads it: the innermost frames, then the exception."""
+    if not failure.get("frames") and not failure.get("exception"):
+        return failure["traceback"].strip().splitlines()[-25:]
+    frames = failure["frames"]
+    lines = [f"({len(frames) - frame_limit} outer frames not shown)"] if len(frames) > frame_limit else []
+    for frame in frames[-frame_limit:]:
+        lines.extend(_frame_lines(frame))
+    message = [line for line in failure["exception"].strip().splitlines() if line.strip()]
+    lines.extend(message[:message_limit])
+    if len(message) > message_limit:
+        command = " ".join(word for word in ("tito test", failure["module"], failure["part"], "-v") if word)
+        lines.append(f"... ({len(message) - message_limit} more lines: {command} shows them all)")
+    return lines
+
+
+def _todo(todo: dict | None, module: Module) -> dict | None:
+    """The stub a NotImplementedError came from: its function, source line and notebook cell."""
+    if todo is None:
+        return None
+    where = locate(Path(todo["path"]), todo["line"])
+    return {"function": _function_at(todo["path"], todo["line"]),
+            "path": _shown_path(where.source, module.root) if where else None,
+            "line": where.line if where else None, "cell": where.cell if where else None}
+
+
+def _failure(nodeid: str, result: dict, module: Module, package: Path, part: str) -> dict:
+    recorded = result.get("failure") or {}
+    failure = {"test": nodeid, "todo": _todo(result.get("todo"), module),
+               "frames": _student_frames(recorded.get("frames", []), module, package),
+               "exception": recorded.get("exception", ""), "module": module.number, "part": part,
+               "traceback": result.get("longrepr") or "the test did not finish: the test run ended before it"}
+    if recorded:
+        failure["traceback"] = "\n".join(failure_text(failure, frame_limit=10, message_limit=20))
+    return failure
+
+
+def grade(root: Path, spec: str, package: Path | None = None, timeout: float = 600, part: str | None = None) -> dict:
+    """Grade the module named by `spec` in the exported `package` (default: the workspace's own);
+    `part`, a grade_id, grades only that part. Returns the full result."""
     module = resolve_module(root, spec)
     tests = module.tests
     if not tests.is_dir():
         raise TitoError(f"no grading tests for {module.folder_name}: expected them in {tests}")
+    own_package = package is None
     package = resolve_package(package or root)
     graded_file = package / "core" / f"{module.name}.py"
     if not graded_file.exists():
@@ -140,7 +290,14 @@ def grade(root: Path, spec: str, package: Path | None = None, timeout: float = 6
     parts = {part.grade_id: part for part in graded_parts(module)}
     if not any(not part.manual for part in parts.values()):
         raise TitoError(f"{module.relative(module.source)} has no auto-graded parts; nothing to grade")
-    records, problems = run_grading(module, package, timeout)
+    # The answers are in the source the package was exported from: this workspace's, or the one
+    # holding the --package folder (an instructor grading a student's workspace).
+    answers_in = module.source if own_package else package.parent / module.relative(module.source)
+    answers = _answers(module, answers_in) if answers_in.is_file() else {}
+    for item in parts.values():
+        if item.manual:
+            item.answered = answers.get(item.grade_id)
+    records, problems = run_grading(module, package, timeout, part)
     imported = [record for record in records if record["kind"] in ("graded-file", "import-error")]
     if not imported:
         raise TitoError("the grading run did not report which file it imported; nothing was graded")
@@ -151,34 +308,74 @@ def grade(root: Path, spec: str, package: Path | None = None, timeout: float = 6
             problems.append(f"{graded_file} does not import: {record['error']}")
     problems.extend(record["longrepr"] for record in records if record["kind"] == "collect-error")
 
+    ungraded = {"tests": 0, "passed": 0, "failures": []}   # tests without a grades marker
+    skipped = 0
     for nodeid, result in _outcomes(records).items():
-        if result["grades"] is None or result["outcome"] == "skipped":
+        if result["outcome"] == "skipped":
+            skipped += 1
             continue
-        part = parts.get(result["grades"])
-        if part is None:
+        item = parts.get(result["grades"]) if result["grades"] is not None else None
+        if result["grades"] is not None and item is None:
             raise TitoError(f"{nodeid} grades {result['grades']!r}, which is not a graded part of "
                             f"{module.relative(module.source)}")
-        part.tests.append(nodeid)
-        if result["outcome"] == "passed":
-            part.passed += 1
-            continue
-        todo = result.get("todo")
-        function = _function_at(todo["path"], todo["line"]) if todo else None
-        traceback = result.get("longrepr") or "the test did not finish: the test run ended before it"
-        part.failures.append({"test": nodeid, "todo": function, "traceback": traceback})
+        if item is None:
+            ungraded["tests"] += 1
+            ungraded["passed"] += result["outcome"] == "passed"
+        else:
+            item.tests.append(nodeid)
+            item.passed += result["outcome"] == "passed"
+        if result["outcome"] != "passed":
+            failure = _failure(nodeid, result, module, package, part_name(item.grade_id) if item else "")
+            (item.failures if item else ungraded["failures"]).append(failure)
 
-    auto = [part for part in parts.values() if not part.manual]
+    shown = [item for item in parts.values() if part is None or item.grade_id == part]
+    auto = [item for item in shown if not item.manual]
     return {
         "module": module.folder_name,
+        "number": module.number,
         "graded_file": str(graded_file.resolve()),
+        "source": module.relative(module.source),
         "tests": str(tests),
-        "parts": [dict(asdict(part), earned=part.earned) for part in parts.values()],
-        "earned": sum(part.earned for part in auto),
-        "possible": sum(part.points for part in auto),
-        "manual_points": sum(part.points for part in parts.values() if part.manual),
+        "parts": [dict(asdict(item), earned=item.earned) for item in shown],
+        "earned": sum(item.earned for item in auto),
+        "possible": sum(item.points for item in auto),
+        "manual_points": sum(item.points for item in shown if item.manual),
+        "ungraded": ungraded,
+        "skipped": skipped,
         "problems": problems,
-        "all_passed": not problems and all(part.tests and part.passed == len(part.tests) for part in auto),
+        "all_passed": not problems and all(item.tests and item.passed == len(item.tests) for item in auto),
     }
+
+
+def _todo_note(failures: list[dict], source_hint: str) -> str | None:
+    """'not done yet: ...' when every failure is a stub still raising NotImplementedError."""
+    if not failures or any(failure["todo"] is None for failure in failures):
+        return None
+    stubs: dict[str, dict] = {}
+    for failure in failures:
+        stubs.setdefault(failure["todo"]["function"] or "a function", failure["todo"])
+    named = []
+    for function, todo in list(stubs.items())[:STUBS_NAMED]:
+        elsewhere = f"{todo['path']}:" if todo["path"] != source_hint else "line "
+        named.append(f"{function}() ({elsewhere}{todo['line']}, cell {todo['cell']})" if todo["line"] else f"{function}()")
+    more = f" and {len(stubs) - STUBS_NAMED} more" if len(stubs) > STUBS_NAMED else ""
+    return f"not done yet: {', '.join(named)}{more} still raise{'s' if len(stubs) == 1 else ''} NotImplementedError"
+
+
+def _first_real_failure(part: dict) -> dict | None:
+    return next((failure for failure in part["failures"] if failure["todo"] is None), None)
+
+
+def _answer_lines(result: dict) -> list[str]:
+    manual = [part for part in result["parts"] if part["manual"]]
+    missing = [part["grade_id"] for part in manual if part["answered"] is False]
+    lines = []
+    if missing:
+        lines.append(f"{len(missing)} of {len(manual)} written answers still say {TEXT_STUB!r}: {', '.join(missing)} "
+                     f"(markdown cells in {result['source']})")
+    elif manual and all(part["answered"] for part in manual):
+        lines.append(f"all {len(manual)} written answers are filled in; they are graded by hand")
+    return lines
 
 
 def format_report(result: dict, source_hint: str) -> str:
@@ -187,24 +384,64 @@ def format_report(result: dict, source_hint: str) -> str:
              f"{'part':<28} {'tests':>7} {'points':>8} {'of':>6}"]
     for part in result["parts"]:
         if part["manual"]:
-            lines.append(f"{part['grade_id']:<28} {'manual':>7} {'-':>8} {part['points']:>6g}")
+            status = {True: "answered", False: "TODO", None: "manual"}[part["answered"]]
+            lines.append(f"{part['grade_id']:<28} {status:>8} {'-':>7} {part['points']:>6g}")
         else:
             tests = f"{part['passed']}/{len(part['tests'])}"
             lines.append(f"{part['grade_id']:<28} {tests:>7} {part['earned']:>8.2f} {part['points']:>6g}")
     lines.append(f"{'total (auto-graded)':<28} {'':>7} {result['earned']:>8.2f} {result['possible']:>6g}")
     if result["manual_points"]:
-        lines.append(f"{result['manual_points']:g} more points are graded by hand (the reflection answers).")
+        lines.append(f"{result['manual_points']:g} more points are graded by hand (the written answers).")
+    lines.extend(_answer_lines(result))
     for problem in result["problems"]:
         lines += ["", "problem: " + problem.strip()[-2000:]]
     for part in result["parts"]:
         if not part["failures"]:
             continue
-        first = part["failures"][0]
         lines.append("")
-        if first["todo"]:
-            lines.append(f"{part['grade_id']}: not done yet; complete the TODO in {first['todo']}() "
-                         f"in {source_hint} (it still raises NotImplementedError)")
+        note = _todo_note(part["failures"], source_hint)
+        if note:
+            lines.append(f"{part['grade_id']}: {note} (lines and cells of {source_hint})")
+            continue
+        first = _first_real_failure(part)
+        lines.append(f"{part['grade_id']}: {len(part['failures'])} test(s) failed; first: {first['test']}")
+        lines.extend("    " + line for line in first["traceback"].strip().splitlines()[-25:])
+    return "\n".join(lines)
+
+
+def format_summary(result: dict, source_hint: str, selected: bool) -> str:
+    """What `tito test` prints by default: tests passed per part, and each failing part's first failure."""
+    rows = [(part_name(part["grade_id"]), part) for part in result["parts"] if not part["manual"]]
+    if result["ungraded"]["tests"]:
+        rows.append(("(not graded)", result["ungraded"]))
+    passed = sum(row["passed"] for _, row in rows)
+    total = sum(len(row["tests"]) if isinstance(row["tests"], list) else row["tests"] for _, row in rows)
+    lines = [f"tito test {result['module']}: the tests of {result['tests']} against {result['graded_file']}",
+             f"(lines and cells below are those of {source_hint} and its notebook)", "",
+             f"{'part':<26} {'passed':>7}  status"]
+    details: list[str] = []
+    for name, row in rows:
+        count = row["tests"] if isinstance(row["tests"], int) else len(row["tests"])
+        note = _todo_note(row["failures"], source_hint)
+        if not count:
+            status = "no tests"
+        elif not row["failures"]:
+            status = "ok"
+        elif note:
+            status = note
         else:
-            lines.append(f"{part['grade_id']}: {len(part['failures'])} test(s) failed; first: {first['test']}")
-            lines.extend("    " + line for line in first["traceback"].strip().splitlines()[-25:])
+            first = _first_real_failure(row)
+            status = f"{len(row['failures'])} failed"
+            details += ["", f"{name}: first failure of {len(row['failures'])}: {first['test']}"]
+            details += ["    " + line for line in failure_text(first, frame_limit=4, message_limit=10)]
+        lines.append(f"{name:<26} {str(row['passed']) + '/' + str(count):>7}  {status}")
+    lines.extend(_answer_lines(result))
+    for problem in result["problems"]:
+        lines += ["", "problem: " + "\n".join(problem.strip().splitlines()[-15:])]
+    lines.extend(details)
+    if not selected and total != passed:
+        lines += ["", f"One part's tests: tito test {result['number']} PART (e.g. tito test {result['number']} "
+                  f"{rows[0][0]}); pytest's full output: tito test {result['number']} -v"]
+    skipped = f", {result['skipped']} skipped" if result["skipped"] else ""
+    lines += ["", f"{passed} passed, {total - passed} failed{skipped}"]
     return "\n".join(lines)
