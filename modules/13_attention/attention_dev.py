@@ -64,8 +64,8 @@ import numpy as np
 
 from tinytorch.core.tensor import Tensor
 from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, CausalMask, ParameterList, as_float32, as_keep_mask, attention_backend, causal_offset,
-    check_attention_inputs, check_int, check_probability, fast_attention, get_attention_backend, is_number,
+    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, ParameterList, as_float32, as_keep_mask, attention_backend, causal_offset,
+    check_attention_inputs, check_int, check_multihead_inputs, check_probability, fast_attention, get_attention_backend, is_number,
     mask_over_heads, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
     FLOAT32_MAX, FLOAT32_TINY,
 )
@@ -786,7 +786,7 @@ class MultiHeadAttention:
         Returns:
             output Tensor (B, T, E), or (output, weights).
         """
-        x_q, x_k, x_v, mask = self._check_inputs(query, key, value, mask, kv_cache, return_attention_weights)
+        x_q, x_k, x_v, mask = check_multihead_inputs(self, query, key, value, mask, kv_cache, return_attention_weights)
         ### BEGIN SOLUTION
         q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
         k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
@@ -804,35 +804,6 @@ class MultiHeadAttention:
         ### END SOLUTION
         output = Tensor(as_float32(output, "output"))
         return (output, Tensor(as_float32(weights, "weights"))) if return_attention_weights else output
-
-    def _check_inputs(self, query, key, value, mask, kv_cache, return_attention_weights):
-        """Checked (x_q, x_k, x_v) float32 arrays and the mask as one that broadcasts over heads."""
-        if return_attention_weights and self.attention.block_size is not None:
-            raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
-                             f"block_size={self.attention.block_size} never forms")
-        x_q = as_float32(query, "query")
-        x_k = x_q if key is None else as_float32(key, "key")
-        x_v = x_k if value is None else as_float32(value, "value")
-        for name, x in (("query", x_q), ("key", x_k), ("value", x_v)):
-            if x.ndim != 3:
-                raise ValueError(f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), got shape {x.shape}")
-            if x.shape[-1] != self.embed_dim:
-                raise ValueError(f"{name} has embed_dim={x.shape[-1]} but the layer expects {self.embed_dim}")
-        if not x_q.shape[0] == x_k.shape[0] == x_v.shape[0]:
-            raise ValueError(f"batch sizes differ: query {x_q.shape[0]}, key {x_k.shape[0]}, value {x_v.shape[0]}")
-        if x_k.shape[1] != x_v.shape[1]:
-            raise ValueError(f"value has seq_k={x_v.shape[1]} but key has seq_k={x_k.shape[1]}")
-        batch, seq_q, seq_k = x_q.shape[0], x_q.shape[1], x_k.shape[1]
-        if kv_cache is not None:
-            seq_k = kv_cache.check_append(batch, self.num_kv_heads, seq_k, self.head_dim)   # keys after appending
-            if x_q.shape[1] != x_k.shape[1]:
-                raise ValueError(f"with a kv_cache, query and key must hold the same new positions: "
-                                 f"query has {x_q.shape[1]}, key has {x_k.shape[1]}")
-            if mask is not None:
-                mask = as_keep_mask(mask_over_heads(mask, batch, self.num_heads, seq_q, seq_k),
-                                    (batch, self.num_heads, seq_q, seq_k))
-                return x_q, x_k, x_v, mask
-        return x_q, x_k, x_v, mask_over_heads(mask, batch, self.num_heads, seq_q, seq_k)
 
     def get_memory_usage(self) -> dict:
         """Parameter memory and counts, in total and per head, and the KV-cache cost per token.
@@ -950,8 +921,11 @@ test_unit_multihead_attention()
 
 # %% nbgrader={"grade": false, "grade_id": "kv-cache", "locked": false, "schema_version": 3, "solution": true}
 #| export
-class KVCache:
-    """Preallocated keys and values for incremental decoding, one length per batch row."""
+class KVCache(KVCacheChecks):
+    """Preallocated keys and values for incremental decoding, one length per batch row.
+
+    The checks of rows and room (`KVCacheChecks`) are provided in the runtime.
+    """
 
     def __init__(self, max_batch_size: int, max_seq_length: int, num_heads: int, head_dim: int):
         self.max_batch_size = check_int(max_batch_size, "max_batch_size", 1)
@@ -1033,35 +1007,6 @@ class KVCache:
         self.cache_lengths[rows] = 0
         ### END SOLUTION
         self.is_active = bool(self.cache_lengths.any())
-
-    def check_append(self, batch: int, num_heads: int, new_len: int, head_dim: int) -> int:
-        """Raise unless (batch, num_heads, new_len, head_dim) keys fit rows 0..batch-1; returns the
-        longest row's length after appending them."""
-        if (num_heads, head_dim) != (self.num_heads, self.head_dim):
-            raise ValueError(f"kv_cache has num_heads={self.num_heads}, head_dim={self.head_dim} but the keys have "
-                             f"num_heads={num_heads}, head_dim={head_dim}")
-        if batch > self.max_batch_size:
-            raise ValueError(f"batch of {batch} rows does not fit kv_cache.max_batch_size={self.max_batch_size}")
-        for b in range(batch):
-            self._check_room(b, new_len)
-        return int(self.cache_lengths[:batch].max()) + new_len if batch else new_len
-
-    def _check_row(self, batch_idx) -> int:
-        if isinstance(batch_idx, (bool, np.bool_)) or not isinstance(batch_idx, (int, np.integer)):
-            raise TypeError(f"batch_idx must be an integer, got {type(batch_idx).__name__} {batch_idx!r}")
-        if not 0 <= batch_idx < self.max_batch_size:
-            raise IndexError(f"batch_idx {batch_idx} is out of range for max_batch_size={self.max_batch_size}")
-        return int(batch_idx)
-
-    def _check_room(self, b: int, new_len: int) -> None:
-        start = int(self.cache_lengths[b])
-        if start + new_len > self.max_seq_length:
-            raise ValueError(f"cache row {b} holds {start} of max_seq_length={self.max_seq_length} positions; "
-                             f"appending {new_len} would need {start + new_len}")
-
-    def __repr__(self):
-        return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
-                f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
 
 # %% nbgrader={"grade": true, "grade_id": "test-kv-cache", "locked": true, "points": 8, "schema_version": 3, "solution": false}
 def test_unit_kv_cache():

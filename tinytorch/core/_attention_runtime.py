@@ -8,7 +8,7 @@ __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND
            'ParameterList', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
            'check_attention_inputs', 'mask_over_heads', 'get_attention_backend', 'set_attention_backend',
            'attention_backend', 'cores', 'single_threaded_blas', 'blas_threads_for', 'parallel_map', 'tuned_attention',
-           'fast_attention', 'parallel_blocked_attention']
+           'fast_attention', 'parallel_blocked_attention', 'KVCacheChecks', 'check_multihead_inputs']
 
 # %% ../../modules/13_attention/_attention_runtime_dev.ipynb #488325cb
 import math
@@ -425,3 +425,70 @@ def parallel_blocked_attention(blocked_attention, q, k, v, mask, scale: float, b
     blocks = [(r0, min(r0 + block_size, T)) for r0 in range(0, T, block_size)]
     parallel_map(run, blocks[::-1])                                      # largest causal blocks first
     return output
+
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #3a965690
+class KVCacheChecks:
+    """Row and room checks of a KV cache with cached_keys, cache_lengths, max_batch_size, max_seq_length,
+    num_heads and head_dim."""
+
+    def check_append(self, batch: int, num_heads: int, new_len: int, head_dim: int) -> int:
+        """Raise unless (batch, num_heads, new_len, head_dim) keys fit rows 0..batch-1; returns the
+        longest row's length after appending them."""
+        if (num_heads, head_dim) != (self.num_heads, self.head_dim):
+            raise ValueError(f"kv_cache has num_heads={self.num_heads}, head_dim={self.head_dim} but the keys have "
+                             f"num_heads={num_heads}, head_dim={head_dim}")
+        if batch > self.max_batch_size:
+            raise ValueError(f"batch of {batch} rows does not fit kv_cache.max_batch_size={self.max_batch_size}")
+        for b in range(batch):
+            self._check_room(b, new_len)
+        return int(self.cache_lengths[:batch].max()) + new_len if batch else new_len
+
+    def _check_row(self, batch_idx) -> int:
+        if isinstance(batch_idx, (bool, np.bool_)) or not isinstance(batch_idx, (int, np.integer)):
+            raise TypeError(f"batch_idx must be an integer, got {type(batch_idx).__name__} {batch_idx!r}")
+        if not 0 <= batch_idx < self.max_batch_size:
+            raise IndexError(f"batch_idx {batch_idx} is out of range for max_batch_size={self.max_batch_size}")
+        return int(batch_idx)
+
+    def _check_room(self, b: int, new_len: int) -> None:
+        start = int(self.cache_lengths[b])
+        if start + new_len > self.max_seq_length:
+            raise ValueError(f"cache row {b} holds {start} of max_seq_length={self.max_seq_length} positions; "
+                             f"appending {new_len} would need {start + new_len}")
+
+    def __repr__(self):
+        return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
+                f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
+
+
+def check_multihead_inputs(layer, query, key, value, mask, kv_cache, return_attention_weights: bool):
+    """A MultiHeadAttention's checked (x_q, x_k, x_v) float32 arrays, and its mask as one that broadcasts
+    over the heads; with a kv_cache, also that the new keys fit, before anything is appended."""
+    if return_attention_weights and layer.attention.block_size is not None:
+        raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
+                         f"block_size={layer.attention.block_size} never forms")
+    x_q = as_float32(query, "query")
+    x_k = x_q if key is None else as_float32(key, "key")
+    x_v = x_k if value is None else as_float32(value, "value")
+    for name, x in (("query", x_q), ("key", x_k), ("value", x_v)):
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have shape (batch, seq, embed_dim={layer.embed_dim}), got shape {x.shape}")
+        if x.shape[-1] != layer.embed_dim:
+            raise ValueError(f"{name} has embed_dim={x.shape[-1]} but the layer expects {layer.embed_dim}")
+    if not x_q.shape[0] == x_k.shape[0] == x_v.shape[0]:
+        raise ValueError(f"batch sizes differ: query {x_q.shape[0]}, key {x_k.shape[0]}, value {x_v.shape[0]}")
+    if x_k.shape[1] != x_v.shape[1]:
+        raise ValueError(f"value has seq_k={x_v.shape[1]} but key has seq_k={x_k.shape[1]}")
+    batch, seq_q, seq_k = x_q.shape[0], x_q.shape[1], x_k.shape[1]
+    if kv_cache is not None:
+        if not isinstance(kv_cache, KVCacheChecks):
+            raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+        seq_k = kv_cache.check_append(batch, layer.num_kv_heads, seq_k, layer.head_dim)   # keys after appending
+        if x_q.shape[1] != x_k.shape[1]:
+            raise ValueError(f"with a kv_cache, query and key must hold the same new positions: "
+                             f"query has {x_q.shape[1]}, key has {x_k.shape[1]}")
+        if mask is not None:
+            mask = as_keep_mask(mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k),
+                                (batch, layer.num_heads, seq_q, seq_k))
+            return x_q, x_k, x_v, mask
+    return x_q, x_k, x_v, mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k)
