@@ -600,3 +600,80 @@ def check_multihead_inputs(layer, query, key, value, mask, kv_cache, return_atte
                                 (batch, layer.num_heads, seq_q, seq_k))
             return x_q, x_k, x_v, mask
     return x_q, x_k, x_v, mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k)
+
+# %% [markdown]
+# ## 8. The profiler's sweeps
+#
+# `AttentionProfiler` in the lesson measures one call (`measure_time`, `peak_memory`) and fits an
+# exponent (`fit_exponent`). `ProfilerSweeps` runs those measurements over a range of sequence
+# lengths on random inputs, with BLAS held at one thread for the whole sweep, so that no size
+# switches thread counts halfway through.
+
+# %%
+#| export
+class ProfilerSweeps:
+    """Sweeps of a profiler with measure_time(fn), peak_memory(fn), fit_exponent(sizes, costs) and seed."""
+
+    blas_threads = 1  # BLAS threads during a sweep: fixed, so that no size switches thread counts
+
+    def time_call(self, function) -> float:
+        """Median seconds of `function()`."""
+        return self.measure_time(function)["median_ms"] / 1e3
+
+    def _workload(self, attention_layer, seq_len, batch_size, num_heads, head_dim, causal):
+        """A call of `attention_layer` on random inputs of length `seq_len`, and its number of heads."""
+        rng = np.random.default_rng(self.seed)
+        mask = CausalMask(np.tri(seq_len, dtype=np.float32), 0) if causal else None
+        if hasattr(attention_layer, "embed_dim"):                       # a MultiHeadAttention
+            x = rng.standard_normal((batch_size, seq_len, attention_layer.embed_dim), dtype=np.float32)
+            return (lambda: attention_layer(x, mask=mask)), attention_layer.num_heads
+        if hasattr(attention_layer, "temperature"):                     # a ScaledDotProductAttention
+            q, k, v = (rng.standard_normal((batch_size, num_heads, seq_len, head_dim), dtype=np.float32)
+                       for _ in range(3))
+            return (lambda: attention_layer(q, k, v, mask=mask)), num_heads
+        raise TypeError(f"attention_layer must be a MultiHeadAttention or ScaledDotProductAttention, "
+                        f"got {type(attention_layer).__name__}")
+
+    def measure_attention_scaling(self, attention_layer, seq_lengths, *, batch_size: int = 1, num_heads: int = 8,
+                                  head_dim: int = 64, causal: bool = False) -> list[dict]:
+        """Time and peak memory of one forward at each sequence length, with BLAS held at one thread.
+
+        Args:
+            attention_layer: a MultiHeadAttention (inputs (B, T, E)) or a ScaledDotProductAttention
+                (inputs (B, num_heads, T, head_dim)).
+            seq_lengths: the lengths T to measure.
+            batch_size, num_heads, head_dim: the inputs' sizes (keyword only); a MultiHeadAttention
+                uses its own heads and width.
+            causal: pass create_causal_mask(T).
+        Returns:
+            One dict per length: seq_len, time_ms (median), time_spread_ms, peak_memory_mb (all
+            measured), weights_mb_estimate (B * H * T * T float32 numbers, computed) and blas_threads.
+        """
+        batch_size = check_int(batch_size, "batch_size", 1)
+        results = []
+        with single_threaded_blas():
+            for seq_len in seq_lengths:
+                seq_len = check_int(seq_len, "seq_len", 1)
+                call, heads = self._workload(attention_layer, seq_len, batch_size, num_heads, head_dim, causal)
+                timing = self.measure_time(call)
+                results.append({
+                    "seq_len": seq_len,
+                    "time_ms": timing["median_ms"],
+                    "time_spread_ms": timing["spread_ms"],
+                    "peak_memory_mb": self.peak_memory(call) / 2**20,
+                    "weights_mb_estimate": batch_size * heads * seq_len * seq_len * 4 / 2**20,
+                    "blas_threads": self.blas_threads,
+                })
+        return results
+
+    @classmethod
+    def analyze_quadratic_scaling(cls, results: list[dict]) -> dict:
+        """Fitted exponents p of time ~ T^p and memory ~ T^p over the rows of `measure_attention_scaling`."""
+        if len(results) < 2:
+            raise ValueError(f"fitting an exponent needs at least 2 sequence lengths, got {len(results)}")
+        lengths = [row["seq_len"] for row in results]
+        return {
+            "time_exponent": cls.fit_exponent(lengths, [row["time_ms"] for row in results]),
+            "memory_exponent": cls.fit_exponent(lengths, [max(row["peak_memory_mb"], 1e-9) for row in results]),
+            "seq_lengths": lengths,
+        }

@@ -64,7 +64,7 @@ import numpy as np
 
 from tinytorch.core.tensor import Tensor
 from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, ParameterList, as_float32, as_keep_mask, attention_backend, causal_offset,
+    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, ParameterList, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
     check_attention_inputs, check_int, check_multihead_inputs, check_probability, fast_attention, get_attention_backend, is_number,
     mask_over_heads, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
     FLOAT32_MAX, FLOAT32_TINY,
@@ -1425,13 +1425,12 @@ test_unit_blocked_attention()
 
 # %% nbgrader={"grade": false, "grade_id": "attention-profiler", "locked": false, "schema_version": 3, "solution": true}
 #| export
-class AttentionProfiler:
+class AttentionProfiler(ProfilerSweeps):
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc).
 
-    Every sweep holds BLAS at one thread, reported as `blas_threads` with each result.
+    The sweeps over sequence lengths (`measure_attention_scaling`, `analyze_quadratic_scaling`)
+    are provided in the runtime's `ProfilerSweeps`; they hold BLAS at one thread.
     """
-
-    blas_threads = 1
 
     def __init__(self, repeats: int = 5, warmup: int = 1, seed: int = 0):
         self.repeats = check_int(repeats, "repeats", 1)
@@ -1470,10 +1469,6 @@ class AttentionProfiler:
         return float(slope)
         ### END SOLUTION
 
-    def time_call(self, function) -> float:
-        """Median seconds of `function()`."""
-        return self.measure_time(function)["median_ms"] / 1e3
-
     @staticmethod
     def peak_memory(function) -> int:
         """Peak bytes allocated while `function()` runs, above the bytes allocated when it starts."""
@@ -1492,64 +1487,6 @@ class AttentionProfiler:
             if not was_tracing:
                 tracemalloc.stop()
         return extra
-
-    def _workload(self, attention_layer, seq_len, batch_size, num_heads, head_dim, causal):
-        """A call of `attention_layer` on random inputs of length `seq_len`, and its number of heads."""
-        rng = np.random.default_rng(self.seed)
-        mask = create_causal_mask(seq_len) if causal else None
-        if isinstance(attention_layer, MultiHeadAttention):
-            x = rng.standard_normal((batch_size, seq_len, attention_layer.embed_dim), dtype=np.float32)
-            return (lambda: attention_layer(x, mask=mask)), attention_layer.num_heads
-        if isinstance(attention_layer, ScaledDotProductAttention):
-            q, k, v = (rng.standard_normal((batch_size, num_heads, seq_len, head_dim), dtype=np.float32)
-                       for _ in range(3))
-            return (lambda: attention_layer(q, k, v, mask=mask)), num_heads
-        raise TypeError(f"attention_layer must be a MultiHeadAttention or ScaledDotProductAttention, "
-                        f"got {type(attention_layer).__name__}")
-
-    def measure_attention_scaling(self, attention_layer, seq_lengths, *, batch_size: int = 1, num_heads: int = 8,
-                                  head_dim: int = 64, causal: bool = False) -> list[dict]:
-        """Time and peak memory of one forward at each sequence length, with BLAS held at one thread.
-
-        Args:
-            attention_layer: a MultiHeadAttention (inputs (B, T, E)) or a ScaledDotProductAttention
-                (inputs (B, num_heads, T, head_dim)).
-            seq_lengths: the lengths T to measure.
-            batch_size, num_heads, head_dim: the inputs' sizes (keyword only); a MultiHeadAttention
-                uses its own heads and width.
-            causal: pass create_causal_mask(T).
-        Returns:
-            One dict per length: seq_len, time_ms (median), time_spread_ms, peak_memory_mb (all
-            measured), weights_mb_estimate (B * H * T * T float32 numbers, computed) and blas_threads.
-        """
-        batch_size = check_int(batch_size, "batch_size", 1)
-        results = []
-        with single_threaded_blas():
-            for seq_len in seq_lengths:
-                seq_len = check_int(seq_len, "seq_len", 1)
-                call, heads = self._workload(attention_layer, seq_len, batch_size, num_heads, head_dim, causal)
-                timing = self.measure_time(call)
-                results.append({
-                    "seq_len": seq_len,
-                    "time_ms": timing["median_ms"],
-                    "time_spread_ms": timing["spread_ms"],
-                    "peak_memory_mb": self.peak_memory(call) / 2**20,
-                    "weights_mb_estimate": batch_size * heads * seq_len * seq_len * 4 / 2**20,
-                    "blas_threads": self.blas_threads,
-                })
-        return results
-
-    @classmethod
-    def analyze_quadratic_scaling(cls, results: list[dict]) -> dict:
-        """Fitted exponents p of time ~ T^p and memory ~ T^p over the rows of `measure_attention_scaling`."""
-        if len(results) < 2:
-            raise ValueError(f"fitting an exponent needs at least 2 sequence lengths, got {len(results)}")
-        lengths = [row["seq_len"] for row in results]
-        return {
-            "time_exponent": cls.fit_exponent(lengths, [row["time_ms"] for row in results]),
-            "memory_exponent": cls.fit_exponent(lengths, [max(row["peak_memory_mb"], 1e-9) for row in results]),
-            "seq_lengths": lengths,
-        }
 
     def compare_generation(self, attention_layer, prompt_length: int, new_tokens: int, *,
                            batch_size: int = 1) -> dict:
@@ -1748,71 +1685,6 @@ def test_unit_integration():
 
 
 test_unit_integration()
-
-# %% [markdown]
-# ### A small generator: the cache in a real decoding loop
-#
-# A stack of attention layers (with residual connections) on top of the embeddings, and an output
-# layer that scores every vocabulary entry against the final vector (the embedding table used
-# twice, "tied" weights). The weights are random, so the text is nonsense; what matters is that
-# greedy decoding with the cache picks exactly the same tokens as decoding without it, and how
-# much faster it is.
-
-# %%
-class TinyAttentionLM:
-    """Embedding + positions + a stack of causal attention layers + tied output, for decoding demos."""
-
-    def __init__(self, vocab_size, embed_dim, num_heads, num_layers, max_len, seed=0):
-        self.embedding = Embedding(vocab_size, embed_dim, seed=seed)
-        self.positions = PositionalEncoding(embed_dim, max_seq_length=max_len)
-        self.layers = [MultiHeadAttention(embed_dim, num_heads, seed=seed + 1 + i) for i in range(num_layers)]
-        self.max_len = max_len
-
-    def next_token_logits(self, ids, start=0, caches=None):
-        """Logits for the token after each of `ids` (B, T), which sit at positions start..start+T-1."""
-        x = self.embedding(ids).data + self.positions.encoding[start:start + ids.shape[1]]
-        mask = None if caches else create_causal_mask(ids.shape[1])
-        for i, layer in enumerate(self.layers):
-            x = x + layer(x, mask=mask, kv_cache=caches[i] if caches else None).data
-        return x[:, -1] @ self.embedding.weight.data.T                  # (B, vocab)
-
-    def generate(self, prompt, new_tokens, use_cache):
-        ids = np.array(prompt)
-        if not use_cache:
-            for _ in range(new_tokens):
-                ids = np.concatenate([ids, self.next_token_logits(ids).argmax(-1)[:, None]], axis=1)
-            return ids
-        layer = self.layers[0]
-        caches = [KVCache(ids.shape[0], self.max_len, layer.num_kv_heads, layer.head_dim) for _ in self.layers]
-        logits = self.next_token_logits(ids, 0, caches)                 # prefill the prompt
-        for _ in range(new_tokens):
-            next_ids = logits.argmax(-1)[:, None]
-            ids = np.concatenate([ids, next_ids], axis=1)
-            logits = self.next_token_logits(next_ids, ids.shape[1] - 1, caches)
-        return ids
-
-
-model = TinyAttentionLM(vocab_size=100, embed_dim=64, num_heads=4, num_layers=3, max_len=256, seed=0)
-prompt = np.random.default_rng(9).integers(0, 100, size=(1, 16))
-timings = {}
-for use_cache in (False, True):
-    start = time.perf_counter()
-    generated = model.generate(prompt, new_tokens=64, use_cache=use_cache)
-    timings[use_cache] = time.perf_counter() - start
-    print(f"{'with' if use_cache else 'without'} cache: {timings[use_cache] * 1e3:8.1f} ms, "
-          f"last tokens {generated[0, -8:].tolist()}")
-print(f"measured speed-up of the cache: {timings[False] / timings[True]:.1f}x")
-
-# %% nbgrader={"grade": false, "grade_id": "test-generation", "locked": true, "schema_version": 3, "solution": false}
-def test_unit_generation():
-    """Greedy decoding picks the same tokens with and without the cache."""
-    with_cache = model.generate(prompt, new_tokens=24, use_cache=True)
-    without_cache = model.generate(prompt, new_tokens=24, use_cache=False)
-    np.testing.assert_array_equal(with_cache, without_cache)
-    print("generation: identical tokens with and without the KV cache")
-
-
-test_unit_generation()
 
 # %% [markdown]
 # ### What the heads look at

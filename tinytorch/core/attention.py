@@ -8,7 +8,7 @@ __all__ = ['create_causal_mask', 'create_padding_mask', 'masked_softmax', 'math_
            'AttentionProfiler', 'ATTENTION_BACKENDS', 'CausalMask', 'get_attention_backend', 'set_attention_backend',
            'attention_backend', 'fast_attention']
 
-# %% ../../modules/13_attention/attention_dev.ipynb #0b49e55d
+# %% ../../modules/13_attention/attention_dev.ipynb #a2da57ce
 import math
 import time
 import tracemalloc
@@ -17,7 +17,7 @@ import numpy as np
 
 from .tensor import Tensor
 from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, ParameterList, as_float32, as_keep_mask, attention_backend, causal_offset,
+    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, ParameterList, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
     check_attention_inputs, check_int, check_multihead_inputs, check_probability, fast_attention, get_attention_backend, is_number,
     mask_over_heads, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
     FLOAT32_MAX, FLOAT32_TINY,
@@ -506,14 +506,13 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
     ### END SOLUTION
     return Tensor(output)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #7e61f212
-class AttentionProfiler:
+# %% ../../modules/13_attention/attention_dev.ipynb #43613574
+class AttentionProfiler(ProfilerSweeps):
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc).
 
-    Every sweep holds BLAS at one thread, reported as `blas_threads` with each result.
+    The sweeps over sequence lengths (`measure_attention_scaling`, `analyze_quadratic_scaling`)
+    are provided in the runtime's `ProfilerSweeps`; they hold BLAS at one thread.
     """
-
-    blas_threads = 1
 
     def __init__(self, repeats: int = 5, warmup: int = 1, seed: int = 0):
         self.repeats = check_int(repeats, "repeats", 1)
@@ -552,10 +551,6 @@ class AttentionProfiler:
         return float(slope)
         ### END SOLUTION
 
-    def time_call(self, function) -> float:
-        """Median seconds of `function()`."""
-        return self.measure_time(function)["median_ms"] / 1e3
-
     @staticmethod
     def peak_memory(function) -> int:
         """Peak bytes allocated while `function()` runs, above the bytes allocated when it starts."""
@@ -574,64 +569,6 @@ class AttentionProfiler:
             if not was_tracing:
                 tracemalloc.stop()
         return extra
-
-    def _workload(self, attention_layer, seq_len, batch_size, num_heads, head_dim, causal):
-        """A call of `attention_layer` on random inputs of length `seq_len`, and its number of heads."""
-        rng = np.random.default_rng(self.seed)
-        mask = create_causal_mask(seq_len) if causal else None
-        if isinstance(attention_layer, MultiHeadAttention):
-            x = rng.standard_normal((batch_size, seq_len, attention_layer.embed_dim), dtype=np.float32)
-            return (lambda: attention_layer(x, mask=mask)), attention_layer.num_heads
-        if isinstance(attention_layer, ScaledDotProductAttention):
-            q, k, v = (rng.standard_normal((batch_size, num_heads, seq_len, head_dim), dtype=np.float32)
-                       for _ in range(3))
-            return (lambda: attention_layer(q, k, v, mask=mask)), num_heads
-        raise TypeError(f"attention_layer must be a MultiHeadAttention or ScaledDotProductAttention, "
-                        f"got {type(attention_layer).__name__}")
-
-    def measure_attention_scaling(self, attention_layer, seq_lengths, *, batch_size: int = 1, num_heads: int = 8,
-                                  head_dim: int = 64, causal: bool = False) -> list[dict]:
-        """Time and peak memory of one forward at each sequence length, with BLAS held at one thread.
-
-        Args:
-            attention_layer: a MultiHeadAttention (inputs (B, T, E)) or a ScaledDotProductAttention
-                (inputs (B, num_heads, T, head_dim)).
-            seq_lengths: the lengths T to measure.
-            batch_size, num_heads, head_dim: the inputs' sizes (keyword only); a MultiHeadAttention
-                uses its own heads and width.
-            causal: pass create_causal_mask(T).
-        Returns:
-            One dict per length: seq_len, time_ms (median), time_spread_ms, peak_memory_mb (all
-            measured), weights_mb_estimate (B * H * T * T float32 numbers, computed) and blas_threads.
-        """
-        batch_size = check_int(batch_size, "batch_size", 1)
-        results = []
-        with single_threaded_blas():
-            for seq_len in seq_lengths:
-                seq_len = check_int(seq_len, "seq_len", 1)
-                call, heads = self._workload(attention_layer, seq_len, batch_size, num_heads, head_dim, causal)
-                timing = self.measure_time(call)
-                results.append({
-                    "seq_len": seq_len,
-                    "time_ms": timing["median_ms"],
-                    "time_spread_ms": timing["spread_ms"],
-                    "peak_memory_mb": self.peak_memory(call) / 2**20,
-                    "weights_mb_estimate": batch_size * heads * seq_len * seq_len * 4 / 2**20,
-                    "blas_threads": self.blas_threads,
-                })
-        return results
-
-    @classmethod
-    def analyze_quadratic_scaling(cls, results: list[dict]) -> dict:
-        """Fitted exponents p of time ~ T^p and memory ~ T^p over the rows of `measure_attention_scaling`."""
-        if len(results) < 2:
-            raise ValueError(f"fitting an exponent needs at least 2 sequence lengths, got {len(results)}")
-        lengths = [row["seq_len"] for row in results]
-        return {
-            "time_exponent": cls.fit_exponent(lengths, [row["time_ms"] for row in results]),
-            "memory_exponent": cls.fit_exponent(lengths, [max(row["peak_memory_mb"], 1e-9) for row in results]),
-            "seq_lengths": lengths,
-        }
 
     def compare_generation(self, attention_layer, prompt_length: int, new_tokens: int, *,
                            batch_size: int = 1) -> dict:
