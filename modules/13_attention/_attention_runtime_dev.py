@@ -110,6 +110,28 @@ def check_probability(value, name: str) -> float:
     return float(value)
 
 
+class Layer:
+    """A layer in the PyTorch style: `layer(...)` is `layer.forward(...)`, and `train()`/`eval()`
+    switch `training` on it and on every layer it holds as an attribute."""
+
+    training = True
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """Training mode (dropout active) when `mode`, evaluation mode otherwise. Returns self."""
+        self.training = bool(mode)
+        for value in vars(self).values():
+            if isinstance(value, Layer):
+                value.train(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode (dropout off). Returns self."""
+        return self.train(False)
+
+
 class ParameterList(list):
     """A layer's parameters: a list, and also callable PyTorch style, `layer.parameters()`."""
 

@@ -64,7 +64,7 @@ import numpy as np
 
 from tinytorch.core.tensor import Tensor
 from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, ParameterList, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
+    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, Layer, ParameterList, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
     check_attention_inputs, check_int, check_multihead_inputs, check_probability, fast_attention, get_attention_backend, is_number,
     mask_over_heads, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
     FLOAT32_MAX, FLOAT32_TINY,
@@ -439,6 +439,9 @@ print("shuffling the tokens shuffles the output the same way:",
 #   `layer.train()` turns it on, `layer.eval()` off, and `seed=` makes it repeatable.
 # - **`block_size`** switches to the memory-efficient blocked kernel of Part 8.
 #
+# Like every TinyTorch layer it derives from `Layer` (provided): `layer(x)` is `layer.forward(x)`,
+# and `train()` / `eval()` set `training` on the layer and on the layers inside it.
+#
 # **Which kernel runs.** Production libraries keep several kernels for one operation: PyTorch's
 # `scaled_dot_product_attention` picks between a "math" kernel, the formula as written, and fused
 # kernels that are faster but harder to read. This layer does the same. `"math"` runs your
@@ -456,7 +459,7 @@ print("shuffling the tokens shuffles the output the same way:",
 
 # %% nbgrader={"grade": false, "grade_id": "sdpa-layer", "locked": false, "schema_version": 3, "solution": true}
 #| export
-class ScaledDotProductAttention:
+class ScaledDotProductAttention(Layer):
     """softmax(Q Kᵀ / (√d_k · temperature)) V, with masks, dropout and a choice of kernels."""
 
     def __init__(self, dropout: float = 0.0, temperature: float = 1.0, block_size: int | None = None,
@@ -470,20 +473,7 @@ class ScaledDotProductAttention:
                 raise ValueError(f"dropout={dropout} needs the full weight matrix, which block_size={block_size} "
                                  "never forms; use one or the other")
         self.temperature, self.block_size = float(temperature), block_size
-        self.training = True
         self._rng = np.random.default_rng(seed)
-
-    def train(self, mode: bool = True):
-        """Training mode: dropout is active. Returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode: dropout is off. Returns self."""
-        return self.train(False)
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
     def forward(self, query, key, value, mask=None, return_attention_weights: bool = False):
         """Attend from query to key/value.
@@ -716,7 +706,7 @@ test_unit_repeat_kv_heads()
 
 # %% nbgrader={"grade": false, "grade_id": "multihead-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
-class MultiHeadAttention:
+class MultiHeadAttention(Layer):
     """Multi-head attention with optional grouped key/value heads and KV caching."""
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, seed: int | None = None,
@@ -755,23 +745,6 @@ class MultiHeadAttention:
     def scaled_attention(self) -> ScaledDotProductAttention:
         """The inner attention layer (another name for `attention`)."""
         return self.attention
-
-    @property
-    def training(self) -> bool:
-        """True in training mode, where dropout on the attention weights is active."""
-        return self.attention.training
-
-    def train(self, mode: bool = True):
-        """Training mode (dropout active). Returns self."""
-        self.attention.train(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode (dropout off). Returns self."""
-        return self.train(False)
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
     def forward(self, query, key=None, value=None, mask=None, return_attention_weights: bool = False,
                 kv_cache=None):

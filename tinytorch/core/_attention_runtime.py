@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'SMALL_WORK', 'QUERY_ROWS',
            'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'as_float32', 'is_number', 'check_int', 'check_probability',
-           'ParameterList', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
+           'Layer', 'ParameterList', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
            'check_attention_inputs', 'mask_over_heads', 'get_attention_backend', 'set_attention_backend',
            'attention_backend', 'cores', 'single_threaded_blas', 'blas_threads_for', 'parallel_map', 'tuned_attention',
            'fast_attention', 'parallel_blocked_attention', 'KVCacheChecks', 'check_multihead_inputs', 'ProfilerSweeps']
@@ -22,7 +22,7 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #5d5e7337
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #c6868d2f
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
@@ -71,6 +71,28 @@ def check_probability(value, name: str) -> float:
     if not (is_number(value) and 0.0 <= value < 1.0):
         raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
     return float(value)
+
+
+class Layer:
+    """A layer in the PyTorch style: `layer(...)` is `layer.forward(...)`, and `train()`/`eval()`
+    switch `training` on it and on every layer it holds as an attribute."""
+
+    training = True
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """Training mode (dropout active) when `mode`, evaluation mode otherwise. Returns self."""
+        self.training = bool(mode)
+        for value in vars(self).values():
+            if isinstance(value, Layer):
+                value.train(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode (dropout off). Returns self."""
+        return self.train(False)
 
 
 class ParameterList(list):

@@ -8,7 +8,7 @@ __all__ = ['create_causal_mask', 'create_padding_mask', 'masked_softmax', 'math_
            'AttentionProfiler', 'ATTENTION_BACKENDS', 'CausalMask', 'get_attention_backend', 'set_attention_backend',
            'attention_backend', 'fast_attention']
 
-# %% ../../modules/13_attention/attention_dev.ipynb #a2da57ce
+# %% ../../modules/13_attention/attention_dev.ipynb #f6ede62b
 import math
 import time
 import tracemalloc
@@ -17,7 +17,7 @@ import numpy as np
 
 from .tensor import Tensor
 from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, ParameterList, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
+    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, Layer, ParameterList, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
     check_attention_inputs, check_int, check_multihead_inputs, check_probability, fast_attention, get_attention_backend, is_number,
     mask_over_heads, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
     FLOAT32_MAX, FLOAT32_TINY,
@@ -113,8 +113,8 @@ def math_attention(query, key, value, mask=None, scale=None) -> tuple[Tensor, Te
     ### END SOLUTION
     return Tensor(output.astype(np.float32, copy=False)), Tensor(weights)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #8fbdb047
-class ScaledDotProductAttention:
+# %% ../../modules/13_attention/attention_dev.ipynb #fc1ba85e
+class ScaledDotProductAttention(Layer):
     """softmax(Q Kᵀ / (√d_k · temperature)) V, with masks, dropout and a choice of kernels."""
 
     def __init__(self, dropout: float = 0.0, temperature: float = 1.0, block_size: int | None = None,
@@ -128,20 +128,7 @@ class ScaledDotProductAttention:
                 raise ValueError(f"dropout={dropout} needs the full weight matrix, which block_size={block_size} "
                                  "never forms; use one or the other")
         self.temperature, self.block_size = float(temperature), block_size
-        self.training = True
         self._rng = np.random.default_rng(seed)
-
-    def train(self, mode: bool = True):
-        """Training mode: dropout is active. Returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode: dropout is off. Returns self."""
-        return self.train(False)
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
     def forward(self, query, key, value, mask=None, return_attention_weights: bool = False):
         """Attend from query to key/value.
@@ -224,8 +211,8 @@ def repeat_kv_heads(x, num_heads: int) -> Tensor:
     ### END SOLUTION
     return Tensor(repeated)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #0d914910
-class MultiHeadAttention:
+# %% ../../modules/13_attention/attention_dev.ipynb #5a6b6ec0
+class MultiHeadAttention(Layer):
     """Multi-head attention with optional grouped key/value heads and KV caching."""
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, seed: int | None = None,
@@ -264,23 +251,6 @@ class MultiHeadAttention:
     def scaled_attention(self) -> ScaledDotProductAttention:
         """The inner attention layer (another name for `attention`)."""
         return self.attention
-
-    @property
-    def training(self) -> bool:
-        """True in training mode, where dropout on the attention weights is active."""
-        return self.attention.training
-
-    def train(self, mode: bool = True):
-        """Training mode (dropout active). Returns self."""
-        self.attention.train(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode (dropout off). Returns self."""
-        return self.train(False)
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
     def forward(self, query, key=None, value=None, mask=None, return_attention_weights: bool = False,
                 kv_cache=None):
