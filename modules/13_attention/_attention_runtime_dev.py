@@ -132,13 +132,6 @@ class Layer:
         return self.train(False)
 
 
-class ParameterList(list):
-    """A layer's parameters: a list, and also callable PyTorch style, `layer.parameters()`."""
-
-    def __call__(self):
-        return self
-
-
 def check_scale(scale) -> float:
     """A score scale: a positive number whose value float32 can hold."""
     if not (is_number(scale) and FLOAT32_TINY <= scale <= FLOAT32_MAX):

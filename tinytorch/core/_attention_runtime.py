@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'SMALL_WORK', 'QUERY_ROWS',
            'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'as_float32', 'is_number', 'check_int', 'check_probability',
-           'Layer', 'ParameterList', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
+           'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
            'check_attention_inputs', 'mask_over_heads', 'get_attention_backend', 'set_attention_backend',
            'attention_backend', 'cores', 'single_threaded_blas', 'blas_threads_for', 'parallel_map', 'tuned_attention',
            'fast_attention', 'parallel_blocked_attention', 'KVCacheChecks', 'check_multihead_inputs', 'ProfilerSweeps']
@@ -22,7 +22,7 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #c6868d2f
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #e96d69c4
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
@@ -93,13 +93,6 @@ class Layer:
     def eval(self):
         """Evaluation mode (dropout off). Returns self."""
         return self.train(False)
-
-
-class ParameterList(list):
-    """A layer's parameters: a list, and also callable PyTorch style, `layer.parameters()`."""
-
-    def __call__(self):
-        return self
 
 
 def check_scale(scale) -> float:
