@@ -1435,8 +1435,8 @@ class AttentionProfiler(ProfilerSweeps):
         if sizes.shape != costs.shape or sizes.ndim != 1 or sizes.size < 2:
             raise ValueError(f"fitting an exponent needs two 1-D arrays of the same length >= 2, "
                              f"got shapes {sizes.shape} and {costs.shape}")
-        if not (np.all(sizes > 0) and np.all(costs > 0)):
-            raise ValueError("sizes and costs must be positive to take their logarithms")
+        if not (np.all(np.isfinite(sizes)) and np.all(np.isfinite(costs)) and np.all(sizes > 0) and np.all(costs > 0)):
+            raise ValueError("sizes and costs must be positive finite numbers to take their logarithms")
         ### BEGIN SOLUTION
         slope, _ = np.polyfit(np.log(sizes), np.log(costs), 1)
         return float(slope)
