@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'SMALL_WORK', 'QUERY_ROWS',
-           'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'as_float32', 'is_number', 'check_int', 'check_probability',
-           'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
+           'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'inputs_checked', 'as_float32', 'is_number', 'check_int',
+           'check_probability', 'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
            'check_attention_inputs', 'mask_over_heads', 'get_attention_backend', 'set_attention_backend',
            'attention_backend', 'cores', 'single_threaded_blas', 'blas_threads_for', 'parallel_map', 'tuned_attention',
            'fast_attention', 'parallel_blocked_attention', 'KVCacheChecks', 'check_multihead_inputs', 'ProfilerSweeps']
@@ -22,8 +22,20 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #e96d69c4
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #395f5db7
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+_inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", default=False)
+
+
+@contextmanager
+def inputs_checked():
+    """Inside a layer whose inputs were checked: skip the NaN/inf scan of arrays derived from them."""
+    token = _inputs_checked.set(True)
+    try:
+        yield
+    finally:
+        _inputs_checked.reset(token)
+
 
 
 def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
@@ -47,7 +59,7 @@ def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
                 array = array.astype(np.float32)
             except FloatingPointError:
                 raise ValueError(f"{name} holds values beyond float32's range (+-{FLOAT32_MAX:.3g})") from None
-    if finite and not np.isfinite(array).all():
+    if finite and not _inputs_checked.get() and not np.isfinite(array).all():
         raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
     return array
 
