@@ -356,3 +356,34 @@ def test_unit_shape_and_reductions():
 
 
 test_unit_shape_and_reductions()
+
+# %% [markdown]
+# ## A layer's parameters
+#
+# Every layer in later modules keeps its learned Tensors in a list, `layer.parameters`, which an
+# optimiser walks and a model concatenates with `parameters.extend(block.parameters)`. PyTorch
+# code writes the same thing as a call, `layer.parameters()`. A `ParameterList` is an ordinary
+# `list` whose call returns the list itself, so both spellings work and give the same Tensors
+# (the same objects, not copies: updating them in place updates the layer).
+
+# %%
+#| export
+class ParameterList(list):
+    """A list of a layer's parameter Tensors that can also be called: `layer.parameters()` is the list."""
+
+    def __call__(self):
+        return self
+
+
+# %%
+def test_unit_parameter_list():
+    weight, bias = Tensor(np.ones((2, 3))), Tensor(np.zeros(3))
+    params = ParameterList([weight, bias])
+    assert isinstance(params, list) and params() is params
+    assert params[0] is weight and params()[1] is bias
+    collected = [Tensor([1.0])]
+    collected.extend(params)
+    assert len(collected) == 3 and collected[1] is weight
+
+
+test_unit_parameter_list()

@@ -62,10 +62,10 @@ import tracemalloc
 
 import numpy as np
 
-from tinytorch.core.tensor import Tensor
+from tinytorch.core.tensor import ParameterList, Tensor
 from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, CausalMask, ParameterList, as_float32, as_keep_mask, attention_backend, causal_offset,
-    check_attention_inputs, check_int, check_probability, fast_attention, get_attention_backend, is_number,
+    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, Layer, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
+    check_attention_inputs, check_int, check_multihead_inputs, inputs_checked, check_probability, fast_attention, get_attention_backend, is_number,
     mask_over_heads, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
     FLOAT32_MAX, FLOAT32_TINY,
 )
@@ -439,6 +439,9 @@ print("shuffling the tokens shuffles the output the same way:",
 #   `layer.train()` turns it on, `layer.eval()` off, and `seed=` makes it repeatable.
 # - **`block_size`** switches to the memory-efficient blocked kernel of Part 8.
 #
+# Like every TinyTorch layer it derives from `Layer` (provided): `layer(x)` is `layer.forward(x)`,
+# and `train()` / `eval()` set `training` on the layer and on the layers inside it.
+#
 # **Which kernel runs.** Production libraries keep several kernels for one operation: PyTorch's
 # `scaled_dot_product_attention` picks between a "math" kernel, the formula as written, and fused
 # kernels that are faster but harder to read. This layer does the same. `"math"` runs your
@@ -456,7 +459,7 @@ print("shuffling the tokens shuffles the output the same way:",
 
 # %% nbgrader={"grade": false, "grade_id": "sdpa-layer", "locked": false, "schema_version": 3, "solution": true}
 #| export
-class ScaledDotProductAttention:
+class ScaledDotProductAttention(Layer):
     """softmax(Q Kᵀ / (√d_k · temperature)) V, with masks, dropout and a choice of kernels."""
 
     def __init__(self, dropout: float = 0.0, temperature: float = 1.0, block_size: int | None = None,
@@ -470,20 +473,7 @@ class ScaledDotProductAttention:
                 raise ValueError(f"dropout={dropout} needs the full weight matrix, which block_size={block_size} "
                                  "never forms; use one or the other")
         self.temperature, self.block_size = float(temperature), block_size
-        self.training = True
         self._rng = np.random.default_rng(seed)
-
-    def train(self, mode: bool = True):
-        """Training mode: dropout is active. Returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode: dropout is off. Returns self."""
-        return self.train(False)
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
     def forward(self, query, key, value, mask=None, return_attention_weights: bool = False):
         """Attend from query to key/value.
@@ -503,12 +493,14 @@ class ScaledDotProductAttention:
         if self.block_size is not None:
             output, weights = parallel_blocked_attention(blocked_attention, q, k, v, mask, scale, self.block_size), None
         elif self.training and self.dropout > 0:
-            output, weights = self._attention_with_dropout(q, k, v, keep, scale)
+            with inputs_checked():
+                output, weights = self._attention_with_dropout(q, k, v, keep, scale)
         elif get_attention_backend() == "fast":
             offset = causal_offset(mask, q.shape[-2], k.shape[-2])
             output, weights = tuned_attention(q, k, v, keep, scale, offset, return_attention_weights)
         else:
-            output, weights = (result.data for result in math_attention(q, k, v, keep, scale))
+            with inputs_checked():                          # q, k, v were checked above
+                output, weights = (result.data for result in math_attention(q, k, v, keep, scale))
         return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
 
     def _attention_with_dropout(self, q, k, v, keep, scale: float):
@@ -716,7 +708,7 @@ test_unit_repeat_kv_heads()
 
 # %% nbgrader={"grade": false, "grade_id": "multihead-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
-class MultiHeadAttention:
+class MultiHeadAttention(Layer):
     """Multi-head attention with optional grouped key/value heads and KV caching."""
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, seed: int | None = None,
@@ -756,23 +748,6 @@ class MultiHeadAttention:
         """The inner attention layer (another name for `attention`)."""
         return self.attention
 
-    @property
-    def training(self) -> bool:
-        """True in training mode, where dropout on the attention weights is active."""
-        return self.attention.training
-
-    def train(self, mode: bool = True):
-        """Training mode (dropout active). Returns self."""
-        self.attention.train(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode (dropout off). Returns self."""
-        return self.train(False)
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
-
     def forward(self, query, key=None, value=None, mask=None, return_attention_weights: bool = False,
                 kv_cache=None):
         """Multi-head attention from query to key/value (self-attention when they are omitted).
@@ -786,53 +761,25 @@ class MultiHeadAttention:
         Returns:
             output Tensor (B, T, E), or (output, weights).
         """
-        x_q, x_k, x_v, mask = self._check_inputs(query, key, value, mask, kv_cache, return_attention_weights)
-        ### BEGIN SOLUTION
-        q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
-        k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
-        v = split_heads(x_v @ self.w_v.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
-        if kv_cache is not None:
-            k, v, visible = kv_cache.append(k, v)                        # (B, Hkv, L, hd), (B, 1, T, L)
-            mask = visible if mask is None else np.logical_and(mask, visible)
-        k = repeat_kv_heads(k, self.num_heads).data                     # (B, H, L, hd)
-        v = repeat_kv_heads(v, self.num_heads).data                     # (B, H, L, hd)
-        if return_attention_weights:
-            context, weights = self.attention(q, k, v, mask=mask, return_attention_weights=True)
-        else:
-            context, weights = self.attention(q, k, v, mask=mask), None
-        output = merge_heads(context).data @ self.w_o.data              # (B, T, E)
-        ### END SOLUTION
+        x_q, x_k, x_v, mask = check_multihead_inputs(self, query, key, value, mask, kv_cache, return_attention_weights)
+        with inputs_checked():           # what forward derives from checked inputs is not checked again
+            ### BEGIN SOLUTION
+            q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
+            k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
+            v = split_heads(x_v @ self.w_v.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
+            if kv_cache is not None:
+                k, v, visible = kv_cache.append(k, v)                        # (B, Hkv, L, hd), (B, 1, T, L)
+                mask = visible if mask is None else np.logical_and(mask, visible)
+            k = repeat_kv_heads(k, self.num_heads).data                     # (B, H, L, hd)
+            v = repeat_kv_heads(v, self.num_heads).data                     # (B, H, L, hd)
+            if return_attention_weights:
+                context, weights = self.attention(q, k, v, mask=mask, return_attention_weights=True)
+            else:
+                context, weights = self.attention(q, k, v, mask=mask), None
+            output = merge_heads(context).data @ self.w_o.data              # (B, T, E)
+            ### END SOLUTION
         output = Tensor(as_float32(output, "output"))
         return (output, Tensor(as_float32(weights, "weights"))) if return_attention_weights else output
-
-    def _check_inputs(self, query, key, value, mask, kv_cache, return_attention_weights):
-        """Checked (x_q, x_k, x_v) float32 arrays and the mask as one that broadcasts over heads."""
-        if return_attention_weights and self.attention.block_size is not None:
-            raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
-                             f"block_size={self.attention.block_size} never forms")
-        x_q = as_float32(query, "query")
-        x_k = x_q if key is None else as_float32(key, "key")
-        x_v = x_k if value is None else as_float32(value, "value")
-        for name, x in (("query", x_q), ("key", x_k), ("value", x_v)):
-            if x.ndim != 3:
-                raise ValueError(f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), got shape {x.shape}")
-            if x.shape[-1] != self.embed_dim:
-                raise ValueError(f"{name} has embed_dim={x.shape[-1]} but the layer expects {self.embed_dim}")
-        if not x_q.shape[0] == x_k.shape[0] == x_v.shape[0]:
-            raise ValueError(f"batch sizes differ: query {x_q.shape[0]}, key {x_k.shape[0]}, value {x_v.shape[0]}")
-        if x_k.shape[1] != x_v.shape[1]:
-            raise ValueError(f"value has seq_k={x_v.shape[1]} but key has seq_k={x_k.shape[1]}")
-        batch, seq_q, seq_k = x_q.shape[0], x_q.shape[1], x_k.shape[1]
-        if kv_cache is not None:
-            seq_k = kv_cache.check_append(batch, self.num_kv_heads, seq_k, self.head_dim)   # keys after appending
-            if x_q.shape[1] != x_k.shape[1]:
-                raise ValueError(f"with a kv_cache, query and key must hold the same new positions: "
-                                 f"query has {x_q.shape[1]}, key has {x_k.shape[1]}")
-            if mask is not None:
-                mask = as_keep_mask(mask_over_heads(mask, batch, self.num_heads, seq_q, seq_k),
-                                    (batch, self.num_heads, seq_q, seq_k))
-                return x_q, x_k, x_v, mask
-        return x_q, x_k, x_v, mask_over_heads(mask, batch, self.num_heads, seq_q, seq_k)
 
     def get_memory_usage(self) -> dict:
         """Parameter memory and counts, in total and per head, and the KV-cache cost per token.
@@ -950,8 +897,11 @@ test_unit_multihead_attention()
 
 # %% nbgrader={"grade": false, "grade_id": "kv-cache", "locked": false, "schema_version": 3, "solution": true}
 #| export
-class KVCache:
-    """Preallocated keys and values for incremental decoding, one length per batch row."""
+class KVCache(KVCacheChecks):
+    """Preallocated keys and values for incremental decoding, one length per batch row.
+
+    The checks of rows and room (`KVCacheChecks`) are provided in the runtime.
+    """
 
     def __init__(self, max_batch_size: int, max_seq_length: int, num_heads: int, head_dim: int):
         self.max_batch_size = check_int(max_batch_size, "max_batch_size", 1)
@@ -1033,35 +983,6 @@ class KVCache:
         self.cache_lengths[rows] = 0
         ### END SOLUTION
         self.is_active = bool(self.cache_lengths.any())
-
-    def check_append(self, batch: int, num_heads: int, new_len: int, head_dim: int) -> int:
-        """Raise unless (batch, num_heads, new_len, head_dim) keys fit rows 0..batch-1; returns the
-        longest row's length after appending them."""
-        if (num_heads, head_dim) != (self.num_heads, self.head_dim):
-            raise ValueError(f"kv_cache has num_heads={self.num_heads}, head_dim={self.head_dim} but the keys have "
-                             f"num_heads={num_heads}, head_dim={head_dim}")
-        if batch > self.max_batch_size:
-            raise ValueError(f"batch of {batch} rows does not fit kv_cache.max_batch_size={self.max_batch_size}")
-        for b in range(batch):
-            self._check_room(b, new_len)
-        return int(self.cache_lengths[:batch].max()) + new_len if batch else new_len
-
-    def _check_row(self, batch_idx) -> int:
-        if isinstance(batch_idx, (bool, np.bool_)) or not isinstance(batch_idx, (int, np.integer)):
-            raise TypeError(f"batch_idx must be an integer, got {type(batch_idx).__name__} {batch_idx!r}")
-        if not 0 <= batch_idx < self.max_batch_size:
-            raise IndexError(f"batch_idx {batch_idx} is out of range for max_batch_size={self.max_batch_size}")
-        return int(batch_idx)
-
-    def _check_room(self, b: int, new_len: int) -> None:
-        start = int(self.cache_lengths[b])
-        if start + new_len > self.max_seq_length:
-            raise ValueError(f"cache row {b} holds {start} of max_seq_length={self.max_seq_length} positions; "
-                             f"appending {new_len} would need {start + new_len}")
-
-    def __repr__(self):
-        return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
-                f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
 
 # %% nbgrader={"grade": true, "grade_id": "test-kv-cache", "locked": true, "points": 8, "schema_version": 3, "solution": false}
 def test_unit_kv_cache():
@@ -1480,13 +1401,12 @@ test_unit_blocked_attention()
 
 # %% nbgrader={"grade": false, "grade_id": "attention-profiler", "locked": false, "schema_version": 3, "solution": true}
 #| export
-class AttentionProfiler:
+class AttentionProfiler(ProfilerSweeps):
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc).
 
-    Every sweep holds BLAS at one thread, reported as `blas_threads` with each result.
+    The sweeps over sequence lengths (`measure_attention_scaling`, `analyze_quadratic_scaling`)
+    are provided in the runtime's `ProfilerSweeps`; they hold BLAS at one thread.
     """
-
-    blas_threads = 1
 
     def __init__(self, repeats: int = 5, warmup: int = 1, seed: int = 0):
         self.repeats = check_int(repeats, "repeats", 1)
@@ -1518,16 +1438,12 @@ class AttentionProfiler:
         if sizes.shape != costs.shape or sizes.ndim != 1 or sizes.size < 2:
             raise ValueError(f"fitting an exponent needs two 1-D arrays of the same length >= 2, "
                              f"got shapes {sizes.shape} and {costs.shape}")
-        if not (np.all(sizes > 0) and np.all(costs > 0)):
-            raise ValueError("sizes and costs must be positive to take their logarithms")
+        if not (np.all(np.isfinite(sizes)) and np.all(np.isfinite(costs)) and np.all(sizes > 0) and np.all(costs > 0)):
+            raise ValueError("sizes and costs must be positive finite numbers to take their logarithms")
         ### BEGIN SOLUTION
         slope, _ = np.polyfit(np.log(sizes), np.log(costs), 1)
         return float(slope)
         ### END SOLUTION
-
-    def time_call(self, function) -> float:
-        """Median seconds of `function()`."""
-        return self.measure_time(function)["median_ms"] / 1e3
 
     @staticmethod
     def peak_memory(function) -> int:
@@ -1547,64 +1463,6 @@ class AttentionProfiler:
             if not was_tracing:
                 tracemalloc.stop()
         return extra
-
-    def _workload(self, attention_layer, seq_len, batch_size, num_heads, head_dim, causal):
-        """A call of `attention_layer` on random inputs of length `seq_len`, and its number of heads."""
-        rng = np.random.default_rng(self.seed)
-        mask = create_causal_mask(seq_len) if causal else None
-        if isinstance(attention_layer, MultiHeadAttention):
-            x = rng.standard_normal((batch_size, seq_len, attention_layer.embed_dim), dtype=np.float32)
-            return (lambda: attention_layer(x, mask=mask)), attention_layer.num_heads
-        if isinstance(attention_layer, ScaledDotProductAttention):
-            q, k, v = (rng.standard_normal((batch_size, num_heads, seq_len, head_dim), dtype=np.float32)
-                       for _ in range(3))
-            return (lambda: attention_layer(q, k, v, mask=mask)), num_heads
-        raise TypeError(f"attention_layer must be a MultiHeadAttention or ScaledDotProductAttention, "
-                        f"got {type(attention_layer).__name__}")
-
-    def measure_attention_scaling(self, attention_layer, seq_lengths, *, batch_size: int = 1, num_heads: int = 8,
-                                  head_dim: int = 64, causal: bool = False) -> list[dict]:
-        """Time and peak memory of one forward at each sequence length, with BLAS held at one thread.
-
-        Args:
-            attention_layer: a MultiHeadAttention (inputs (B, T, E)) or a ScaledDotProductAttention
-                (inputs (B, num_heads, T, head_dim)).
-            seq_lengths: the lengths T to measure.
-            batch_size, num_heads, head_dim: the inputs' sizes (keyword only); a MultiHeadAttention
-                uses its own heads and width.
-            causal: pass create_causal_mask(T).
-        Returns:
-            One dict per length: seq_len, time_ms (median), time_spread_ms, peak_memory_mb (all
-            measured), weights_mb_estimate (B * H * T * T float32 numbers, computed) and blas_threads.
-        """
-        batch_size = check_int(batch_size, "batch_size", 1)
-        results = []
-        with single_threaded_blas():
-            for seq_len in seq_lengths:
-                seq_len = check_int(seq_len, "seq_len", 1)
-                call, heads = self._workload(attention_layer, seq_len, batch_size, num_heads, head_dim, causal)
-                timing = self.measure_time(call)
-                results.append({
-                    "seq_len": seq_len,
-                    "time_ms": timing["median_ms"],
-                    "time_spread_ms": timing["spread_ms"],
-                    "peak_memory_mb": self.peak_memory(call) / 2**20,
-                    "weights_mb_estimate": batch_size * heads * seq_len * seq_len * 4 / 2**20,
-                    "blas_threads": self.blas_threads,
-                })
-        return results
-
-    @classmethod
-    def analyze_quadratic_scaling(cls, results: list[dict]) -> dict:
-        """Fitted exponents p of time ~ T^p and memory ~ T^p over the rows of `measure_attention_scaling`."""
-        if len(results) < 2:
-            raise ValueError(f"fitting an exponent needs at least 2 sequence lengths, got {len(results)}")
-        lengths = [row["seq_len"] for row in results]
-        return {
-            "time_exponent": cls.fit_exponent(lengths, [row["time_ms"] for row in results]),
-            "memory_exponent": cls.fit_exponent(lengths, [max(row["peak_memory_mb"], 1e-9) for row in results]),
-            "seq_lengths": lengths,
-        }
 
     def compare_generation(self, attention_layer, prompt_length: int, new_tokens: int, *,
                            batch_size: int = 1) -> dict:
@@ -1803,71 +1661,6 @@ def test_unit_integration():
 
 
 test_unit_integration()
-
-# %% [markdown]
-# ### A small generator: the cache in a real decoding loop
-#
-# A stack of attention layers (with residual connections) on top of the embeddings, and an output
-# layer that scores every vocabulary entry against the final vector (the embedding table used
-# twice, "tied" weights). The weights are random, so the text is nonsense; what matters is that
-# greedy decoding with the cache picks exactly the same tokens as decoding without it, and how
-# much faster it is.
-
-# %%
-class TinyAttentionLM:
-    """Embedding + positions + a stack of causal attention layers + tied output, for decoding demos."""
-
-    def __init__(self, vocab_size, embed_dim, num_heads, num_layers, max_len, seed=0):
-        self.embedding = Embedding(vocab_size, embed_dim, seed=seed)
-        self.positions = PositionalEncoding(embed_dim, max_seq_length=max_len)
-        self.layers = [MultiHeadAttention(embed_dim, num_heads, seed=seed + 1 + i) for i in range(num_layers)]
-        self.max_len = max_len
-
-    def next_token_logits(self, ids, start=0, caches=None):
-        """Logits for the token after each of `ids` (B, T), which sit at positions start..start+T-1."""
-        x = self.embedding(ids).data + self.positions.encoding[start:start + ids.shape[1]]
-        mask = None if caches else create_causal_mask(ids.shape[1])
-        for i, layer in enumerate(self.layers):
-            x = x + layer(x, mask=mask, kv_cache=caches[i] if caches else None).data
-        return x[:, -1] @ self.embedding.weight.data.T                  # (B, vocab)
-
-    def generate(self, prompt, new_tokens, use_cache):
-        ids = np.array(prompt)
-        if not use_cache:
-            for _ in range(new_tokens):
-                ids = np.concatenate([ids, self.next_token_logits(ids).argmax(-1)[:, None]], axis=1)
-            return ids
-        layer = self.layers[0]
-        caches = [KVCache(ids.shape[0], self.max_len, layer.num_kv_heads, layer.head_dim) for _ in self.layers]
-        logits = self.next_token_logits(ids, 0, caches)                 # prefill the prompt
-        for _ in range(new_tokens):
-            next_ids = logits.argmax(-1)[:, None]
-            ids = np.concatenate([ids, next_ids], axis=1)
-            logits = self.next_token_logits(next_ids, ids.shape[1] - 1, caches)
-        return ids
-
-
-model = TinyAttentionLM(vocab_size=100, embed_dim=64, num_heads=4, num_layers=3, max_len=256, seed=0)
-prompt = np.random.default_rng(9).integers(0, 100, size=(1, 16))
-timings = {}
-for use_cache in (False, True):
-    start = time.perf_counter()
-    generated = model.generate(prompt, new_tokens=64, use_cache=use_cache)
-    timings[use_cache] = time.perf_counter() - start
-    print(f"{'with' if use_cache else 'without'} cache: {timings[use_cache] * 1e3:8.1f} ms, "
-          f"last tokens {generated[0, -8:].tolist()}")
-print(f"measured speed-up of the cache: {timings[False] / timings[True]:.1f}x")
-
-# %% nbgrader={"grade": false, "grade_id": "test-generation", "locked": true, "schema_version": 3, "solution": false}
-def test_unit_generation():
-    """Greedy decoding picks the same tokens with and without the cache."""
-    with_cache = model.generate(prompt, new_tokens=24, use_cache=True)
-    without_cache = model.generate(prompt, new_tokens=24, use_cache=False)
-    np.testing.assert_array_equal(with_cache, without_cache)
-    print("generation: identical tokens with and without the KV cache")
-
-
-test_unit_generation()
 
 # %% [markdown]
 # ### What the heads look at

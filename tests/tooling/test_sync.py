@@ -60,4 +60,4 @@ def test_exported_code_has_no_test_cells(repo_root):
     names = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     assert not [name for name in names if name.startswith("test_")]
     calls = [node for node in tree.body if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)]
-    assert [ast.unparse(call) for call in calls] == ["set_attention_backend('fast')"]
+    assert calls == [], f"the package runs code at import: {[ast.unparse(call) for call in calls]}"

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'SMALL_WORK', 'QUERY_ROWS',
-           'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'as_float32', 'is_number', 'check_int', 'check_probability',
-           'ParameterList', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
+           'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'inputs_checked', 'as_float32', 'is_number', 'check_int',
+           'check_probability', 'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
            'check_attention_inputs', 'mask_over_heads', 'get_attention_backend', 'set_attention_backend',
            'attention_backend', 'cores', 'single_threaded_blas', 'blas_threads_for', 'parallel_map', 'tuned_attention',
-           'fast_attention', 'parallel_blocked_attention']
+           'fast_attention', 'parallel_blocked_attention', 'KVCacheChecks', 'check_multihead_inputs', 'ProfilerSweeps']
 
 # %% ../../modules/13_attention/_attention_runtime_dev.ipynb #488325cb
 import math
@@ -22,8 +22,20 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #5d5e7337
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #395f5db7
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+_inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", default=False)
+
+
+@contextmanager
+def inputs_checked():
+    """Inside a layer whose inputs were checked: skip the NaN/inf scan of arrays derived from them."""
+    token = _inputs_checked.set(True)
+    try:
+        yield
+    finally:
+        _inputs_checked.reset(token)
+
 
 
 def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
@@ -47,7 +59,7 @@ def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
                 array = array.astype(np.float32)
             except FloatingPointError:
                 raise ValueError(f"{name} holds values beyond float32's range (+-{FLOAT32_MAX:.3g})") from None
-    if finite and not np.isfinite(array).all():
+    if finite and not _inputs_checked.get() and not np.isfinite(array).all():
         raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
     return array
 
@@ -73,11 +85,26 @@ def check_probability(value, name: str) -> float:
     return float(value)
 
 
-class ParameterList(list):
-    """A layer's parameters: a list, and also callable PyTorch style, `layer.parameters()`."""
+class Layer:
+    """A layer in the PyTorch style: `layer(...)` is `layer.forward(...)`, and `train()`/`eval()`
+    switch `training` on it and on every layer it holds as an attribute."""
 
-    def __call__(self):
+    training = True
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """Training mode (dropout active) when `mode`, evaluation mode otherwise. Returns self."""
+        self.training = bool(mode)
+        for value in vars(self).values():
+            if isinstance(value, Layer):
+                value.train(mode)
         return self
+
+    def eval(self):
+        """Evaluation mode (dropout off). Returns self."""
+        return self.train(False)
 
 
 def check_scale(scale) -> float:
@@ -86,7 +113,7 @@ def check_scale(scale) -> float:
         raise ValueError(f"scale must be a positive number within float32's range, got {scale!r}")
     return float(scale)
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #20ba19e6
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #20dfaaf2
 def broadcasts_to(shape: tuple, target: tuple) -> bool:
     try:
         return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
@@ -107,8 +134,8 @@ def as_keep_mask(mask, scores_shape: tuple, name: str = "mask") -> np.ndarray | 
         raise TypeError(f"{name} must be boolean or numeric, got dtype {array.dtype}")
     if not broadcasts_to(array.shape, scores_shape):
         raise ValueError(f"{name} of shape {array.shape} does not broadcast to scores {tuple(scores_shape)}")
-    if array.dtype.kind == "f" and np.isnan(array).any():
-        raise ValueError(f"{name} holds NaN; use 1/True for 'may attend' and 0/False for 'masked out'")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or inf; use 1/True for 'may attend' and 0/False for 'masked out'")
     return array if array.dtype == np.bool_ else array != 0
 
 
@@ -425,3 +452,138 @@ def parallel_blocked_attention(blocked_attention, q, k, v, mask, scale: float, b
     blocks = [(r0, min(r0 + block_size, T)) for r0 in range(0, T, block_size)]
     parallel_map(run, blocks[::-1])                                      # largest causal blocks first
     return output
+
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #3a965690
+class KVCacheChecks:
+    """Row and room checks of a KV cache with cached_keys, cache_lengths, max_batch_size, max_seq_length,
+    num_heads and head_dim."""
+
+    def check_append(self, batch: int, num_heads: int, new_len: int, head_dim: int) -> int:
+        """Raise unless (batch, num_heads, new_len, head_dim) keys fit rows 0..batch-1; returns the
+        longest row's length after appending them."""
+        if (num_heads, head_dim) != (self.num_heads, self.head_dim):
+            raise ValueError(f"kv_cache has num_heads={self.num_heads}, head_dim={self.head_dim} but the keys have "
+                             f"num_heads={num_heads}, head_dim={head_dim}")
+        if batch > self.max_batch_size:
+            raise ValueError(f"batch of {batch} rows does not fit kv_cache.max_batch_size={self.max_batch_size}")
+        for b in range(batch):
+            self._check_room(b, new_len)
+        return int(self.cache_lengths[:batch].max()) + new_len if batch else new_len
+
+    def _check_row(self, batch_idx) -> int:
+        if isinstance(batch_idx, (bool, np.bool_)) or not isinstance(batch_idx, (int, np.integer)):
+            raise TypeError(f"batch_idx must be an integer, got {type(batch_idx).__name__} {batch_idx!r}")
+        if not 0 <= batch_idx < self.max_batch_size:
+            raise IndexError(f"batch_idx {batch_idx} is out of range for max_batch_size={self.max_batch_size}")
+        return int(batch_idx)
+
+    def _check_room(self, b: int, new_len: int) -> None:
+        start = int(self.cache_lengths[b])
+        if start + new_len > self.max_seq_length:
+            raise ValueError(f"cache row {b} holds {start} of max_seq_length={self.max_seq_length} positions; "
+                             f"appending {new_len} would need {start + new_len}")
+
+    def __repr__(self):
+        return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
+                f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
+
+
+def check_multihead_inputs(layer, query, key, value, mask, kv_cache, return_attention_weights: bool):
+    """A MultiHeadAttention's checked (x_q, x_k, x_v) float32 arrays, and its mask as one that broadcasts
+    over the heads; with a kv_cache, also that the new keys fit, before anything is appended."""
+    if return_attention_weights and layer.attention.block_size is not None:
+        raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
+                         f"block_size={layer.attention.block_size} never forms")
+    x_q = as_float32(query, "query")
+    x_k = x_q if key is None else as_float32(key, "key")
+    x_v = x_k if value is None else as_float32(value, "value")
+    for name, x in (("query", x_q), ("key", x_k), ("value", x_v)):
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have shape (batch, seq, embed_dim={layer.embed_dim}), got shape {x.shape}")
+        if x.shape[-1] != layer.embed_dim:
+            raise ValueError(f"{name} has embed_dim={x.shape[-1]} but the layer expects {layer.embed_dim}")
+    if not x_q.shape[0] == x_k.shape[0] == x_v.shape[0]:
+        raise ValueError(f"batch sizes differ: query {x_q.shape[0]}, key {x_k.shape[0]}, value {x_v.shape[0]}")
+    if x_k.shape[1] != x_v.shape[1]:
+        raise ValueError(f"value has seq_k={x_v.shape[1]} but key has seq_k={x_k.shape[1]}")
+    batch, seq_q, seq_k = x_q.shape[0], x_q.shape[1], x_k.shape[1]
+    if kv_cache is not None:
+        if not isinstance(kv_cache, KVCacheChecks):
+            raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+        seq_k = kv_cache.check_append(batch, layer.num_kv_heads, seq_k, layer.head_dim)   # keys after appending
+        if x_q.shape[1] != x_k.shape[1]:
+            raise ValueError(f"with a kv_cache, query and key must hold the same new positions: "
+                             f"query has {x_q.shape[1]}, key has {x_k.shape[1]}")
+        if mask is not None:
+            mask = as_keep_mask(mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k),
+                                (batch, layer.num_heads, seq_q, seq_k))
+            return x_q, x_k, x_v, mask
+    return x_q, x_k, x_v, mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k)
+
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #dbf2533f
+class ProfilerSweeps:
+    """Sweeps of a profiler with measure_time(fn), peak_memory(fn), fit_exponent(sizes, costs) and seed."""
+
+    blas_threads = 1  # BLAS threads during a sweep: fixed, so that no size switches thread counts
+
+    def time_call(self, function) -> float:
+        """Median seconds of `function()`."""
+        return self.measure_time(function)["median_ms"] / 1e3
+
+    def _workload(self, attention_layer, seq_len, batch_size, num_heads, head_dim, causal):
+        """A call of `attention_layer` on random inputs of length `seq_len`, and its number of heads."""
+        rng = np.random.default_rng(self.seed)
+        mask = CausalMask(np.tri(seq_len, dtype=np.float32), 0) if causal else None
+        if hasattr(attention_layer, "embed_dim"):                       # a MultiHeadAttention
+            x = rng.standard_normal((batch_size, seq_len, attention_layer.embed_dim), dtype=np.float32)
+            return (lambda: attention_layer(x, mask=mask)), attention_layer.num_heads
+        if hasattr(attention_layer, "temperature"):                     # a ScaledDotProductAttention
+            q, k, v = (rng.standard_normal((batch_size, num_heads, seq_len, head_dim), dtype=np.float32)
+                       for _ in range(3))
+            return (lambda: attention_layer(q, k, v, mask=mask)), num_heads
+        raise TypeError(f"attention_layer must be a MultiHeadAttention or ScaledDotProductAttention, "
+                        f"got {type(attention_layer).__name__}")
+
+    def measure_attention_scaling(self, attention_layer, seq_lengths, *, batch_size: int = 1, num_heads: int = 8,
+                                  head_dim: int = 64, causal: bool = False) -> list[dict]:
+        """Time and peak memory of one forward at each sequence length, with BLAS held at one thread.
+
+        Args:
+            attention_layer: a MultiHeadAttention (inputs (B, T, E)) or a ScaledDotProductAttention
+                (inputs (B, num_heads, T, head_dim)).
+            seq_lengths: the lengths T to measure.
+            batch_size, num_heads, head_dim: the inputs' sizes (keyword only); a MultiHeadAttention
+                uses its own heads and width.
+            causal: pass create_causal_mask(T).
+        Returns:
+            One dict per length: seq_len, time_ms (median), time_spread_ms, peak_memory_mb (all
+            measured), weights_mb_estimate (B * H * T * T float32 numbers, computed) and blas_threads.
+        """
+        batch_size = check_int(batch_size, "batch_size", 1)
+        results = []
+        with single_threaded_blas():
+            for seq_len in seq_lengths:
+                seq_len = check_int(seq_len, "seq_len", 1)
+                call, heads = self._workload(attention_layer, seq_len, batch_size, num_heads, head_dim, causal)
+                timing = self.measure_time(call)
+                results.append({
+                    "seq_len": seq_len,
+                    "time_ms": timing["median_ms"],
+                    "time_spread_ms": timing["spread_ms"],
+                    "peak_memory_mb": self.peak_memory(call) / 2**20,
+                    "weights_mb_estimate": batch_size * heads * seq_len * seq_len * 4 / 2**20,
+                    "blas_threads": self.blas_threads,
+                })
+        return results
+
+    @classmethod
+    def analyze_quadratic_scaling(cls, results: list[dict]) -> dict:
+        """Fitted exponents p of time ~ T^p and memory ~ T^p over the rows of `measure_attention_scaling`."""
+        if len(results) < 2:
+            raise ValueError(f"fitting an exponent needs at least 2 sequence lengths, got {len(results)}")
+        lengths = [row["seq_len"] for row in results]
+        return {
+            "time_exponent": cls.fit_exponent(lengths, [row["time_ms"] for row in results]),
+            "memory_exponent": cls.fit_exponent(lengths, [max(row["peak_memory_mb"], 1e-9) for row in results]),
+            "seq_lengths": lengths,
+        }

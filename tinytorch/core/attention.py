@@ -8,17 +8,17 @@ __all__ = ['create_causal_mask', 'create_padding_mask', 'masked_softmax', 'math_
            'AttentionProfiler', 'ATTENTION_BACKENDS', 'CausalMask', 'get_attention_backend', 'set_attention_backend',
            'attention_backend', 'fast_attention']
 
-# %% ../../modules/13_attention/attention_dev.ipynb #64ac70ac
+# %% ../../modules/13_attention/attention_dev.ipynb #0cdfcb36
 import math
 import time
 import tracemalloc
 
 import numpy as np
 
-from .tensor import Tensor
+from .tensor import ParameterList, Tensor
 from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, CausalMask, ParameterList, as_float32, as_keep_mask, attention_backend, causal_offset,
-    check_attention_inputs, check_int, check_probability, fast_attention, get_attention_backend, is_number,
+    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, Layer, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
+    check_attention_inputs, check_int, check_multihead_inputs, inputs_checked, check_probability, fast_attention, get_attention_backend, is_number,
     mask_over_heads, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
     FLOAT32_MAX, FLOAT32_TINY,
 )
@@ -113,8 +113,8 @@ def math_attention(query, key, value, mask=None, scale=None) -> tuple[Tensor, Te
     ### END SOLUTION
     return Tensor(output.astype(np.float32, copy=False)), Tensor(weights)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #8fbdb047
-class ScaledDotProductAttention:
+# %% ../../modules/13_attention/attention_dev.ipynb #b4994c34
+class ScaledDotProductAttention(Layer):
     """softmax(Q Kᵀ / (√d_k · temperature)) V, with masks, dropout and a choice of kernels."""
 
     def __init__(self, dropout: float = 0.0, temperature: float = 1.0, block_size: int | None = None,
@@ -128,20 +128,7 @@ class ScaledDotProductAttention:
                 raise ValueError(f"dropout={dropout} needs the full weight matrix, which block_size={block_size} "
                                  "never forms; use one or the other")
         self.temperature, self.block_size = float(temperature), block_size
-        self.training = True
         self._rng = np.random.default_rng(seed)
-
-    def train(self, mode: bool = True):
-        """Training mode: dropout is active. Returns self."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode: dropout is off. Returns self."""
-        return self.train(False)
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
     def forward(self, query, key, value, mask=None, return_attention_weights: bool = False):
         """Attend from query to key/value.
@@ -161,12 +148,14 @@ class ScaledDotProductAttention:
         if self.block_size is not None:
             output, weights = parallel_blocked_attention(blocked_attention, q, k, v, mask, scale, self.block_size), None
         elif self.training and self.dropout > 0:
-            output, weights = self._attention_with_dropout(q, k, v, keep, scale)
+            with inputs_checked():
+                output, weights = self._attention_with_dropout(q, k, v, keep, scale)
         elif get_attention_backend() == "fast":
             offset = causal_offset(mask, q.shape[-2], k.shape[-2])
             output, weights = tuned_attention(q, k, v, keep, scale, offset, return_attention_weights)
         else:
-            output, weights = (result.data for result in math_attention(q, k, v, keep, scale))
+            with inputs_checked():                          # q, k, v were checked above
+                output, weights = (result.data for result in math_attention(q, k, v, keep, scale))
         return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
 
     def _attention_with_dropout(self, q, k, v, keep, scale: float):
@@ -224,8 +213,8 @@ def repeat_kv_heads(x, num_heads: int) -> Tensor:
     ### END SOLUTION
     return Tensor(repeated)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #6b77a024
-class MultiHeadAttention:
+# %% ../../modules/13_attention/attention_dev.ipynb #81c3b0de
+class MultiHeadAttention(Layer):
     """Multi-head attention with optional grouped key/value heads and KV caching."""
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, seed: int | None = None,
@@ -265,23 +254,6 @@ class MultiHeadAttention:
         """The inner attention layer (another name for `attention`)."""
         return self.attention
 
-    @property
-    def training(self) -> bool:
-        """True in training mode, where dropout on the attention weights is active."""
-        return self.attention.training
-
-    def train(self, mode: bool = True):
-        """Training mode (dropout active). Returns self."""
-        self.attention.train(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode (dropout off). Returns self."""
-        return self.train(False)
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
-
     def forward(self, query, key=None, value=None, mask=None, return_attention_weights: bool = False,
                 kv_cache=None):
         """Multi-head attention from query to key/value (self-attention when they are omitted).
@@ -295,53 +267,25 @@ class MultiHeadAttention:
         Returns:
             output Tensor (B, T, E), or (output, weights).
         """
-        x_q, x_k, x_v, mask = self._check_inputs(query, key, value, mask, kv_cache, return_attention_weights)
-        ### BEGIN SOLUTION
-        q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
-        k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
-        v = split_heads(x_v @ self.w_v.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
-        if kv_cache is not None:
-            k, v, visible = kv_cache.append(k, v)                        # (B, Hkv, L, hd), (B, 1, T, L)
-            mask = visible if mask is None else np.logical_and(mask, visible)
-        k = repeat_kv_heads(k, self.num_heads).data                     # (B, H, L, hd)
-        v = repeat_kv_heads(v, self.num_heads).data                     # (B, H, L, hd)
-        if return_attention_weights:
-            context, weights = self.attention(q, k, v, mask=mask, return_attention_weights=True)
-        else:
-            context, weights = self.attention(q, k, v, mask=mask), None
-        output = merge_heads(context).data @ self.w_o.data              # (B, T, E)
-        ### END SOLUTION
+        x_q, x_k, x_v, mask = check_multihead_inputs(self, query, key, value, mask, kv_cache, return_attention_weights)
+        with inputs_checked():           # what forward derives from checked inputs is not checked again
+            ### BEGIN SOLUTION
+            q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
+            k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
+            v = split_heads(x_v @ self.w_v.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
+            if kv_cache is not None:
+                k, v, visible = kv_cache.append(k, v)                        # (B, Hkv, L, hd), (B, 1, T, L)
+                mask = visible if mask is None else np.logical_and(mask, visible)
+            k = repeat_kv_heads(k, self.num_heads).data                     # (B, H, L, hd)
+            v = repeat_kv_heads(v, self.num_heads).data                     # (B, H, L, hd)
+            if return_attention_weights:
+                context, weights = self.attention(q, k, v, mask=mask, return_attention_weights=True)
+            else:
+                context, weights = self.attention(q, k, v, mask=mask), None
+            output = merge_heads(context).data @ self.w_o.data              # (B, T, E)
+            ### END SOLUTION
         output = Tensor(as_float32(output, "output"))
         return (output, Tensor(as_float32(weights, "weights"))) if return_attention_weights else output
-
-    def _check_inputs(self, query, key, value, mask, kv_cache, return_attention_weights):
-        """Checked (x_q, x_k, x_v) float32 arrays and the mask as one that broadcasts over heads."""
-        if return_attention_weights and self.attention.block_size is not None:
-            raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
-                             f"block_size={self.attention.block_size} never forms")
-        x_q = as_float32(query, "query")
-        x_k = x_q if key is None else as_float32(key, "key")
-        x_v = x_k if value is None else as_float32(value, "value")
-        for name, x in (("query", x_q), ("key", x_k), ("value", x_v)):
-            if x.ndim != 3:
-                raise ValueError(f"{name} must have shape (batch, seq, embed_dim={self.embed_dim}), got shape {x.shape}")
-            if x.shape[-1] != self.embed_dim:
-                raise ValueError(f"{name} has embed_dim={x.shape[-1]} but the layer expects {self.embed_dim}")
-        if not x_q.shape[0] == x_k.shape[0] == x_v.shape[0]:
-            raise ValueError(f"batch sizes differ: query {x_q.shape[0]}, key {x_k.shape[0]}, value {x_v.shape[0]}")
-        if x_k.shape[1] != x_v.shape[1]:
-            raise ValueError(f"value has seq_k={x_v.shape[1]} but key has seq_k={x_k.shape[1]}")
-        batch, seq_q, seq_k = x_q.shape[0], x_q.shape[1], x_k.shape[1]
-        if kv_cache is not None:
-            seq_k = kv_cache.check_append(batch, self.num_kv_heads, seq_k, self.head_dim)   # keys after appending
-            if x_q.shape[1] != x_k.shape[1]:
-                raise ValueError(f"with a kv_cache, query and key must hold the same new positions: "
-                                 f"query has {x_q.shape[1]}, key has {x_k.shape[1]}")
-            if mask is not None:
-                mask = as_keep_mask(mask_over_heads(mask, batch, self.num_heads, seq_q, seq_k),
-                                    (batch, self.num_heads, seq_q, seq_k))
-                return x_q, x_k, x_v, mask
-        return x_q, x_k, x_v, mask_over_heads(mask, batch, self.num_heads, seq_q, seq_k)
 
     def get_memory_usage(self) -> dict:
         """Parameter memory and counts, in total and per head, and the KV-cache cost per token.
@@ -371,9 +315,12 @@ class MultiHeadAttention:
             "head_dim": self.head_dim,
         }
 
-# %% ../../modules/13_attention/attention_dev.ipynb #b731ad6d
-class KVCache:
-    """Preallocated keys and values for incremental decoding, one length per batch row."""
+# %% ../../modules/13_attention/attention_dev.ipynb #281de82e
+class KVCache(KVCacheChecks):
+    """Preallocated keys and values for incremental decoding, one length per batch row.
+
+    The checks of rows and room (`KVCacheChecks`) are provided in the runtime.
+    """
 
     def __init__(self, max_batch_size: int, max_seq_length: int, num_heads: int, head_dim: int):
         self.max_batch_size = check_int(max_batch_size, "max_batch_size", 1)
@@ -456,35 +403,6 @@ class KVCache:
         ### END SOLUTION
         self.is_active = bool(self.cache_lengths.any())
 
-    def check_append(self, batch: int, num_heads: int, new_len: int, head_dim: int) -> int:
-        """Raise unless (batch, num_heads, new_len, head_dim) keys fit rows 0..batch-1; returns the
-        longest row's length after appending them."""
-        if (num_heads, head_dim) != (self.num_heads, self.head_dim):
-            raise ValueError(f"kv_cache has num_heads={self.num_heads}, head_dim={self.head_dim} but the keys have "
-                             f"num_heads={num_heads}, head_dim={head_dim}")
-        if batch > self.max_batch_size:
-            raise ValueError(f"batch of {batch} rows does not fit kv_cache.max_batch_size={self.max_batch_size}")
-        for b in range(batch):
-            self._check_room(b, new_len)
-        return int(self.cache_lengths[:batch].max()) + new_len if batch else new_len
-
-    def _check_row(self, batch_idx) -> int:
-        if isinstance(batch_idx, (bool, np.bool_)) or not isinstance(batch_idx, (int, np.integer)):
-            raise TypeError(f"batch_idx must be an integer, got {type(batch_idx).__name__} {batch_idx!r}")
-        if not 0 <= batch_idx < self.max_batch_size:
-            raise IndexError(f"batch_idx {batch_idx} is out of range for max_batch_size={self.max_batch_size}")
-        return int(batch_idx)
-
-    def _check_room(self, b: int, new_len: int) -> None:
-        start = int(self.cache_lengths[b])
-        if start + new_len > self.max_seq_length:
-            raise ValueError(f"cache row {b} holds {start} of max_seq_length={self.max_seq_length} positions; "
-                             f"appending {new_len} would need {start + new_len}")
-
-    def __repr__(self):
-        return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
-                f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
-
 # %% ../../modules/13_attention/attention_dev.ipynb #edbbd427
 def _kv_cache_append(self, new_keys, new_values):
     """Append (B, Hkv, T, hd) keys and values to rows 0..B-1 and return what each new query may see.
@@ -561,14 +479,13 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
     ### END SOLUTION
     return Tensor(output)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #7e61f212
-class AttentionProfiler:
+# %% ../../modules/13_attention/attention_dev.ipynb #a5313220
+class AttentionProfiler(ProfilerSweeps):
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc).
 
-    Every sweep holds BLAS at one thread, reported as `blas_threads` with each result.
+    The sweeps over sequence lengths (`measure_attention_scaling`, `analyze_quadratic_scaling`)
+    are provided in the runtime's `ProfilerSweeps`; they hold BLAS at one thread.
     """
-
-    blas_threads = 1
 
     def __init__(self, repeats: int = 5, warmup: int = 1, seed: int = 0):
         self.repeats = check_int(repeats, "repeats", 1)
@@ -600,16 +517,12 @@ class AttentionProfiler:
         if sizes.shape != costs.shape or sizes.ndim != 1 or sizes.size < 2:
             raise ValueError(f"fitting an exponent needs two 1-D arrays of the same length >= 2, "
                              f"got shapes {sizes.shape} and {costs.shape}")
-        if not (np.all(sizes > 0) and np.all(costs > 0)):
-            raise ValueError("sizes and costs must be positive to take their logarithms")
+        if not (np.all(np.isfinite(sizes)) and np.all(np.isfinite(costs)) and np.all(sizes > 0) and np.all(costs > 0)):
+            raise ValueError("sizes and costs must be positive finite numbers to take their logarithms")
         ### BEGIN SOLUTION
         slope, _ = np.polyfit(np.log(sizes), np.log(costs), 1)
         return float(slope)
         ### END SOLUTION
-
-    def time_call(self, function) -> float:
-        """Median seconds of `function()`."""
-        return self.measure_time(function)["median_ms"] / 1e3
 
     @staticmethod
     def peak_memory(function) -> int:
@@ -629,64 +542,6 @@ class AttentionProfiler:
             if not was_tracing:
                 tracemalloc.stop()
         return extra
-
-    def _workload(self, attention_layer, seq_len, batch_size, num_heads, head_dim, causal):
-        """A call of `attention_layer` on random inputs of length `seq_len`, and its number of heads."""
-        rng = np.random.default_rng(self.seed)
-        mask = create_causal_mask(seq_len) if causal else None
-        if isinstance(attention_layer, MultiHeadAttention):
-            x = rng.standard_normal((batch_size, seq_len, attention_layer.embed_dim), dtype=np.float32)
-            return (lambda: attention_layer(x, mask=mask)), attention_layer.num_heads
-        if isinstance(attention_layer, ScaledDotProductAttention):
-            q, k, v = (rng.standard_normal((batch_size, num_heads, seq_len, head_dim), dtype=np.float32)
-                       for _ in range(3))
-            return (lambda: attention_layer(q, k, v, mask=mask)), num_heads
-        raise TypeError(f"attention_layer must be a MultiHeadAttention or ScaledDotProductAttention, "
-                        f"got {type(attention_layer).__name__}")
-
-    def measure_attention_scaling(self, attention_layer, seq_lengths, *, batch_size: int = 1, num_heads: int = 8,
-                                  head_dim: int = 64, causal: bool = False) -> list[dict]:
-        """Time and peak memory of one forward at each sequence length, with BLAS held at one thread.
-
-        Args:
-            attention_layer: a MultiHeadAttention (inputs (B, T, E)) or a ScaledDotProductAttention
-                (inputs (B, num_heads, T, head_dim)).
-            seq_lengths: the lengths T to measure.
-            batch_size, num_heads, head_dim: the inputs' sizes (keyword only); a MultiHeadAttention
-                uses its own heads and width.
-            causal: pass create_causal_mask(T).
-        Returns:
-            One dict per length: seq_len, time_ms (median), time_spread_ms, peak_memory_mb (all
-            measured), weights_mb_estimate (B * H * T * T float32 numbers, computed) and blas_threads.
-        """
-        batch_size = check_int(batch_size, "batch_size", 1)
-        results = []
-        with single_threaded_blas():
-            for seq_len in seq_lengths:
-                seq_len = check_int(seq_len, "seq_len", 1)
-                call, heads = self._workload(attention_layer, seq_len, batch_size, num_heads, head_dim, causal)
-                timing = self.measure_time(call)
-                results.append({
-                    "seq_len": seq_len,
-                    "time_ms": timing["median_ms"],
-                    "time_spread_ms": timing["spread_ms"],
-                    "peak_memory_mb": self.peak_memory(call) / 2**20,
-                    "weights_mb_estimate": batch_size * heads * seq_len * seq_len * 4 / 2**20,
-                    "blas_threads": self.blas_threads,
-                })
-        return results
-
-    @classmethod
-    def analyze_quadratic_scaling(cls, results: list[dict]) -> dict:
-        """Fitted exponents p of time ~ T^p and memory ~ T^p over the rows of `measure_attention_scaling`."""
-        if len(results) < 2:
-            raise ValueError(f"fitting an exponent needs at least 2 sequence lengths, got {len(results)}")
-        lengths = [row["seq_len"] for row in results]
-        return {
-            "time_exponent": cls.fit_exponent(lengths, [row["time_ms"] for row in results]),
-            "memory_exponent": cls.fit_exponent(lengths, [max(row["peak_memory_mb"], 1e-9) for row in results]),
-            "seq_lengths": lengths,
-        }
 
     def compare_generation(self, attention_layer, prompt_length: int, new_tokens: int, *,
                            batch_size: int = 1) -> dict:
