@@ -93,7 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tito.run import run_module
 
     root = find_root()
-    return run_module(resolve_module(root, args.module), figures_dir=args.figures, timeout=args.timeout)
+    return run_module(resolve_module(root, args.module), figures_dir=args.figures, timeout=args.timeout,
+                      json_path=args.json)
 
 
 def cmd_release(args: argparse.Namespace) -> int:
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--figures", type=Path, default=None,
                      help="folder for the plots the notebook draws (default: tito-output/NN_name)")
     run.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell (default: 900)")
+    run.add_argument("--json", type=Path, default=None, metavar="PATH",
+                     help="also write each code cell's wall time (seconds) as JSON to PATH")
     run.set_defaults(handler=cmd_run)
 
     release = commands.add_parser(

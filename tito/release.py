@@ -121,18 +121,29 @@ def _release_files(root: Path, target: Module) -> dict[str, str | Path]:
 STUDENT_README = """\
 # TinyTorch workspace: module {module}
 
-Install it once, from this folder (Python 3.10 or newer):
+Install it once, from this folder (Python 3.10 or newer), in a fresh virtual environment:
 
-    pip install -e ".[dev]"
+    python -m venv .venv
+    source .venv/bin/activate        # on Windows: .venv\\Scripts\\activate
+    pip install -e ".[dev,lab]"
+    jupyter lab
 
-Your work goes in `modules/{module}/{name}_dev.ipynb` (in Jupyter) or its paired
-`modules/{module}/{name}_dev.py` (in an editor): replace each `raise NotImplementedError()` under
-`# YOUR CODE HERE`, and each `YOUR ANSWER HERE`.
+Your work goes in `modules/{module}/{name}_dev.ipynb`, or its paired
+`modules/{module}/{name}_dev.py`: replace each `raise NotImplementedError()` under
+`# YOUR CODE HERE`, and each `YOUR ANSWER HERE`. In JupyterLab, open the `.ipynb`, or right-click
+the `.py` and choose Open With > Jupytext Notebook (a double-click opens it as plain text).
+Saving either one in JupyterLab writes both. You can also edit the `.py` in any editor.
 
-    tito run {number}       # run the notebook top to bottom; it stops at the first unfinished part
-    tito export {number}    # put your code into tinytorch/core/{name}.py
-    tito test {number}      # run the tests of the exported code
-    tito grade {number}     # the same tests as points per part, and what is left to do
+    tito run {number}                 # run the notebook top to bottom; it stops at the first unfinished part
+    tito export {number}              # put your code into tinytorch/core/{name}.py
+    tito test {number}                # the tests, one line per part: ok, not done yet, or the first failure
+    tito test {number} PART           # one part's tests, e.g. the name of a part in that summary
+    tito test {number} -v             # pytest's full output (arguments after -- go to pytest)
+    tito grade {number}               # points per part, and what is left to do
+
+`tito test` and `tito grade` export your code first when the `.py` or the notebook changed since
+the last export, so they always test what you wrote. A failure points at your own line, as
+`modules/{module}/{name}_dev.py:LINE, notebook cell N`.
 """
 
 

@@ -51,8 +51,24 @@ def _print_outputs(cell, figures_dir: Path, cell_index: int) -> list[Path]:
     return saved
 
 
-def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 900) -> int:
-    """Run the notebook built from the module's source; returns 0 when every cell succeeds."""
+def _write_timings(path: Path | None, module: Module, timings: list[dict], total: float, passed: bool) -> None:
+    """Save each executed cell's wall time as JSON (`tito run --json`)."""
+    if path is None:
+        return
+    import json
+
+    report = {"module": module.folder_name, "passed": passed, "total_seconds": round(total, 3), "cells": timings}
+    try:
+        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise TitoError(f"cannot write --json {path}: {error}") from error
+
+
+def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 900,
+               json_path: Path | None = None) -> int:
+    """Run the notebook built from the module's source; returns 0 when every cell succeeds.
+
+    `json_path` receives every executed cell's wall time, for checking nbgrader's per-cell limits."""
     try:
         from nbclient import NotebookClient
         from nbclient.exceptions import CellExecutionError
@@ -76,6 +92,7 @@ def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 9
     print(f"tito run {module.folder_name}: executing {origin} ({len(code_cells)} code cells) in a python3 kernel")
     started = time.perf_counter()
     saved: list[Path] = []
+    timings: list[dict] = []
     for stale in figures_dir.glob("cell*.png") if figures_dir.is_dir() else []:
         stale.unlink()                                   # figures of an earlier run
     # The kernel imports this workspace's tinytorch, whatever else is installed.
@@ -92,13 +109,20 @@ def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 9
                     _print_outputs(cell, figures_dir, index)
                     print(f"{label}  FAILED")
                     print(_plain(str(error)))
+                    _write_timings(json_path, module, timings, time.perf_counter() - started, passed=False)
                     return 1
-                print(f"{label}  ok ({time.perf_counter() - cell_started:.2f}s)")
+                seconds = time.perf_counter() - cell_started
+                timings.append({"cell": index + 1, "label": label.split("] ", 1)[1], "seconds": round(seconds, 3)})
+                print(f"{label}  ok ({seconds:.2f}s)")
                 saved.extend(_print_outputs(cell, figures_dir, index))
     except Exception as error:  # the kernel itself failed to start or died
         raise TitoError(f"the Jupyter kernel failed: {type(error).__name__}: {error}") from error
-    print(f"tito run {module.folder_name}: all {len(code_cells)} code cells passed "
-          f"in {time.perf_counter() - started:.1f}s")
+    total = time.perf_counter() - started
+    print(f"tito run {module.folder_name}: all {len(code_cells)} code cells passed in {total:.1f}s")
+    if timings:
+        slowest = max(timings, key=lambda timing: timing["seconds"])
+        print(f"slowest cell: notebook cell {slowest['cell']} ({slowest['label']}), {slowest['seconds']:.2f}s")
+    _write_timings(json_path, module, timings, total, passed=True)
     if saved:
         print(f"figures saved to {figures_dir}")
     return 0

@@ -53,6 +53,20 @@ def test_tito_run_executes_the_notebook_in_a_kernel(repo_root):
     assert "all" in result.stdout and "code cells passed" in result.stdout
 
 
+def test_every_cell_of_module_13_stays_within_nbgrader_time_limits(repo_root, tmp_path):
+    """nbgrader's autograde allows 30 s per cell by default, and courses often set 10 s: the
+    solution notebook must leave room for a slower, busier machine than this one."""
+    import json
+
+    report = tmp_path / "times.json"
+    result = tito("run", "13", "--json", str(report), "--figures", str(tmp_path / "figures"), cwd=repo_root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    timings = json.loads(report.read_text())
+    slow = [(cell["cell"], cell["label"], cell["seconds"]) for cell in timings["cells"] if cell["seconds"] >= 10]
+    assert not slow, f"cells taking 10 s or more: {slow}"
+    assert timings["total_seconds"] < 60
+
+
 def test_tito_run_reports_a_failing_cell_and_exits_nonzero(workspace):
     module = workspace / "modules/98_broken"
     module.mkdir()

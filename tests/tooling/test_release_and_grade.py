@@ -237,3 +237,19 @@ def test_released_files_get_the_usual_permissions(released):
     for path in (released / "modules/13_attention/attention_dev.ipynb", released / "tinytorch/core/attention.py",
                  released / "README.md", released / ".tito/manifest.json"):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_tito_test_on_the_blank_release_is_short_and_names_every_part(released):
+    from tito.grade import graded_parts, part_name
+
+    result = tito("test", "13", cwd=released)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) < 400, f"{len(lines)} lines"
+    assert "changed since the last export" not in result.stdout           # a release is exported
+    parts = [part for part in graded_parts(resolve_module(released, "13")) if not part.manual]
+    assert parts
+    for part in parts:
+        assert re.search(rf"^{re.escape(part_name(part.grade_id))}\s+0/\d+\s+not done yet: ", result.stdout,
+                         flags=re.M), f"{part.grade_id} not named as not done yet:\n{result.stdout}"
+    assert re.fullmatch(r"0 passed, \d+ failed(, \d+ skipped)?", lines[-1])
