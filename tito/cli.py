@@ -223,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     grade = commands.add_parser(
         "grade", help="grade an exported package and print the points per part",
         description="Run this workspace's grading tests for the module against one exported package "
-        "and print part, points earned and points possible. Exit status 0 only when every test passed.",
+        "and print part, points earned and points possible, the first failure of each part at the "
+        "student's own line, and the written answers still to fill in. Without --package, a module "
+        "changed since the last export is exported first; a --package is graded as it is. Exit "
+        "status 0 only when every test passed.",
     )
     grade.add_argument("module", help=MODULE_HELP)
     grade.add_argument("--package", type=Path, default=None,
