@@ -5,6 +5,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                           'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention.AttentionProfiler.__init__': ( '13_attention/attention_dev.html#attentionprofiler.__init__',
                                                                                                    'tinytorch/core/attention.py'),
+                                          'tinytorch.core.attention.AttentionProfiler._calls_per_sample': ( '13_attention/attention_dev.html#attentionprofiler._calls_per_sample',
+                                                                                                            'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention.AttentionProfiler._workload': ( '13_attention/attention_dev.html#attentionprofiler._workload',
                                                                                                     'tinytorch/core/attention.py'),
                                           'tinytorch.core.attention.AttentionProfiler.analyze_quadratic_scaling': ( '13_attention/attention_dev.html#attentionprofiler.analyze_quadratic_scaling',

@@ -561,7 +561,7 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
     ### END SOLUTION
     return Tensor(output)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #7e61f212
+# %% ../../modules/13_attention/attention_dev.ipynb #895a4f05
 class AttentionProfiler:
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc).
 
@@ -644,6 +644,15 @@ class AttentionProfiler:
         raise TypeError(f"attention_layer must be a MultiHeadAttention or ScaledDotProductAttention, "
                         f"got {type(attention_layer).__name__}")
 
+    min_sample_seconds = 0.05  # a sample shorter than a few scheduler time slices escapes the preemption longer ones suffer
+
+    @classmethod
+    def _calls_per_sample(cls, call) -> int:
+        """How many calls of `call` make one timed sample last at least `min_sample_seconds`."""
+        start = time.perf_counter()
+        call()
+        return max(1, math.ceil(cls.min_sample_seconds / max(time.perf_counter() - start, 1e-6)))
+
     def measure_attention_scaling(self, attention_layer, seq_lengths, *, batch_size: int = 1, num_heads: int = 8,
                                   head_dim: int = 64, causal: bool = False) -> list[dict]:
         """Time and peak memory of one forward at each sequence length, with BLAS held at one thread.
@@ -656,8 +665,10 @@ class AttentionProfiler:
                 uses its own heads and width.
             causal: pass create_causal_mask(T).
         Returns:
-            One dict per length: seq_len, time_ms (median), time_spread_ms, peak_memory_mb (all
-            measured), weights_mb_estimate (B * H * T * T float32 numbers, computed) and blas_threads.
+            One dict per length: seq_len, time_ms (median per call; each timed sample repeats the
+            call for at least `min_sample_seconds`, so that every length sees the same share of a
+            busy machine), time_spread_ms, peak_memory_mb (all measured), weights_mb_estimate
+            (B * H * T * T float32 numbers, computed) and blas_threads.
         """
         batch_size = check_int(batch_size, "batch_size", 1)
         results = []
@@ -665,11 +676,12 @@ class AttentionProfiler:
             for seq_len in seq_lengths:
                 seq_len = check_int(seq_len, "seq_len", 1)
                 call, heads = self._workload(attention_layer, seq_len, batch_size, num_heads, head_dim, causal)
-                timing = self.measure_time(call)
+                calls = self._calls_per_sample(call)
+                timing = self.measure_time(lambda: [call() for _ in range(calls)])
                 results.append({
                     "seq_len": seq_len,
-                    "time_ms": timing["median_ms"],
-                    "time_spread_ms": timing["spread_ms"],
+                    "time_ms": timing["median_ms"] / calls,
+                    "time_spread_ms": timing["spread_ms"] / calls,
                     "peak_memory_mb": self.peak_memory(call) / 2**20,
                     "weights_mb_estimate": batch_size * heads * seq_len * seq_len * 4 / 2**20,
                     "blas_threads": self.blas_threads,
