@@ -307,7 +307,7 @@ def parallel_map(function, tasks) -> None:
     if errors:
         raise errors[0]
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #3e95dd06
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #346aaa30
 QUERY_ROWS = 256                 # query rows per tile: 256 x 512 float32 scores = 0.5 MiB, cache-sized
 CAUSAL_QUERY_ROWS = 64           # smaller tiles skip more of a causal mask's future
 PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
@@ -344,9 +344,9 @@ def _scores_are_small(q, k) -> bool:
     """Whether every score q_i . k_j is at most SHIFT_FREE_BOUND in size (q already scaled)."""
     if q.size == 0 or k.size == 0:
         return True
-    q_norm = np.sqrt(np.einsum("...i,...i->...", q, q, dtype=np.float64).max())
-    k_norm = np.sqrt(np.einsum("...i,...i->...", k, k, dtype=np.float64).max())
-    return bool(q_norm * k_norm <= SHIFT_FREE_BOUND)
+    q_norm = math.sqrt(np.einsum("...i,...i->...", q, q).max())           # float32 overflow gives inf: False
+    k_norm = math.sqrt(np.einsum("...i,...i->...", k, k).max())
+    return q_norm * k_norm <= SHIFT_FREE_BOUND
 
 
 def _simplify_mask(keep, T: int, S: int):
@@ -416,12 +416,13 @@ def tuned_attention(q, k, v, keep, scale: float, offset: int | None, need_weight
     output = np.zeros(lead + (T, dv), dtype=np.float32)
     weights = np.zeros(lead + (T, S), dtype=np.float32) if need_weights else None
     q = q * np.float32(scale)
-    shift_free = _scores_are_small(q, k)
+    small = math.prod(lead) * T * S < PARALLEL_MIN_SCORES
+    shift_free = not small and _scores_are_small(q, k)          # small calls: the check would cost more
     q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
     hidden = None if keep is None or offset is not None else np.broadcast_to(~keep, lead + (T, S))
     if S == 0 or T == 0 or math.prod(lead) == 0:
         pass                                                     # nothing to attend to: zeros
-    elif math.prod(lead) * T * S < PARALLEL_MIN_SCORES:                     # one vectorised call
+    elif small:                                                              # one vectorised call
         if offset is not None:
             hidden = ~np.tri(T, S, k=offset, dtype=bool)                         # (T, S), True = future
         _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights, shift_free)
