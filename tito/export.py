@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tito.workspace import Module, TitoError, discover_modules
+from tito.workspace import Module, Source, TitoError, discover_modules
 
 MANIFEST = Path(".tito") / "manifest.json"
 MODIDX = Path("tinytorch") / "_modidx.py"
@@ -93,16 +93,16 @@ def _jupytext():
     return jupytext
 
 
-def read_source(module: Module, text: str | None = None):
-    """Parse a module's `*_dev.py` (percent format) into a notebook node."""
+def read_source(source: Source, text: str | None = None):
+    """Parse a `*_dev.py` (percent format) into a notebook node."""
     if text is None:
-        text = read_text(module.source)
+        text = read_text(source.path)
         if text is None:
-            raise TitoError(f"missing source file {module.relative(module.source)}")
+            raise TitoError(f"missing source file {source.relative(source.path)}")
     try:
         return _jupytext().reads(text, fmt="py:percent")
     except Exception as error:  # jupytext raises many types on malformed input
-        raise TitoError(f"cannot parse {module.relative(module.source)}: {error}") from error
+        raise TitoError(f"cannot parse {source.relative(source.path)}: {error}") from error
 
 
 def assign_cell_ids(notebook) -> None:
@@ -125,32 +125,32 @@ def notebook_text(notebook) -> str:
     return nbformat.writes(notebook, version=4) + "\n"
 
 
-def source_to_notebook(module: Module, text: str | None = None) -> str:
-    notebook = read_source(module, text)
+def source_to_notebook(source: Source, text: str | None = None) -> str:
+    notebook = read_source(source, text)
     assign_cell_ids(notebook)
     return notebook_text(notebook)
 
 
-def notebook_to_source(module: Module, text: str) -> str:
+def notebook_to_source(source: Source, text: str) -> str:
     """The percent-format text of a notebook, as jupytext writes it."""
     jupytext = _jupytext()
     try:
         notebook = jupytext.reads(text, fmt="ipynb")
     except Exception as error:
-        raise TitoError(f"{module.relative(module.notebook)} is not a readable notebook: {error}") from error
+        raise TitoError(f"{source.relative(source.notebook)} is not a readable notebook: {error}") from error
     return jupytext.writes(notebook, fmt="py:percent")
 
 
-def normalised_source(module: Module, text: str) -> str:
+def normalised_source(source: Source, text: str) -> str:
     """A source text passed once through jupytext, for comparing it with a notebook's text."""
-    return _jupytext().writes(read_source(module, text), fmt="py:percent")
+    return _jupytext().writes(read_source(source, text), fmt="py:percent")
 
 
 # ----------------------------------------------------------------------------- package files
-def export_package(root: Path, notebooks: dict[Module, str]) -> dict[str, str]:
+def export_package(root: Path, notebooks: dict[Source, str]) -> dict[str, str]:
     """Run nbdev on the given notebook texts in a scratch copy of the workspace layout.
 
-    Returns the generated package files (relative path -> text): one per module, and
+    Returns the generated package files (relative path -> text): one per source, and
     `tinytorch/_modidx.py` built over the whole package as it will be after the export.
     """
     try:
@@ -165,29 +165,34 @@ def export_package(root: Path, notebooks: dict[Module, str]) -> dict[str, str]:
         package = scratch / "tinytorch"
         (package / "core").mkdir(parents=True)
         # The rest of the package as it stands, so that _modidx covers every module.
-        for module in discover_modules(root):
-            if module not in notebooks and module.package_file.exists():
-                shutil.copy2(module.package_file, package / "core" / module.package_file.name)
+        for source in all_sources(root):
+            if source not in notebooks and source.package_file.exists():
+                shutil.copy2(source.package_file, package / "core" / source.package_file.name)
         generated = {}
-        for module, text in notebooks.items():
-            notebook_path = scratch / module.relative(module.notebook)
+        for source, text in notebooks.items():
+            notebook_path = scratch / source.relative(source.notebook)
             write_atomic(notebook_path, text)
             with _working_directory(scratch):
                 try:
                     nb_export(notebook_path, lib_path=package)
                 except Exception as error:
-                    raise TitoError(f"nbdev could not export {module.relative(module.notebook)}: {error}") from error
-            exported = package / "core" / module.package_file.name
+                    raise TitoError(f"nbdev could not export {source.relative(source.notebook)}: {error}") from error
+            exported = package / "core" / source.package_file.name
             if not exported.exists():
                 raise TitoError(
-                    f"{module.relative(module.source)} exported nothing: its first code cell must be "
-                    f"'#| default_exp core.{module.name}'"
+                    f"{source.relative(source.path)} exported nothing: its first code cell must be "
+                    f"'#| default_exp core.{source.name}'"
                 )
-            generated[module.relative(module.package_file)] = exported.read_text(encoding="utf-8")
+            generated[source.relative(source.package_file)] = exported.read_text(encoding="utf-8")
         with _working_directory(scratch):
             _build_modidx(dest=package, nbs_path=scratch / "modules")
         generated[MODIDX.as_posix()] = (package / "_modidx.py").read_text(encoding="utf-8")
         return generated
+
+
+def all_sources(root: Path, modules: list[Module] | None = None) -> list[Source]:
+    """Every source of the given modules (all modules by default), in course order."""
+    return [source for module in (discover_modules(root) if modules is None else modules) for source in module.sources]
 
 
 @contextlib.contextmanager
@@ -213,17 +218,17 @@ class ExportPlan:
     notes_backups: list[str] = field(default_factory=list)  # the .bak copies written
 
 
-def _plan_module(root: Path, module: Module, manifest: dict[str, str], plan: ExportPlan) -> str:
-    """Decide the source text to export for `module`; returns it."""
-    source_text = read_text(module.source)
+def _plan_source(source: Source, manifest: dict[str, str], plan: ExportPlan) -> str:
+    """Decide the text to export for `source`; returns it."""
+    source_text = read_text(source.path)
     if source_text is None:
-        raise TitoError(f"missing source file {module.relative(module.source)}")
-    source_key, notebook_key = module.relative(module.source), module.relative(module.notebook)
-    notebook_on_disk = read_text(module.notebook)
+        raise TitoError(f"missing source file {source.relative(source.path)}")
+    source_key, notebook_key = source.relative(source.path), source.relative(source.notebook)
+    notebook_on_disk = read_text(source.notebook)
 
     if notebook_on_disk is not None and sha256(notebook_on_disk) != manifest.get(notebook_key):
-        notebook_as_source = notebook_to_source(module, notebook_on_disk)
-        if notebook_as_source != normalised_source(module, source_text):
+        notebook_as_source = notebook_to_source(source, notebook_on_disk)
+        if notebook_as_source != normalised_source(source, source_text):
             source_unchanged = sha256(source_text) == manifest.get(source_key)
             if source_unchanged:
                 plan.writes[source_key] = notebook_as_source
@@ -244,7 +249,7 @@ def current_source(module: Module) -> tuple[str, str]:
     """The text a module runs as now, and the file it comes from: the .py, or the notebook when it
     was edited in Jupyter since the last export and the .py was not."""
     plan = ExportPlan()
-    text = _plan_module(module.root, module, load_manifest(module.root), plan)
+    text = _plan_source(module.main, load_manifest(module.root), plan)
     if plan.conflicts:
         raise TitoError(plan.conflicts[0])
     return text, module.relative(module.notebook if plan.writes else module.source)
@@ -254,16 +259,16 @@ def plan_export(root: Path, modules: list[Module], force: bool = False) -> Expor
     manifest = load_manifest(root)
     plan = ExportPlan()
     notebooks = {}
-    for module in modules:
-        source_text = _plan_module(root, module, manifest, plan)
-        notebooks[module] = source_to_notebook(module, source_text)
-        plan.writes[module.relative(module.notebook)] = notebooks[module]
+    for source in all_sources(root, modules):
+        source_text = _plan_source(source, manifest, plan)
+        notebooks[source] = source_to_notebook(source, source_text)
+        plan.writes[source.relative(source.notebook)] = notebooks[source]
 
     for relative, text in export_package(root, notebooks).items():
         on_disk = read_text(root / relative)
         if on_disk is not None and on_disk != text and sha256(on_disk) != manifest.get(relative):
-            owner = next((m for m in modules if m.relative(m.package_file) == relative), None)
-            edit_instead = f"edit {owner.relative(owner.source)} instead" if owner else "it is generated"
+            owner = next((s for s in notebooks if s.relative(s.package_file) == relative), None)
+            edit_instead = f"edit {owner.relative(owner.path)} instead" if owner else "it is generated"
             plan.edited.append(relative)
             plan.conflicts.append(
                 f"{relative} was edited by hand since the last export; {edit_instead}, "
@@ -309,7 +314,7 @@ def export(root: Path, modules: list[Module], force: bool = False) -> ExportPlan
 
 def stale_files(root: Path, modules: list[Module]) -> list[str]:
     """Generated files whose committed bytes differ from a fresh export of their sources."""
-    notebooks = {module: source_to_notebook(module) for module in modules}
-    expected = {module.relative(module.notebook): text for module, text in notebooks.items()}
+    notebooks = {source: source_to_notebook(source) for source in all_sources(root, modules)}
+    expected = {source.relative(source.notebook): text for source, text in notebooks.items()}
     expected.update(export_package(root, notebooks))
     return sorted(path for path, text in expected.items() if read_text(root / path) != text)

@@ -38,7 +38,7 @@ class Part:
 def graded_parts(module: Module) -> list[Part]:
     """The graded cells of the module's notebook, in order, with their points."""
     parts = []
-    for cell in read_source(module).cells:
+    for cell in read_source(module.main).cells:
         meta = cell.metadata.get("nbgrader", {})
         if meta.get("grade"):
             parts.append(Part(meta["grade_id"], float(meta.get("points", 0)), manual=cell.cell_type == "markdown"))

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from tito.export import assign_cell_ids, backup_path, export, notebook_text, read_source, write_atomic
-from tito.workspace import Module, TitoError, discover_modules
+from tito.workspace import Module, Source, TitoError, discover_modules
 
 BEGIN_SOLUTION, END_SOLUTION = "BEGIN SOLUTION", "END SOLUTION"
 CODE_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
@@ -83,15 +83,15 @@ def nbgrader_available() -> bool:
     return importlib.util.find_spec("nbgrader") is not None
 
 
-def release_notebook(module: Module, use_nbgrader: bool | None = None):
-    """The module's notebook with solutions stripped; nbgrader does it when installed."""
-    notebook = read_source(module)
+def release_notebook(source: Source, use_nbgrader: bool | None = None):
+    """A source's notebook with solutions stripped; nbgrader does it when installed."""
+    notebook = read_source(source)
     if use_nbgrader is None:
         use_nbgrader = nbgrader_available()
     try:
         released = clear_solutions_with_nbgrader(notebook) if use_nbgrader else clear_solutions(notebook)
     except RuntimeError as error:  # nbgrader's way of reporting a malformed solution region
-        raise TitoError(f"cannot release {module.relative(module.source)}: {error}") from error
+        raise TitoError(f"cannot release {source.relative(source.path)}: {error}") from error
     assign_cell_ids(released)
     return released
 
@@ -108,9 +108,10 @@ def _release_files(root: Path, target: Module) -> dict[str, str | Path]:
             continue
         for test in sorted(module.tests.glob("*.py")) if module.tests.is_dir() else []:
             files[module.relative(test)] = test
-        released = release_notebook(module)
-        files[module.relative(module.notebook)] = notebook_text(released)
-        files[module.relative(module.source)] = jupytext.writes(released, fmt="py:percent")
+        for source in module.sources:      # provided sources hold no solutions and come out whole
+            released = release_notebook(source)
+            files[source.relative(source.notebook)] = notebook_text(released)
+            files[source.relative(source.path)] = jupytext.writes(released, fmt="py:percent")
         if (module.folder / "README.md").exists():
             files[module.relative(module.folder / "README.md")] = module.folder / "README.md"
     files["README.md"] = STUDENT_README.format(module=target.folder_name, name=target.name, number=target.number)

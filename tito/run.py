@@ -66,7 +66,7 @@ def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 9
         print(f"Module {module.number}: {metadata['title']} (about {metadata['estimated_time']}; "
               f"builds on {', '.join(metadata['prerequisites'])}; next: {metadata['next_module']})")
     text, origin = current_source(module)
-    notebook = read_source(module, text)
+    notebook = read_source(module.main, text)
     code_cells = [(index, cell) for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
     client = NotebookClient(
         notebook, timeout=timeout, kernel_name="python3",

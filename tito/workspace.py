@@ -12,6 +12,7 @@ else:
     import tomli as tomllib
 
 MODULE_DIR_PATTERN = re.compile(r"^(\d{2})_([a-z][a-z0-9_]*)$")
+SOURCE_SUFFIX = "_dev.py"
 
 
 class TitoError(Exception):
@@ -20,6 +21,32 @@ class TitoError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Source:
+    """One `*_dev.py` of a module folder, and the notebook and package file made from it.
+
+    `attention_dev.py` becomes `attention_dev.ipynb` and `tinytorch/core/attention.py`.
+    """
+
+    root: Path    # the workspace root
+    path: Path    # modules/13_attention/attention_dev.py
+
+    @property
+    def name(self) -> str:
+        return self.path.name[: -len(SOURCE_SUFFIX)]
+
+    @property
+    def notebook(self) -> Path:
+        return self.path.with_suffix(".ipynb")
+
+    @property
+    def package_file(self) -> Path:
+        return self.root / "tinytorch" / "core" / f"{self.name}.py"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
 
 @dataclass(frozen=True)
@@ -49,6 +76,18 @@ class Module:
     @property
     def package_file(self) -> Path:
         return self.root / "tinytorch" / "core" / f"{self.name}.py"
+
+    @property
+    def main(self) -> Source:
+        """The module's own source, the one students work in."""
+        return Source(self.root, self.source)
+
+    @property
+    def sources(self) -> list[Source]:
+        """The main source first, then any provided ones beside it (`_attention_runtime_dev.py`),
+        each exported to its own package file."""
+        provided = sorted(path for path in self.folder.glob(f"*{SOURCE_SUFFIX}") if path != self.source)
+        return [self.main, *(Source(self.root, path) for path in provided)]
 
     @property
     def tests(self) -> Path:

@@ -60,8 +60,8 @@ def test_no_solution_line_appears_anywhere_in_the_release(released, repo_root):
 
 
 def test_release_replaces_regions_with_stubs_and_keeps_metadata(released, repo_root):
-    original = read_source(resolve_module(repo_root, "13"))
-    student = read_source(resolve_module(released, "13"))
+    original = read_source(resolve_module(repo_root, "13").main)
+    student = read_source(resolve_module(released, "13").main)
     assert len(student.cells) == len(original.cells)
     for before, after in zip(original.cells, student.cells):
         assert after.metadata.get("nbgrader") == before.metadata.get("nbgrader")
@@ -79,7 +79,7 @@ def test_fallback_matches_nbgrader(repo_root):
     nbgrader_release = pytest.importorskip("nbgrader.preprocessors")
     from tito.release import clear_solutions_with_nbgrader
 
-    notebook = read_source(resolve_module(repo_root, "13"))
+    notebook = read_source(resolve_module(repo_root, "13").main)
     ours, theirs = clear_solutions(notebook), clear_solutions_with_nbgrader(notebook)
     assert nbgrader_release is not None
     assert [cell.source for cell in ours.cells] == [cell.source for cell in theirs.cells]

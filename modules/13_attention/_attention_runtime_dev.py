@@ -1,0 +1,694 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Module 13, provided: the runtime beneath the attention lesson
+#
+# > Input checks, the choice of kernel, the thread policy and the tuned kernels. Provided complete.
+#
+# `attention_dev.py` is the lesson: students write every idea of attention there. This notebook
+# holds what a real library needs around those ideas but what is not the lesson, so that the
+# lesson reads cleanly:
+#
+# 1. **Input checks**: every public function converts its inputs to float32 arrays and rejects
+#    bad ones with a message that names the argument, what was expected and what was given.
+# 2. **Masks**: `CausalMask`, the causal mask that remembers its offset, and the conversion of any
+#    user mask to one boolean "may attend" array.
+# 3. **The kernel switch**: which implementation the attention layers run, `"fast"` by default.
+# 4. **The thread policy**: how many threads the tuned kernels use, chosen in one place.
+# 5. **The tuned kernels**: tiled, threaded attention (`fast_attention`) and the parallel driver
+#    of blocked attention.
+#
+# `tinytorch/core/_attention_runtime.py` is generated from this file; `tinytorch.core.attention`
+# re-exports the public names.
+
+# %%
+#| default_exp core._attention_runtime
+
+# %%
+#| export
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import numpy as np
+
+from tinytorch.core.tensor import Tensor
+
+# %% [markdown]
+# ## 1. Input checks
+#
+# Each public function of module 13 accepts a `Tensor`, a NumPy array or nested lists, and
+# works on float32 arrays. Non-finite numbers follow one rule everywhere: an array argument
+# holding NaN or inf raises a `ValueError` that names it. The only exception is the score input
+# of `masked_softmax`, where −inf is the documented way to say "masked out".
+
+# %%
+#| export
+FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
+def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
+    """`x` (a Tensor, an array or nested lists of numbers) as a float32 array.
+
+    Raises TypeError for anything that is not numbers, and ValueError for values beyond float32's
+    range or, when `finite`, for NaN and inf.
+    """
+    data = x.data if isinstance(x, Tensor) else x
+    if data is None:
+        raise TypeError(f"{name} must be a Tensor or an array of numbers, got None")
+    try:
+        array = np.asarray(data)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be a Tensor or an array of numbers, got {type(x).__name__}") from error
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold numbers, got dtype {array.dtype}")
+    if array.dtype != np.float32:
+        with np.errstate(over="raise", invalid="ignore"):
+            try:
+                array = array.astype(np.float32)
+            except FloatingPointError:
+                raise ValueError(f"{name} holds values beyond float32's range (+-{FLOAT32_MAX:.3g})") from None
+    if finite and not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
+    return array
+
+
+def is_number(value) -> bool:
+    """A real number (Python or NumPy), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """`value` as an int, at least `minimum`; TypeError for non-integers, ValueError below it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_probability(value, name: str) -> float:
+    """`value` as a float in [0, 1)."""
+    if not (is_number(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
+class Layer:
+    """A layer in the PyTorch style: `layer(...)` is `layer.forward(...)`, and `train()`/`eval()`
+    switch `training` on it and on every layer it holds as an attribute."""
+
+    training = True
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """Training mode (dropout active) when `mode`, evaluation mode otherwise. Returns self."""
+        self.training = bool(mode)
+        for value in vars(self).values():
+            if isinstance(value, Layer):
+                value.train(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode (dropout off). Returns self."""
+        return self.train(False)
+
+
+def check_scale(scale) -> float:
+    """A score scale: a positive number whose value float32 can hold."""
+    if not (is_number(scale) and FLOAT32_TINY <= scale <= FLOAT32_MAX):
+        raise ValueError(f"scale must be a positive number within float32's range, got {scale!r}")
+    return float(scale)
+
+# %% [markdown]
+# ## 2. Masks
+#
+# One convention holds everywhere: nonzero or `True` means "may attend". `as_keep_mask` turns any
+# mask a user passes into that boolean array, after checking it broadcasts to the scores.
+#
+# A `CausalMask` is the mask `create_causal_mask` returns: a read-only `Tensor` that remembers its
+# diagonal offset. The tuned kernels read the offset and skip the keys that lie wholly in the
+# future instead of computing their scores and throwing them away.
+
+# %%
+#| export
+def broadcasts_to(shape: tuple, target: tuple) -> bool:
+    try:
+        return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except ValueError:
+        return False
+
+
+def as_keep_mask(mask, scores_shape: tuple, name: str = "mask") -> np.ndarray | None:
+    """A boolean 'may attend' array that broadcasts to `scores_shape`, or None for no mask."""
+    if mask is None:
+        return None
+    data = mask.data if isinstance(mask, Tensor) else mask
+    try:
+        array = np.asarray(data)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be a Tensor or an array, got {type(mask).__name__}") from error
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be boolean or numeric, got dtype {array.dtype}")
+    if not broadcasts_to(array.shape, scores_shape):
+        raise ValueError(f"{name} of shape {array.shape} does not broadcast to scores {tuple(scores_shape)}")
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        raise ValueError(f"{name} holds NaN; use 1/True for 'may attend' and 0/False for 'masked out'")
+    return array if array.dtype == np.bool_ else array != 0
+
+
+class CausalMask(Tensor):
+    """A read-only causal mask that remembers its diagonal offset: entry [i, j] is 1 where j <= i + offset."""
+
+    def __init__(self, data, offset: int):
+        super().__init__(np.array(data, dtype=np.float32))
+        if self.data.ndim != 2:
+            raise ValueError(f"a causal mask has shape (seq_len, key_len), got shape {self.data.shape}")
+        if not np.array_equal(self.data, np.tri(*self.data.shape, k=offset, dtype=np.float32)):
+            raise ValueError(f"data is not the causal mask with offset {offset}: entry [i, j] must be 1 "
+                             f"exactly where j <= i + {offset}")
+        self.data.flags.writeable = False  # kernels trust the offset, so the data may not change
+        self.offset = int(offset)
+
+
+def causal_offset(mask, seq_q: int, seq_k: int) -> int | None:
+    """The offset of a CausalMask that covers the (seq_q, seq_k) scores exactly; None for any other mask.
+
+    A causal mask that only broadcasts to the scores (a (1, 1) mask is all ones) is an ordinary
+    mask: its offset says nothing about which keys the scores may skip.
+    """
+    if isinstance(mask, CausalMask) and mask.shape == (seq_q, seq_k):
+        return mask.offset
+    return None
+
+
+def check_attention_inputs(query, key, value, mask=None, scale=None):
+    """Checked float32 (query, key, value), boolean mask (or None) and the score scale.
+
+    query (..., T, d_k), key (..., S, d_k), value (..., S, d_v), leading axes broadcasting;
+    the scale defaults to 1/sqrt(d_k).
+    """
+    q, k, v = as_float32(query, "query"), as_float32(key, "key"), as_float32(value, "value")
+    for name, array, axes in (("query", q, "(..., seq_q, d_k)"), ("key", k, "(..., seq_k, d_k)"),
+                              ("value", v, "(..., seq_k, d_v)")):
+        if array.ndim < 2:
+            raise ValueError(f"{name} must have shape {axes} with at least 2 axes, got shape {array.shape}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"key has d_k={k.shape[-1]} but query has d_k={q.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError("query has d_k=0; attention needs d_k >= 1")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"value has seq_k={v.shape[-2]} but key has seq_k={k.shape[-2]}")
+    try:
+        lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(f"the leading axes of query {q.shape[:-2]}, key {k.shape[:-2]} and "
+                         f"value {v.shape[:-2]} do not broadcast together") from None
+    keep = as_keep_mask(mask, lead + (q.shape[-2], k.shape[-2]))
+    scale = check_scale(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    return q, k, v, keep, scale
+
+
+def mask_over_heads(mask, batch: int, num_heads: int, seq_q: int, seq_k: int):
+    """A multi-head layer's mask, (T, S), (B, T, S) or 4-D, as one that broadcasts to (B, H, T, S).
+
+    A CausalMask that covers (T, S) stays as it is, so that the kernels can skip its future;
+    every other mask becomes a boolean array.
+    """
+    if mask is None or causal_offset(mask, seq_q, seq_k) is not None:
+        return mask
+    data = mask.data if isinstance(mask, Tensor) else np.asarray(mask)
+    if data.ndim == 3:
+        if data.shape[0] not in (1, batch):
+            raise ValueError(f"a 3-D mask is read as (batch, seq_q, seq_k) and needs batch {batch} or 1, "
+                             f"got mask of shape {data.shape}")
+        data = data[:, None]                                         # (B, 1, T, S)
+    elif data.ndim not in (2, 4):
+        raise ValueError(f"mask must have shape (seq_q, seq_k), (batch, seq_q, seq_k) or "
+                         f"(batch, heads, seq_q, seq_k), got shape {data.shape}")
+    return as_keep_mask(data, (batch, num_heads, seq_q, seq_k))
+
+# %% [markdown]
+# ## 3. The kernel switch
+#
+# The attention layers can run one of two kernels: `"math"`, the student's `math_attention`
+# (the formula exactly as written), or `"fast"`, the tuned kernel below. **The default is
+# `"fast"`**, fixed here and nowhere else; importing the package never changes it.
+# `set_attention_backend(name)` changes the default for the whole process, and
+# `with attention_backend(name):` changes it inside a block, for the current thread only. The
+# grading tests run every layer under `attention_backend("math")`.
+
+# %%
+#| export
+ATTENTION_BACKENDS = ("math", "fast")
+DEFAULT_BACKEND = "fast"
+_chosen_backend = DEFAULT_BACKEND
+_backend_in_block: ContextVar = ContextVar("tinytorch_attention_backend", default=None)
+
+
+def _check_backend(name: str) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    return name
+
+
+def get_attention_backend() -> str:
+    """The kernel that attention layers use here: "math" or "fast"."""
+    return _backend_in_block.get() or _chosen_backend
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose the kernel of every attention layer: "math" (readable) or "fast" (tuned, the default)."""
+    global _chosen_backend
+    _chosen_backend = _check_backend(name)
+
+
+@contextmanager
+def attention_backend(name: str):
+    """Use the named kernel inside a `with` block; other threads keep theirs."""
+    token = _backend_in_block.set(_check_backend(name))
+    try:
+        yield
+    finally:
+        _backend_in_block.reset(token)
+
+# %% [markdown]
+# ## 4. The thread policy
+#
+# Threads are chosen here and nowhere else:
+#
+# - The tuned kernels split their work into tiles and run them on a pool of one thread per core
+#   (`cores()`). NumPy releases Python's global interpreter lock inside BLAS and inside `exp`, so
+#   the tiles really run in parallel.
+# - While the pool runs, the BLAS library is limited to one thread, so that BLAS threads and pool
+#   threads do not fight over the same cores. The limit is reference-counted: the first caller
+#   in sets it, the last one out restores what was there.
+# - Small products run with one BLAS thread too: waking a second thread costs more than it saves.
+
+# %%
+#| export
+SMALL_WORK = 1 << 26  # below ~67M multiply-adds, a second BLAS thread costs more to wake than it saves
+_blas_controller = None
+_blas_lock = threading.Lock()
+_blas_single_users = 0
+_blas_limiter = None
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _blas():
+    """The threadpoolctl controller of the BLAS library NumPy uses (found once, on first use)."""
+    global _blas_controller
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+        _blas_controller = ThreadpoolController()
+    return _blas_controller
+
+
+@contextmanager
+def single_threaded_blas():
+    """BLAS on one thread while any caller, in any thread, needs it: the first in limits, the last out restores."""
+    global _blas_single_users, _blas_limiter
+    with _blas_lock:
+        if _blas_single_users == 0:
+            _blas_limiter = _blas().limit(limits=1, user_api="blas")
+        _blas_single_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_single_users -= 1
+            if _blas_single_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
+@contextmanager
+def blas_threads_for(work: int):
+    """Let BLAS use its threads only for work large enough to pay for waking them."""
+    if work >= SMALL_WORK:
+        yield
+    else:
+        with single_threaded_blas():
+            yield
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child has none of the parent's threads: start its own pool and locks when needed."""
+    global _pool, _pool_lock, _blas_lock, _blas_single_users, _blas_limiter
+    _pool, _pool_lock, _blas_lock, _blas_single_users, _blas_limiter = None, threading.Lock(), threading.Lock(), 0, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def parallel_map(function, tasks) -> None:
+    """Run function(*task) for every task on one thread per core, with BLAS limited to one thread."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="tinytorch-attention")
+        pool = _pool
+    with single_threaded_blas():
+        futures = [pool.submit(function, *task) for task in tasks]
+        wait(futures)                    # every task has stopped writing before an error is raised
+    for future in futures:
+        future.result()
+
+# %% [markdown]
+# ## 5. The tuned kernel
+#
+# `fast_attention` computes exactly what `math_attention` computes, and changes only how:
+#
+# - It scales Q once (T·d multiplies) instead of the scores (T·S multiplies).
+# - It works on **tiles**: one batch-and-head at a time, a block of query rows at a time. A
+#   256 × 512 tile of scores (0.5 MiB) stays in the CPU cache while it is exponentiated in place
+#   (`out=`), summed and multiplied by V.
+# - It normalises *after* multiplying by V: dividing the (T, d_v) output by the row sums is
+#   S / d_v times cheaper than dividing the (T, S) weights.
+# - It runs the tiles on the thread pool, one thread per core.
+# - With a `CausalMask` it reads the offset and skips every key block that lies wholly in the
+#   future. Its tiles are then smaller (64 rows) but span every head at once, so that one batched
+#   call replaces many small ones, and only the tile on the diagonal is masked.
+
+# %%
+#| export
+QUERY_ROWS = 256                 # query rows per tile: 256 x 512 float32 scores = 0.5 MiB, cache-sized
+CAUSAL_QUERY_ROWS = 64           # smaller tiles skip more of a causal mask's future
+PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
+
+
+def _attend_tile(q, keys_t, v, hidden, output, weights) -> None:
+    """Softmax attention for one tile, written into `output` (and `weights`) in place.
+
+    q (..., r, d) is already scaled; keys_t (..., d, s) holds the keys transposed; v (..., s, dv).
+    hidden (..., r, w), True = masked, covers the last w keys (all of them for a general mask,
+    the diagonal block for a causal one).
+    """
+    scores = q @ keys_t                                          # (..., r, s)
+    if hidden is not None:
+        np.copyto(scores[..., scores.shape[-1] - hidden.shape[-1]:], -np.inf, where=hidden)
+    row_max = scores.max(axis=-1, keepdims=True)                 # (..., r, 1)
+    if hidden is not None:
+        np.copyto(row_max, 0.0, where=np.isneginf(row_max))     # fully masked rows
+    np.subtract(scores, row_max, out=scores)
+    np.exp(scores, out=scores)                                   # unnormalised weights
+    totals = scores.sum(axis=-1, keepdims=True)                  # (..., r, 1)
+    if hidden is not None:
+        np.copyto(totals, 1.0, where=totals == 0.0)
+    np.matmul(scores, v, out=output)                             # (..., r, dv)
+    np.divide(output, totals, out=output)
+    if weights is not None:
+        np.divide(scores, totals, out=weights)
+
+
+def _causal_tile(r0: int, r1: int, S: int, offset: int):
+    """Keys [0, seen) that query rows r0..r1-1 may see, and the future among keys [first, seen), or None."""
+    seen = min(S, max(0, r1 + offset))            # what the tile's last row sees
+    first = min(S, max(0, r0 + 1 + offset))       # what its first row sees
+    if first == seen:
+        return seen, None                         # every row sees all `seen` keys
+    return seen, np.arange(first, seen)[None, :] > (np.arange(r0, r1)[:, None] + offset)   # (r, seen - first)
+
+
+def _causal_tasks(q, k, v, offset, output, weights) -> list:
+    """Tiles of a causal attention: a block of rows across every head, over the keys it may see.
+
+    Keys past a tile's horizon are never touched. Each tile spans all heads, so that one batched
+    call does the work of many small ones; the keys are transposed once, contiguously, for it.
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    keys_t = np.ascontiguousarray(np.swapaxes(k, -1, -2))       # (..., d, S)
+    tasks = []
+    for r0 in range(0, T, CAUSAL_QUERY_ROWS):
+        r1 = min(r0 + CAUSAL_QUERY_ROWS, T)
+        seen, triangle = _causal_tile(r0, r1, S, offset)
+        if seen == 0:                                            # every row of the tile is masked
+            output[..., r0:r1, :] = 0.0
+            continue
+        tasks.append((q[..., r0:r1, :], keys_t[..., :seen], v[..., :seen, :], triangle,
+                      output[..., r0:r1, :], None if weights is None else weights[..., r0:r1, :seen]))
+    return tasks[::-1]                                           # largest first: the threads finish together
+
+
+def _row_tasks(q, k, v, hidden, output, weights) -> list:
+    """Tiles of a general attention: one head and a block of query rows each."""
+    lead, T = output.shape[:-2], q.shape[-2]
+    tasks = []
+    for r0 in range(0, T, QUERY_ROWS):
+        r1 = min(r0 + QUERY_ROWS, T)
+        for index in np.ndindex(*lead):
+            tasks.append((q[index][r0:r1], k[index].T, v[index], None if hidden is None else hidden[index][r0:r1],
+                          output[index][r0:r1], None if weights is None else weights[index][r0:r1]))
+    return tasks
+
+
+def tuned_attention(q, k, v, keep, scale: float, offset: int | None, need_weights: bool):
+    """The tiled, threaded kernel on checked arrays; returns (output, weights or None) arrays.
+
+    keep is the boolean mask (or None); offset is a CausalMask's offset when it covers the
+    scores exactly, which lets the kernel skip the future instead of reading `keep`.
+    """
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    output = np.zeros(lead + (T, dv), dtype=np.float32)
+    weights = np.zeros(lead + (T, S), dtype=np.float32) if need_weights else None
+    q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q * np.float32(scale), k, v))
+    hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
+    if S == 0 or T == 0 or math.prod(lead) == 0:
+        pass                                                     # nothing to attend to: zeros
+    elif math.prod(lead) * T * S < PARALLEL_MIN_SCORES:
+        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights)   # one vectorised call
+    elif offset is not None:
+        parallel_map(_attend_tile, _causal_tasks(q, k, v, offset, output, weights))
+    else:
+        parallel_map(_attend_tile, _row_tasks(q, k, v, hidden, output, weights))
+    return output, weights
+
+
+def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool = True):
+    """`math_attention`'s result from the tiled, threaded kernel.
+
+    Args:
+        query, key, value, mask, scale: as for `math_attention`; a CausalMask's future is skipped.
+        need_weights: also form and return the (..., T, S) weights.
+    Returns:
+        (output (..., T, d_v), weights (..., T, S) or None) as float32 Tensors.
+    """
+    q, k, v, keep, scale = check_attention_inputs(query, key, value, mask, scale)
+    offset = causal_offset(mask, q.shape[-2], k.shape[-2])
+    output, weights = tuned_attention(q, k, v, keep, scale, offset, need_weights)
+    return Tensor(output), None if weights is None else Tensor(weights)
+
+# %% [markdown]
+# ## 6. Blocked attention on every core
+#
+# Query blocks are independent: block i needs only its own rows of Q and of the mask, and all of
+# K and V. So the layer (`ScaledDotProductAttention(block_size=...)`) hands one query block at a
+# time to each core, each running the student's `blocked_attention`. A causal mask travels with
+# its rows: rows r0..r1 of a mask with offset o form a causal mask with offset o + r0.
+
+# %%
+#| export
+def parallel_blocked_attention(blocked_attention, q, k, v, mask, scale: float, block_size: int) -> np.ndarray:
+    """`blocked_attention(q, k, v, mask, scale, block_size)` run one query block per task; returns the output."""
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    if T <= block_size or cores() == 1:
+        return blocked_attention(q, k, v, mask, scale, block_size).data
+    offset = causal_offset(mask, T, S)
+    keep = None if offset is not None else as_keep_mask(mask, lead + (T, S))
+    output = np.empty(lead + (T, dv), dtype=np.float32)
+
+    def rows_mask(r0, r1):
+        if offset is not None:
+            return CausalMask(mask.data[r0:r1], offset + r0)            # (r, S), offset shifted
+        if keep is None or keep.ndim < 2 or keep.shape[-2] == 1:
+            return keep                                                  # the same for every row
+        return keep[..., r0:r1, :]
+
+    def run(r0, r1):
+        output[..., r0:r1, :] = blocked_attention(q[..., r0:r1, :], k, v, rows_mask(r0, r1), scale, block_size).data
+
+    blocks = [(r0, min(r0 + block_size, T)) for r0 in range(0, T, block_size)]
+    parallel_map(run, blocks[::-1])                                      # largest causal blocks first
+    return output
+
+# %% [markdown]
+# ## 7. The layers' input checks
+#
+# `KVCacheChecks` is the part of `KVCache` that is not the lesson: which row an index names,
+# whether new positions fit, and a readable `repr`. `check_multihead_inputs` checks a
+# `MultiHeadAttention` call, including, with a cache, that the new keys fit before anything is
+# written, so that a refused call leaves the cache exactly as it was.
+
+# %%
+#| export
+class KVCacheChecks:
+    """Row and room checks of a KV cache with cached_keys, cache_lengths, max_batch_size, max_seq_length,
+    num_heads and head_dim."""
+
+    def check_append(self, batch: int, num_heads: int, new_len: int, head_dim: int) -> int:
+        """Raise unless (batch, num_heads, new_len, head_dim) keys fit rows 0..batch-1; returns the
+        longest row's length after appending them."""
+        if (num_heads, head_dim) != (self.num_heads, self.head_dim):
+            raise ValueError(f"kv_cache has num_heads={self.num_heads}, head_dim={self.head_dim} but the keys have "
+                             f"num_heads={num_heads}, head_dim={head_dim}")
+        if batch > self.max_batch_size:
+            raise ValueError(f"batch of {batch} rows does not fit kv_cache.max_batch_size={self.max_batch_size}")
+        for b in range(batch):
+            self._check_room(b, new_len)
+        return int(self.cache_lengths[:batch].max()) + new_len if batch else new_len
+
+    def _check_row(self, batch_idx) -> int:
+        if isinstance(batch_idx, (bool, np.bool_)) or not isinstance(batch_idx, (int, np.integer)):
+            raise TypeError(f"batch_idx must be an integer, got {type(batch_idx).__name__} {batch_idx!r}")
+        if not 0 <= batch_idx < self.max_batch_size:
+            raise IndexError(f"batch_idx {batch_idx} is out of range for max_batch_size={self.max_batch_size}")
+        return int(batch_idx)
+
+    def _check_room(self, b: int, new_len: int) -> None:
+        start = int(self.cache_lengths[b])
+        if start + new_len > self.max_seq_length:
+            raise ValueError(f"cache row {b} holds {start} of max_seq_length={self.max_seq_length} positions; "
+                             f"appending {new_len} would need {start + new_len}")
+
+    def __repr__(self):
+        return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
+                f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
+
+
+def check_multihead_inputs(layer, query, key, value, mask, kv_cache, return_attention_weights: bool):
+    """A MultiHeadAttention's checked (x_q, x_k, x_v) float32 arrays, and its mask as one that broadcasts
+    over the heads; with a kv_cache, also that the new keys fit, before anything is appended."""
+    if return_attention_weights and layer.attention.block_size is not None:
+        raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
+                         f"block_size={layer.attention.block_size} never forms")
+    x_q = as_float32(query, "query")
+    x_k = x_q if key is None else as_float32(key, "key")
+    x_v = x_k if value is None else as_float32(value, "value")
+    for name, x in (("query", x_q), ("key", x_k), ("value", x_v)):
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have shape (batch, seq, embed_dim={layer.embed_dim}), got shape {x.shape}")
+        if x.shape[-1] != layer.embed_dim:
+            raise ValueError(f"{name} has embed_dim={x.shape[-1]} but the layer expects {layer.embed_dim}")
+    if not x_q.shape[0] == x_k.shape[0] == x_v.shape[0]:
+        raise ValueError(f"batch sizes differ: query {x_q.shape[0]}, key {x_k.shape[0]}, value {x_v.shape[0]}")
+    if x_k.shape[1] != x_v.shape[1]:
+        raise ValueError(f"value has seq_k={x_v.shape[1]} but key has seq_k={x_k.shape[1]}")
+    batch, seq_q, seq_k = x_q.shape[0], x_q.shape[1], x_k.shape[1]
+    if kv_cache is not None:
+        if not isinstance(kv_cache, KVCacheChecks):
+            raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+        seq_k = kv_cache.check_append(batch, layer.num_kv_heads, seq_k, layer.head_dim)   # keys after appending
+        if x_q.shape[1] != x_k.shape[1]:
+            raise ValueError(f"with a kv_cache, query and key must hold the same new positions: "
+                             f"query has {x_q.shape[1]}, key has {x_k.shape[1]}")
+        if mask is not None:
+            mask = as_keep_mask(mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k),
+                                (batch, layer.num_heads, seq_q, seq_k))
+            return x_q, x_k, x_v, mask
+    return x_q, x_k, x_v, mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k)
+
+# %% [markdown]
+# ## 8. The profiler's sweeps
+#
+# `AttentionProfiler` in the lesson measures one call (`measure_time`, `peak_memory`) and fits an
+# exponent (`fit_exponent`). `ProfilerSweeps` runs those measurements over a range of sequence
+# lengths on random inputs, with BLAS held at one thread for the whole sweep, so that no size
+# switches thread counts halfway through.
+
+# %%
+#| export
+class ProfilerSweeps:
+    """Sweeps of a profiler with measure_time(fn), peak_memory(fn), fit_exponent(sizes, costs) and seed."""
+
+    blas_threads = 1  # BLAS threads during a sweep: fixed, so that no size switches thread counts
+
+    def time_call(self, function) -> float:
+        """Median seconds of `function()`."""
+        return self.measure_time(function)["median_ms"] / 1e3
+
+    def _workload(self, attention_layer, seq_len, batch_size, num_heads, head_dim, causal):
+        """A call of `attention_layer` on random inputs of length `seq_len`, and its number of heads."""
+        rng = np.random.default_rng(self.seed)
+        mask = CausalMask(np.tri(seq_len, dtype=np.float32), 0) if causal else None
+        if hasattr(attention_layer, "embed_dim"):                       # a MultiHeadAttention
+            x = rng.standard_normal((batch_size, seq_len, attention_layer.embed_dim), dtype=np.float32)
+            return (lambda: attention_layer(x, mask=mask)), attention_layer.num_heads
+        if hasattr(attention_layer, "temperature"):                     # a ScaledDotProductAttention
+            q, k, v = (rng.standard_normal((batch_size, num_heads, seq_len, head_dim), dtype=np.float32)
+                       for _ in range(3))
+            return (lambda: attention_layer(q, k, v, mask=mask)), num_heads
+        raise TypeError(f"attention_layer must be a MultiHeadAttention or ScaledDotProductAttention, "
+                        f"got {type(attention_layer).__name__}")
+
+    def measure_attention_scaling(self, attention_layer, seq_lengths, *, batch_size: int = 1, num_heads: int = 8,
+                                  head_dim: int = 64, causal: bool = False) -> list[dict]:
+        """Time and peak memory of one forward at each sequence length, with BLAS held at one thread.
+
+        Args:
+            attention_layer: a MultiHeadAttention (inputs (B, T, E)) or a ScaledDotProductAttention
+                (inputs (B, num_heads, T, head_dim)).
+            seq_lengths: the lengths T to measure.
+            batch_size, num_heads, head_dim: the inputs' sizes (keyword only); a MultiHeadAttention
+                uses its own heads and width.
+            causal: pass create_causal_mask(T).
+        Returns:
+            One dict per length: seq_len, time_ms (median), time_spread_ms, peak_memory_mb (all
+            measured), weights_mb_estimate (B * H * T * T float32 numbers, computed) and blas_threads.
+        """
+        batch_size = check_int(batch_size, "batch_size", 1)
+        results = []
+        with single_threaded_blas():
+            for seq_len in seq_lengths:
+                seq_len = check_int(seq_len, "seq_len", 1)
+                call, heads = self._workload(attention_layer, seq_len, batch_size, num_heads, head_dim, causal)
+                timing = self.measure_time(call)
+                results.append({
+                    "seq_len": seq_len,
+                    "time_ms": timing["median_ms"],
+                    "time_spread_ms": timing["spread_ms"],
+                    "peak_memory_mb": self.peak_memory(call) / 2**20,
+                    "weights_mb_estimate": batch_size * heads * seq_len * seq_len * 4 / 2**20,
+                    "blas_threads": self.blas_threads,
+                })
+        return results
+
+    @classmethod
+    def analyze_quadratic_scaling(cls, results: list[dict]) -> dict:
+        """Fitted exponents p of time ~ T^p and memory ~ T^p over the rows of `measure_attention_scaling`."""
+        if len(results) < 2:
+            raise ValueError(f"fitting an exponent needs at least 2 sequence lengths, got {len(results)}")
+        lengths = [row["seq_len"] for row in results]
+        return {
+            "time_exponent": cls.fit_exponent(lengths, [row["time_ms"] for row in results]),
+            "memory_exponent": cls.fit_exponent(lengths, [max(row["peak_memory_mb"], 1e-9) for row in results]),
+            "seq_lengths": lengths,
+        }
