@@ -57,10 +57,26 @@ from tinytorch.core.tensor import Tensor
 # works on float32 arrays. Non-finite numbers follow one rule everywhere: an array argument
 # holding NaN or inf raises a `ValueError` that names it. The only exception is the score input
 # of `masked_softmax`, where −inf is the documented way to say "masked out".
+#
+# A layer checks what its caller gave it once. Inside `with inputs_checked():` the functions it
+# calls on arrays derived from those inputs skip the scan for NaN and inf, which would otherwise
+# read a whole KV cache again at every decoding step; they still check shapes and types.
 
 # %%
 #| export
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+_inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", default=False)
+
+
+@contextmanager
+def inputs_checked():
+    """Inside a layer whose inputs were checked: skip the NaN/inf scan of arrays derived from them."""
+    token = _inputs_checked.set(True)
+    try:
+        yield
+    finally:
+        _inputs_checked.reset(token)
+
 
 
 def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
@@ -84,7 +100,7 @@ def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
                 array = array.astype(np.float32)
             except FloatingPointError:
                 raise ValueError(f"{name} holds values beyond float32's range (+-{FLOAT32_MAX:.3g})") from None
-    if finite and not np.isfinite(array).all():
+    if finite and not _inputs_checked.get() and not np.isfinite(array).all():
         raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
     return array
 
@@ -170,8 +186,8 @@ def as_keep_mask(mask, scores_shape: tuple, name: str = "mask") -> np.ndarray | 
         raise TypeError(f"{name} must be boolean or numeric, got dtype {array.dtype}")
     if not broadcasts_to(array.shape, scores_shape):
         raise ValueError(f"{name} of shape {array.shape} does not broadcast to scores {tuple(scores_shape)}")
-    if array.dtype.kind == "f" and np.isnan(array).any():
-        raise ValueError(f"{name} holds NaN; use 1/True for 'may attend' and 0/False for 'masked out'")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or inf; use 1/True for 'may attend' and 0/False for 'masked out'")
     return array if array.dtype == np.bool_ else array != 0
 
 

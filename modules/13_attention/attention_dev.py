@@ -65,7 +65,7 @@ import numpy as np
 from tinytorch.core.tensor import ParameterList, Tensor
 from tinytorch.core._attention_runtime import (
     ATTENTION_BACKENDS, CausalMask, KVCacheChecks, Layer, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
-    check_attention_inputs, check_int, check_multihead_inputs, check_probability, fast_attention, get_attention_backend, is_number,
+    check_attention_inputs, check_int, check_multihead_inputs, inputs_checked, check_probability, fast_attention, get_attention_backend, is_number,
     mask_over_heads, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
     FLOAT32_MAX, FLOAT32_TINY,
 )
@@ -493,12 +493,14 @@ class ScaledDotProductAttention(Layer):
         if self.block_size is not None:
             output, weights = parallel_blocked_attention(blocked_attention, q, k, v, mask, scale, self.block_size), None
         elif self.training and self.dropout > 0:
-            output, weights = self._attention_with_dropout(q, k, v, keep, scale)
+            with inputs_checked():
+                output, weights = self._attention_with_dropout(q, k, v, keep, scale)
         elif get_attention_backend() == "fast":
             offset = causal_offset(mask, q.shape[-2], k.shape[-2])
             output, weights = tuned_attention(q, k, v, keep, scale, offset, return_attention_weights)
         else:
-            output, weights = (result.data for result in math_attention(q, k, v, keep, scale))
+            with inputs_checked():                          # q, k, v were checked above
+                output, weights = (result.data for result in math_attention(q, k, v, keep, scale))
         return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
 
     def _attention_with_dropout(self, q, k, v, keep, scale: float):
@@ -760,21 +762,22 @@ class MultiHeadAttention(Layer):
             output Tensor (B, T, E), or (output, weights).
         """
         x_q, x_k, x_v, mask = check_multihead_inputs(self, query, key, value, mask, kv_cache, return_attention_weights)
-        ### BEGIN SOLUTION
-        q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
-        k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
-        v = split_heads(x_v @ self.w_v.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
-        if kv_cache is not None:
-            k, v, visible = kv_cache.append(k, v)                        # (B, Hkv, L, hd), (B, 1, T, L)
-            mask = visible if mask is None else np.logical_and(mask, visible)
-        k = repeat_kv_heads(k, self.num_heads).data                     # (B, H, L, hd)
-        v = repeat_kv_heads(v, self.num_heads).data                     # (B, H, L, hd)
-        if return_attention_weights:
-            context, weights = self.attention(q, k, v, mask=mask, return_attention_weights=True)
-        else:
-            context, weights = self.attention(q, k, v, mask=mask), None
-        output = merge_heads(context).data @ self.w_o.data              # (B, T, E)
-        ### END SOLUTION
+        with inputs_checked():           # what forward derives from checked inputs is not checked again
+            ### BEGIN SOLUTION
+            q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
+            k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
+            v = split_heads(x_v @ self.w_v.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
+            if kv_cache is not None:
+                k, v, visible = kv_cache.append(k, v)                        # (B, Hkv, L, hd), (B, 1, T, L)
+                mask = visible if mask is None else np.logical_and(mask, visible)
+            k = repeat_kv_heads(k, self.num_heads).data                     # (B, H, L, hd)
+            v = repeat_kv_heads(v, self.num_heads).data                     # (B, H, L, hd)
+            if return_attention_weights:
+                context, weights = self.attention(q, k, v, mask=mask, return_attention_weights=True)
+            else:
+                context, weights = self.attention(q, k, v, mask=mask), None
+            output = merge_heads(context).data @ self.w_o.data              # (B, T, E)
+            ### END SOLUTION
         output = Tensor(as_float32(output, "output"))
         return (output, Tensor(as_float32(weights, "weights"))) if return_attention_weights else output
 
@@ -1435,8 +1438,8 @@ class AttentionProfiler(ProfilerSweeps):
         if sizes.shape != costs.shape or sizes.ndim != 1 or sizes.size < 2:
             raise ValueError(f"fitting an exponent needs two 1-D arrays of the same length >= 2, "
                              f"got shapes {sizes.shape} and {costs.shape}")
-        if not (np.all(sizes > 0) and np.all(costs > 0)):
-            raise ValueError("sizes and costs must be positive to take their logarithms")
+        if not (np.all(np.isfinite(sizes)) and np.all(np.isfinite(costs)) and np.all(sizes > 0) and np.all(costs > 0)):
+            raise ValueError("sizes and costs must be positive finite numbers to take their logarithms")
         ### BEGIN SOLUTION
         slope, _ = np.polyfit(np.log(sizes), np.log(costs), 1)
         return float(slope)

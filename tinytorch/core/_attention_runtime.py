@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'SMALL_WORK', 'QUERY_ROWS',
-           'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'as_float32', 'is_number', 'check_int', 'check_probability',
-           'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
+           'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'inputs_checked', 'as_float32', 'is_number', 'check_int',
+           'check_probability', 'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
            'check_attention_inputs', 'mask_over_heads', 'get_attention_backend', 'set_attention_backend',
            'attention_backend', 'cores', 'single_threaded_blas', 'blas_threads_for', 'parallel_map', 'tuned_attention',
            'fast_attention', 'parallel_blocked_attention', 'KVCacheChecks', 'check_multihead_inputs', 'ProfilerSweeps']
@@ -22,8 +22,20 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #e96d69c4
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #395f5db7
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+_inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", default=False)
+
+
+@contextmanager
+def inputs_checked():
+    """Inside a layer whose inputs were checked: skip the NaN/inf scan of arrays derived from them."""
+    token = _inputs_checked.set(True)
+    try:
+        yield
+    finally:
+        _inputs_checked.reset(token)
+
 
 
 def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
@@ -47,7 +59,7 @@ def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
                 array = array.astype(np.float32)
             except FloatingPointError:
                 raise ValueError(f"{name} holds values beyond float32's range (+-{FLOAT32_MAX:.3g})") from None
-    if finite and not np.isfinite(array).all():
+    if finite and not _inputs_checked.get() and not np.isfinite(array).all():
         raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
     return array
 
@@ -101,7 +113,7 @@ def check_scale(scale) -> float:
         raise ValueError(f"scale must be a positive number within float32's range, got {scale!r}")
     return float(scale)
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #20ba19e6
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #20dfaaf2
 def broadcasts_to(shape: tuple, target: tuple) -> bool:
     try:
         return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
@@ -122,8 +134,8 @@ def as_keep_mask(mask, scores_shape: tuple, name: str = "mask") -> np.ndarray | 
         raise TypeError(f"{name} must be boolean or numeric, got dtype {array.dtype}")
     if not broadcasts_to(array.shape, scores_shape):
         raise ValueError(f"{name} of shape {array.shape} does not broadcast to scores {tuple(scores_shape)}")
-    if array.dtype.kind == "f" and np.isnan(array).any():
-        raise ValueError(f"{name} holds NaN; use 1/True for 'may attend' and 0/False for 'masked out'")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or inf; use 1/True for 'may attend' and 0/False for 'masked out'")
     return array if array.dtype == np.bool_ else array != 0
 
 
