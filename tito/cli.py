@@ -139,8 +139,14 @@ def cmd_grade(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from tito.bench import format_table, plot_sweep, run_bench
+    from tito.bench import format_profiler_check, format_table, plot_sweep, profiler_check, run_bench
 
+    if args.profiler_check:
+        check = profiler_check(load=not args.no_load)
+        print(format_profiler_check(check))
+        if args.json is not None:
+            args.json.write_text(json.dumps(check, indent=2) + "\n", encoding="utf-8")
+        return 0 if check["passed"] else 1
     result = run_bench(quick=args.quick)
     print(format_table(result))
     if args.json is not None:
@@ -247,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--plot", type=Path, default=None, metavar="PATH",
                        help="also save the sweep's log-log plot as a PNG (needs matplotlib)")
+    bench.add_argument("--profiler-check", action="store_true",
+                       help="instead: with one core kept busy by another process, check three times that "
+                       "AttentionProfiler fits the math path's time exponent in [1.7, 2.3] and memory in [1.8, 2.2]")
+    bench.add_argument("--no-load", action="store_true", help="with --profiler-check: do not start the busy process")
     bench.set_defaults(handler=cmd_bench)
     return parser
 

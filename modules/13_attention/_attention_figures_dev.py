@@ -269,7 +269,7 @@ def draw_kv_cache(prompt_length, steps, max_seq_length):
         sees = "query i sees keys 0..i" if call == 0 else f"sees keys 0..{P + call - 1}"
         axes.text(capacity - 0.3, call, sees, ha="left", va="center", fontsize=8)
     legend = [Patch(facecolor=colour, edgecolor="#BBBBBB", label=label) for colour, label in
-              zip(colours, ["empty", "cached by an earlier call", "written by this call: its queries (q)"])]
+              zip(colours, ["empty", "cached by an earlier call", "written by this call (its keys and values); q marks its queries"])]
     axes.legend(handles=legend, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
     figure.suptitle(f"KV cache of {capacity} positions: a {P}-token prefill, then {steps} one-token steps",
                     fontsize=10)
@@ -496,13 +496,15 @@ def plot_head_weights(weights, tokens, title=""):
         if h >= H:
             axes.remove()
             continue
-        axes.imshow(weights[h], cmap=_WEIGHTS_CMAP, vmin=0, vmax=vmax)
+        image = axes.imshow(weights[h], cmap=_WEIGHTS_CMAP, vmin=0, vmax=vmax)
         axes.set_title(f"head {h}", fontsize=9)
         axes.set_xticks(range(T), tokens, rotation=90, fontsize=7)
         axes.set_yticks(range(T), tokens, fontsize=7)
+        axes.set_xlabel("key", fontsize=8)
         if h % columns == 0:
             axes.set_ylabel("query", fontsize=8)
     if title:
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()
+    figure.colorbar(image, ax=grid.ravel().tolist(), shrink=0.8, label="attention weight")
     return _finish(figure)

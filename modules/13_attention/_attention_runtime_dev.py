@@ -42,6 +42,7 @@
 import math
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -311,17 +312,30 @@ def attention_backend(name: str):
 #
 # Threads are chosen here and nowhere else:
 #
-# - The tuned kernels split their work into tiles and run them on a pool of one thread per core
-#   (`cores()`). NumPy releases Python's global interpreter lock inside BLAS and inside `exp`, so
-#   the tiles really run in parallel.
-# - While the pool runs, the BLAS library is limited to one thread, so that BLAS threads and pool
-#   threads do not fight over the same cores. The limit is reference-counted: the first caller
-#   in sets it, the last one out restores what was there.
-# - Small products run with one BLAS thread too: waking a second thread costs more than it saves.
+# - The tuned kernels split their work into tiles. `parallel_map` runs them on the **calling
+#   thread plus `cores() - 1` pool threads**, which take tiles from one shared queue. The caller
+#   always works, so a call never waits for a pool thread to be scheduled: on a loaded machine,
+#   or when another caller is using the pool, the caller simply does more of the tiles itself.
+#   NumPy releases Python's global interpreter lock inside BLAS and `exp`, so the tiles really
+#   run in parallel.
+# - While the tiles run, BLAS is held at one thread, so that BLAS threads and tile threads do
+#   not fight over the same cores (two tiles each asking OpenBLAS for two threads would also
+#   queue on OpenBLAS's lock for its multithreaded level-3 calls).
+# - **Why the limit is process-wide during the call.** NumPy's OpenBLAS is the pthreads build,
+#   whose thread count is one global variable: `openblas_set_num_threads` sets it, and so does
+#   `openblas_set_num_threads_local`, which is per-thread only in OpenMP builds (checked on
+#   this machine: calling it from one thread changes what every thread reads). No call can
+#   give one thread one BLAS thread and leave the others alone. So `single_threaded_blas` sets
+#   the limit when the first caller (in any thread) enters and restores the previous value
+#   when the last one leaves; after a call nothing is changed. While a call runs, other code in
+#   the same process that multiplies matrices sees one BLAS thread, for the few milliseconds
+#   the call lasts. (Code that sets its own limit in another thread during a call has it
+#   overwritten when the call ends: set limits from the thread that calls the layers.)
+# - Work too small to share (`PARALLEL_MIN_SCORES`) runs on the caller alone, with BLAS as the
+#   caller left it.
 
 # %%
 #| export
-SMALL_WORK = 1 << 26  # below ~67M multiply-adds, a second BLAS thread costs more to wake than it saves
 _blas_controller = None
 _blas_lock = threading.Lock()
 _blas_single_users = 0
@@ -360,16 +374,6 @@ def single_threaded_blas():
                 _blas_limiter = None
 
 
-@contextmanager
-def blas_threads_for(work: int):
-    """Let BLAS use its threads only for work large enough to pay for waking them."""
-    if work >= SMALL_WORK:
-        yield
-    else:
-        with single_threaded_blas():
-            yield
-
-
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -385,17 +389,42 @@ if hasattr(os, "register_at_fork"):
 
 
 def parallel_map(function, tasks) -> None:
-    """Run function(*task) for every task on one thread per core, with BLAS limited to one thread."""
+    """Run function(*task) for every task on the calling thread and up to cores() - 1 pool threads.
+
+    Every task runs even when one fails; the first failure is raised after all have stopped.
+    """
     global _pool
+    queue, errors = list(tasks)[::-1], []              # pop() from the end takes tasks in order
+    helpers = min(cores(), len(queue)) - 1
+    if helpers <= 0:
+        for task in queue[::-1]:
+            function(*task)
+        return
+    lock = threading.Lock()
+
+    def take_tasks():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                task = queue.pop()
+            try:
+                function(*task)
+            except BaseException as error:                # noqa: B036 - re-raised by the caller
+                errors.append(error)
+
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=cores(), thread_name_prefix="tinytorch-attention")
+            _pool = ThreadPoolExecutor(max_workers=max(1, cores() - 1), thread_name_prefix="tinytorch-attention")
         pool = _pool
     with single_threaded_blas():
-        futures = [pool.submit(function, *task) for task in tasks]
-        wait(futures)                    # every task has stopped writing before an error is raised
-    for future in futures:
-        future.result()
+        futures = [pool.submit(take_tasks) for _ in range(helpers)]
+        take_tasks()                                     # the caller works too, never idle waiting
+        for future in futures:
+            future.cancel()                              # a helper that has not started is not needed
+        wait(futures)                                    # every task has stopped writing
+    if errors:
+        raise errors[0]
 
 # %% [markdown]
 # ## 5. The tuned kernel
@@ -406,34 +435,44 @@ def parallel_map(function, tasks) -> None:
 # - It works on **tiles**: one batch-and-head at a time, a block of query rows at a time. A
 #   256 × 512 tile of scores (0.5 MiB) stays in the CPU cache while it is exponentiated in place
 #   (`out=`), summed and multiplied by V.
+# - It usually skips the softmax's max-subtraction. Every score is at most |q_i|·|k_j| in size
+#   (Cauchy–Schwarz), so when the largest query norm times the largest key norm is at most
+#   `SHIFT_FREE_BOUND`, exp(score) can neither overflow nor fall below float32's normal range,
+#   and exp(s) / Σ exp(s) is the same softmax as exp(s − max) / Σ exp(s − max). That saves two of
+#   the four passes over the scores. Larger inputs take the max-subtracting path.
 # - It normalises *after* multiplying by V: dividing the (T, d_v) output by the row sums is
 #   S / d_v times cheaper than dividing the (T, S) weights.
-# - It runs the tiles on the thread pool, one thread per core.
+# - It runs the tiles with `parallel_map`, on every core.
 # - With a `CausalMask` it reads the offset and skips every key block that lies wholly in the
 #   future. Its tiles are then smaller (64 rows) but span every head at once, so that one batched
-#   call replaces many small ones, and only the tile on the diagonal is masked.
+#   call replaces many small ones, and only the tile on the diagonal is masked. A boolean mask
+#   that *is* causal (what `KVCache.append` returns for a prefill) is recognised and takes the
+#   same path; a mask that hides nothing (a decoding step's) is dropped.
 
 # %%
 #| export
 QUERY_ROWS = 256                 # query rows per tile: 256 x 512 float32 scores = 0.5 MiB, cache-sized
 CAUSAL_QUERY_ROWS = 64           # smaller tiles skip more of a causal mask's future
 PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
+SHIFT_FREE_BOUND = 60.0          # |score| <= 60: e^60 ~ 1e26 cannot overflow, e^-60 ~ 1e-26 is a normal float32
 
 
-def _attend_tile(q, keys_t, v, hidden, output, weights) -> None:
+def _attend_tile(q, keys_t, v, hidden, output, weights, shift_free=False) -> None:
     """Softmax attention for one tile, written into `output` (and `weights`) in place.
 
     q (..., r, d) is already scaled; keys_t (..., d, s) holds the keys transposed; v (..., s, dv).
     hidden (..., r, w), True = masked, covers the last w keys (all of them for a general mask,
-    the diagonal block for a causal one).
+    the diagonal block for a causal one). shift_free: every |score| <= SHIFT_FREE_BOUND, so the
+    row maxima need not be subtracted.
     """
     scores = q @ keys_t                                          # (..., r, s)
     if hidden is not None:
         np.copyto(scores[..., scores.shape[-1] - hidden.shape[-1]:], -np.inf, where=hidden)
-    row_max = scores.max(axis=-1, keepdims=True)                 # (..., r, 1)
-    if hidden is not None:
-        np.copyto(row_max, 0.0, where=np.isneginf(row_max))     # fully masked rows
-    np.subtract(scores, row_max, out=scores)
+    if not shift_free:
+        row_max = scores.max(axis=-1, keepdims=True)             # (..., r, 1)
+        if hidden is not None:
+            np.copyto(row_max, 0.0, where=np.isneginf(row_max))  # fully masked rows
+        np.subtract(scores, row_max, out=scores)
     np.exp(scores, out=scores)                                   # unnormalised weights
     totals = scores.sum(axis=-1, keepdims=True)                  # (..., r, 1)
     if hidden is not None:
@@ -442,6 +481,27 @@ def _attend_tile(q, keys_t, v, hidden, output, weights) -> None:
     np.divide(output, totals, out=output)
     if weights is not None:
         np.divide(scores, totals, out=weights)
+
+
+def _scores_are_small(q, k) -> bool:
+    """Whether every score q_i . k_j is at most SHIFT_FREE_BOUND in size (q already scaled)."""
+    if q.size == 0 or k.size == 0:
+        return True
+    q_norm = math.sqrt(np.einsum("...i,...i->...", q, q).max())           # float32 overflow gives inf: False
+    k_norm = math.sqrt(np.einsum("...i,...i->...", k, k).max())
+    return q_norm * k_norm <= SHIFT_FREE_BOUND
+
+
+def _simplify_mask(keep, T: int, S: int):
+    """(keep, offset): None for a mask that hides nothing; an offset for a boolean causal mask."""
+    if keep is None:
+        return None, None
+    if keep.all():
+        return None, None
+    if T > 1 and keep.shape[-2:] == (T, S) and np.array_equal(keep, np.broadcast_to(
+            np.tri(T, S, k=S - T, dtype=bool), keep.shape)):
+        return None, S - T
+    return keep, None
 
 
 def _causal_tile(r0: int, r1: int, S: int, offset: int):
@@ -453,7 +513,7 @@ def _causal_tile(r0: int, r1: int, S: int, offset: int):
     return seen, np.arange(first, seen)[None, :] > (np.arange(r0, r1)[:, None] + offset)   # (r, seen - first)
 
 
-def _causal_tasks(q, k, v, offset, output, weights) -> list:
+def _causal_tasks(q, k, v, offset, output, weights, shift_free) -> list:
     """Tiles of a causal attention: a block of rows across every head, over the keys it may see.
 
     Keys past a tile's horizon are never touched. Each tile spans all heads, so that one batched
@@ -469,11 +529,11 @@ def _causal_tasks(q, k, v, offset, output, weights) -> list:
             output[..., r0:r1, :] = 0.0
             continue
         tasks.append((q[..., r0:r1, :], keys_t[..., :seen], v[..., :seen, :], triangle,
-                      output[..., r0:r1, :], None if weights is None else weights[..., r0:r1, :seen]))
+                      output[..., r0:r1, :], None if weights is None else weights[..., r0:r1, :seen], shift_free))
     return tasks[::-1]                                           # largest first: the threads finish together
 
 
-def _row_tasks(q, k, v, hidden, output, weights) -> list:
+def _row_tasks(q, k, v, hidden, output, weights, shift_free) -> list:
     """Tiles of a general attention: one head and a block of query rows each."""
     lead, T = output.shape[:-2], q.shape[-2]
     tasks = []
@@ -481,7 +541,7 @@ def _row_tasks(q, k, v, hidden, output, weights) -> list:
         r1 = min(r0 + QUERY_ROWS, T)
         for index in np.ndindex(*lead):
             tasks.append((q[index][r0:r1], k[index].T, v[index], None if hidden is None else hidden[index][r0:r1],
-                          output[index][r0:r1], None if weights is None else weights[index][r0:r1]))
+                          output[index][r0:r1], None if weights is None else weights[index][r0:r1], shift_free))
     return tasks
 
 
@@ -489,22 +549,30 @@ def tuned_attention(q, k, v, keep, scale: float, offset: int | None, need_weight
     """The tiled, threaded kernel on checked arrays; returns (output, weights or None) arrays.
 
     keep is the boolean mask (or None); offset is a CausalMask's offset when it covers the
-    scores exactly, which lets the kernel skip the future instead of reading `keep`.
+    scores exactly, which lets the kernel skip the future instead of reading `keep`. A boolean
+    `keep` that is causal is treated as such, and one that hides nothing as no mask.
     """
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    if offset is None:
+        keep, offset = _simplify_mask(keep, T, S)
     output = np.zeros(lead + (T, dv), dtype=np.float32)
     weights = np.zeros(lead + (T, S), dtype=np.float32) if need_weights else None
-    q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q * np.float32(scale), k, v))
-    hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
+    q = q * np.float32(scale)
+    small = math.prod(lead) * T * S < PARALLEL_MIN_SCORES
+    shift_free = not small and _scores_are_small(q, k)          # small calls: the check would cost more
+    q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
+    hidden = None if keep is None or offset is not None else np.broadcast_to(~keep, lead + (T, S))
     if S == 0 or T == 0 or math.prod(lead) == 0:
         pass                                                     # nothing to attend to: zeros
-    elif math.prod(lead) * T * S < PARALLEL_MIN_SCORES:
-        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights)   # one vectorised call
+    elif small:                                                              # one vectorised call
+        if offset is not None:
+            hidden = ~np.tri(T, S, k=offset, dtype=bool)                         # (T, S), True = future
+        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights, shift_free)
     elif offset is not None:
-        parallel_map(_attend_tile, _causal_tasks(q, k, v, offset, output, weights))
+        parallel_map(_attend_tile, _causal_tasks(q, k, v, offset, output, weights, shift_free))
     else:
-        parallel_map(_attend_tile, _row_tasks(q, k, v, hidden, output, weights))
+        parallel_map(_attend_tile, _row_tasks(q, k, v, hidden, output, weights, shift_free))
     return output, weights
 
 
@@ -665,6 +733,15 @@ class ProfilerSweeps:
         raise TypeError(f"attention_layer must be a MultiHeadAttention or ScaledDotProductAttention, "
                         f"got {type(attention_layer).__name__}")
 
+    min_sample_seconds = 0.05  # a sample shorter than a few scheduler time slices escapes the preemption longer ones suffer
+
+    @classmethod
+    def _calls_per_sample(cls, call) -> int:
+        """How many calls of `call` make one timed sample last at least `min_sample_seconds`."""
+        start = time.perf_counter()
+        call()
+        return max(1, math.ceil(cls.min_sample_seconds / max(time.perf_counter() - start, 1e-6)))
+
     def measure_attention_scaling(self, attention_layer, seq_lengths, *, batch_size: int = 1, num_heads: int = 8,
                                   head_dim: int = 64, causal: bool = False) -> list[dict]:
         """Time and peak memory of one forward at each sequence length, with BLAS held at one thread.
@@ -677,8 +754,10 @@ class ProfilerSweeps:
                 uses its own heads and width.
             causal: pass create_causal_mask(T).
         Returns:
-            One dict per length: seq_len, time_ms (median), time_spread_ms, peak_memory_mb (all
-            measured), weights_mb_estimate (B * H * T * T float32 numbers, computed) and blas_threads.
+            One dict per length: seq_len, time_ms (median per call; each timed sample repeats the
+            call for at least `min_sample_seconds`, so that every length sees the same share of a
+            busy machine), time_spread_ms, peak_memory_mb (all measured), weights_mb_estimate
+            (B * H * T * T float32 numbers, computed) and blas_threads.
         """
         batch_size = check_int(batch_size, "batch_size", 1)
         results = []
@@ -686,11 +765,12 @@ class ProfilerSweeps:
             for seq_len in seq_lengths:
                 seq_len = check_int(seq_len, "seq_len", 1)
                 call, heads = self._workload(attention_layer, seq_len, batch_size, num_heads, head_dim, causal)
-                timing = self.measure_time(call)
+                calls = self._calls_per_sample(call)
+                timing = self.measure_time(lambda: [call() for _ in range(calls)])
                 results.append({
                     "seq_len": seq_len,
-                    "time_ms": timing["median_ms"],
-                    "time_spread_ms": timing["spread_ms"],
+                    "time_ms": timing["median_ms"] / calls,
+                    "time_spread_ms": timing["spread_ms"] / calls,
                     "peak_memory_mb": self.peak_memory(call) / 2**20,
                     "weights_mb_estimate": batch_size * heads * seq_len * seq_len * 4 / 2**20,
                     "blas_threads": self.blas_threads,

@@ -284,13 +284,13 @@ def test_unit_masked_softmax():
     check("softmax([1, 2, 3])", masked_softmax(np.array([1.0, 2.0, 3.0])).data, [0.090, 0.245, 0.665])
     check("softmax([1001, 1002, 1003]): subtract the row max", masked_softmax(np.array([1001.0, 1002.0, 1003.0])).data,
           [0.090, 0.245, 0.665])
-    check("softmax([1, 2, 3]) with key 2 masked", masked_softmax(np.array([1.0, 2.0, 3.0]), [1, 1, 0]).data,
-          [0.269, 0.731, 0.0])
-    check("a fully masked row gives zeros, not nan", masked_softmax(np.array([[1.0, 2.0], [3.0, 4.0]]),
-                                                                     np.array([[1, 1], [0, 0]])).data,
-          [[0.269, 0.731], [0.0, 0.0]])
     check("softmax runs along the last axis of a (2, 3) array",
           masked_softmax(np.array([[1.0, 2.0, 3.0], [3.0, 3.0, 3.0]])).data, [[0.090, 0.245, 0.665], [1 / 3] * 3])
+    check("softmax([1, 2, 3]) with key 2 masked", masked_softmax(np.array([1.0, 2.0, 3.0]), [1, 1, 0]).data,
+          [0.269, 0.731, 0.0])
+    check("a (2, 2) input, row 0 normal, row 1 fully masked: zeros, not nan",
+          masked_softmax(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[1, 1], [0, 0]])).data,
+          [[0.269, 0.731], [0.0, 0.0]])
     print("masked softmax: the worked example, stability at 1000, masks and fully masked rows all correct")
 
 
@@ -419,8 +419,9 @@ print("shuffling the tokens shuffles the output the same way:",
       np.allclose(output_then_shuffled, shuffled_then_output, atol=1e-6))
 
 # %% [markdown]
-# **Try it.** Add module 12's `PositionalEncoding(4, max_seq_length=8)` to `tokens` (shuffle
-# the tokens, *then* add the positions) and run the comparison again. Why does it now print
+# **Try it.** Pass the tokens through module 12's `PositionalEncoding(4, max_seq_length=8)`,
+# which adds the positions itself (shuffle the tokens first, *then* add the positions), and run
+# the comparison again. Why does it now print
 # `False`? Then pass a causal mask to both calls: is attention with a causal mask still
 # permutation equivariant?
 
@@ -435,8 +436,9 @@ print("shuffling the tokens shuffles the output the same way:",
 #   model cannot lean on any single key, and divides the survivors by 1 − *p*, so that each
 #   weight keeps its expected value. Worked by hand: with p = 0.5 the weights [0.670, 0.330]
 #   become [1.340, 0] or [0, 0.660] or [1.340, 0.660] or [0, 0], each with probability 1/4, and
-#   on average [0.670, 0.330] again. As in PyTorch, dropout acts only in training mode:
-#   `layer.train()` turns it on, `layer.eval()` off, and `seed=` makes it repeatable.
+#   on average [0.670, 0.330] again. As in PyTorch, dropout acts only in training mode, and a
+#   new layer starts in training mode: `layer.eval()` turns dropout off, `layer.train()` on
+#   again, and `seed=` makes it repeatable.
 # - **`block_size`** switches to the memory-efficient blocked kernel of Part 8.
 #
 # Like every TinyTorch layer it derives from `Layer` (provided): `layer(x)` is `layer.forward(x)`,
@@ -563,10 +565,12 @@ test_unit_scaled_dot_product_attention()
 # The heads cost no more parameters or FLOPs than one head of width E: they only cut the same
 # matrices into slices. What changes is that the softmax runs H times, on H different scorings.
 #
-# **Worked by hand.** One position with E = 4 features [10, 11, 12, 13] and H = 2 heads: head 0
-# gets features [10, 11] and head 1 gets [12, 13], consecutive groups of hd = 2, the layout
-# PyTorch's `nn.MultiheadAttention` uses. A reshape straight to (B, H, T, hd) would scramble
-# positions across heads and still run without error, which is why the tests compare values.
+# **Worked by hand.** Two positions with E = 4 features, [10, 11, 12, 13] and [20, 21, 22, 23],
+# and H = 2 heads of hd = 2. Head 0 gets features 0-1 of *every* position, [[10, 11], [20, 21]],
+# and head 1 gets features 2-3, [[12, 13], [22, 23]]: consecutive groups of hd, the layout
+# PyTorch's `nn.MultiheadAttention` uses. A reshape straight to (B, H, T, hd) would give head 0
+# [[10, 11], [12, 13]], both halves of position 0: it scrambles positions across heads and still
+# runs without error, which is why the tests compare values.
 
 # %%
 draw_head_split(embed_dim=8, num_heads=4, seq_len=3)
@@ -574,7 +578,7 @@ draw_head_split(embed_dim=8, num_heads=4, seq_len=3)
 # %% [markdown]
 # **Your task**: `split_heads` and `merge_heads`. Each is a reshape that cuts (or joins) the
 # feature axis and a transpose that moves the head axis (or puts it back). Check each step's
-# shape against the comments in the picture above.
+# shape against the shape chain in the picture's title.
 
 # %% nbgrader={"grade": false, "grade_id": "split-merge-heads", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -609,8 +613,10 @@ def merge_heads(x) -> Tensor:
 # %% nbgrader={"grade": true, "grade_id": "test-split-merge-heads", "locked": true, "points": 6, "schema_version": 3, "solution": false}
 def test_unit_split_merge_heads():
     """The worked example, every head's slice of a (2, 3, 8) input, and merge undoing split."""
-    np.testing.assert_array_equal(split_heads(np.array([[[10.0, 11.0, 12.0, 13.0]]]), 2).data,
-                                  [[[[10.0, 11.0]], [[12.0, 13.0]]]], err_msg="worked example, (1, 1, 4) into 2 heads")
+    np.testing.assert_array_equal(split_heads(np.array([[[10.0, 11.0, 12.0, 13.0], [20.0, 21.0, 22.0, 23.0]]]), 2).data,
+                                  [[[[10.0, 11.0], [20.0, 21.0]], [[12.0, 13.0], [22.0, 23.0]]]],
+                                  err_msg="worked example, (1, 2, 4) into 2 heads: head h holds features h*hd..(h+1)*hd-1 "
+                                          "of every position; reshape to (B, T, H, hd), then move the head axis")
     x = np.arange(2 * 3 * 8, dtype=np.float32).reshape(2, 3, 8)   # B=2, T=3, E=8
     heads = split_heads(x, 4).data
     assert heads.shape == (2, 4, 3, 2), f"split_heads((2, 3, 8), 4): expected shape (2, 4, 3, 2), got {heads.shape}"
@@ -653,7 +659,7 @@ def repeat_kv_heads(x, num_heads: int) -> Tensor:
         raise ValueError(f"num_heads={num_heads} is not a multiple of the {x.shape[1]} key/value heads")
     ### BEGIN SOLUTION
     group = num_heads // x.shape[1]                      # G query heads per kv head
-    repeated = np.repeat(x, group, axis=1)               # (B, H, S, hd)
+    repeated = x if group == 1 else np.repeat(x, group, axis=1)   # (B, H, S, hd)
     ### END SOLUTION
     return Tensor(repeated)
 
@@ -691,8 +697,10 @@ test_unit_repeat_kv_heads()
 #
 # **Your task**: first the four weights in `__init__`, drawn from `rng` in the order
 # w_q, w_k, w_v, w_o (`rng.standard_normal(shape, dtype=np.float32)`, then scaled), and the
-# figures of `get_memory_usage`: the parameters of each weight, their total and its MiB, and the
-# bytes one token adds to a KV cache for this layer. Then `forward`, from inputs to output:
+# figures of `get_memory_usage`: `counts`, a dict `{"w_q": ..., "w_k": ..., "w_v": ..., "w_o": ...}`
+# of each weight's number of parameters, their `total` and its size in MiB (`megabytes`), and
+# `cache_bytes_per_token`, the bytes one token adds to a KV cache for this layer. Then
+# `forward`, from inputs to output:
 #
 # 1. project `x_q`, `x_k`, `x_v` with the weights (a Tensor's array is its `.data`) and split
 #    them into heads: queries into H heads, keys and values into Hkv;
@@ -703,8 +711,8 @@ test_unit_repeat_kv_heads()
 # 4. attend with `self.attention`, asking it for the weights when the caller wants them;
 # 5. merge the heads and apply the output projection.
 #
-# `context` must be (B, H, T, hd), `output` (B, T, E), and `weights` the attention weights or
-# `None`.
+# The code after yours reads `output`, (B, T, E), and `weights`, the (B, H, T, S) attention
+# weights or `None`.
 
 # %% nbgrader={"grade": false, "grade_id": "multihead-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -890,8 +898,8 @@ test_unit_multihead_attention()
 #
 # **Your task**: the cache's core. `update` writes the new keys and values after what the row
 # holds and advances its length; `get_sequence` returns the filled part of one row as views into
-# the preallocated arrays (slicing makes views; copying would defeat the cache); `reset` empties
-# rows. Then the three figures of `get_memory_usage`: the bytes the cache allocates for keys and
+# the preallocated arrays (slicing makes views; copying would defeat the cache); `reset` sets the
+# rows' lengths to 0 and zeroes their keys and values. Then the three figures of `get_memory_usage`: the bytes the cache allocates for keys and
 # values together, the bytes one cached token takes, and the fraction of the cache's positions
 # (over all rows) that are filled.
 
@@ -998,6 +1006,7 @@ def test_unit_kv_cache():
     np.testing.assert_allclose(values.data, np.concatenate([first_v, next_v], axis=1), rtol=1e-6,
                                err_msg="row 0's values after appending 4 then 1 positions")
     assert cache.cache_lengths.tolist() == [5, 0], f"lengths: expected [5, 0], got {cache.cache_lengths.tolist()}"
+    assert np.shares_memory(cache.get_sequence(0)[0].data, cache.cached_keys), "get_sequence must return views, not copies"
 
     before = cache.cached_keys.copy()
     try:
@@ -1047,8 +1056,9 @@ draw_kv_cache(prompt_length=4, steps=3, max_seq_length=8)
 
 # %% [markdown]
 # **Your task**: `append`. Update each batch row with its new keys and values, take the filled
-# part of the cache for rows 0..B−1 up to the longest row (`longest` is computed for you), and
-# build the (B, 1, T, L) boolean mask of which cached keys each new query may see.
+# part of the cache for rows 0..B−1 up to the longest row (`longest`, computed for you, is the
+# longest row's length *after* this append: L in the worked example), and build the
+# (B, 1, T, L) boolean mask of which cached keys each new query may see.
 
 # %% nbgrader={"grade": false, "grade_id": "cached-decoding", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -1360,9 +1370,9 @@ def test_unit_blocked_attention():
 test_unit_blocked_attention()
 
 # %% [markdown]
-# **Try it.** Delete the rescaling by c in your loop (or set `correction` to 1) and rerun the
-# worked example: you should get 15 instead of 18.81. Then measure the peak memory of
-# `blocked_attention` against `math_attention` at T = 2048 with `tracemalloc` (Part 9 shows how)
+# **Try it.** Set c to 1 in your loop (no rescaling) and rerun the worked example: you should
+# get 15 instead of 18.81. Then, once you have written `AttentionProfiler.peak_memory` in
+# Part 9, measure the peak memory of `blocked_attention` against `math_attention` at T = 2048
 # for block sizes 32, 128 and 512: which block size would you pick, and why?
 
 # %% [markdown]
@@ -1396,8 +1406,9 @@ test_unit_blocked_attention()
 # the log-log fit (`np.polyfit` with degree 1 fits a line and returns its slope first). Last,
 # the two generation loops of `compare_generation`: prefill a new `KVCache` with the prompt and
 # decode one position per call through it, then, for the same positions, recompute a causal
-# forward over everything so far and keep its last row. Time every call, and keep every output,
-# so that the two ways can be compared.
+# forward over everything so far and keep its last position (`[:, -1:]`). Fill `prefill_ms`
+# (one number), the lists `cached_ms` and `recompute_ms` (one time per new token), and the lists
+# `cached_out` and `recompute_out` of (B, 1, E) outputs, so that the two ways can be compared.
 
 # %% nbgrader={"grade": false, "grade_id": "attention-profiler", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -1539,6 +1550,16 @@ def test_unit_attention_profiler():
 
     one_mib = AttentionProfiler.peak_memory(lambda: np.ones(2**18, dtype=np.float32))
     assert 2**20 <= one_mib < 2**20 + 2**16, f"a call that allocates 1 MiB peaks at 1 MiB, got {one_mib} bytes"
+    tracemalloc.start()
+    try:
+        held = np.ones(2**19, dtype=np.float32)                      # 2 MiB allocated before the call
+        np.ones(2**21, dtype=np.float32)                             # an 8 MiB peak that ended before it
+        one_mib = AttentionProfiler.peak_memory(lambda: np.ones(2**18, dtype=np.float32))
+    finally:
+        tracemalloc.stop()
+    assert 2**20 <= one_mib < 2**20 + 2**16, \
+        f"after an 8 MiB peak and with 2 MiB held, a 1 MiB call still peaks 1 MiB above its start, got {one_mib} bytes"
+    del held
     generation = AttentionProfiler().compare_generation(MultiHeadAttention(32, 4, seed=0), prompt_length=8, new_tokens=6)
     assert len(generation["cached_token_ms"]) == len(generation["recompute_token_ms"]) == 6, "one time per new token"
     assert generation["max_abs_difference"] < 1e-4, \
@@ -1585,22 +1606,26 @@ plot_scaling(scaling)
 #
 # - **The math path** computes and stores every one of the T² scores, so both its time and its
 #   memory should grow about four times per doubling of T: fitted exponents near 2. Expect your
-#   memory exponent between about 1.8 and 2.2, and your time exponent between about 1.7 and 2.3;
-#   at T = 128 the fixed cost of each call is a visible part of the time, which pulls the time
-#   slope a little below 2. Its peak is several times the weights' size: the formula holds the
-#   scores, the exponentials and the weights at once.
+#   memory exponent between about 1.8 and 2.2, and your time exponent between about 1.7 and 2.3.
+#   Two effects move the time slope within that range, in opposite directions: the fixed cost of
+#   each call pulls it below 2, and the smallest sizes fitting in the CPU cache while the larger
+#   ones do not pushes it above 2. Compare the step from 128 to 256 with the step from 512 to
+#   1024 in your table to see which one your machine shows. The math path's peak is several
+#   times the weights' size: the formula holds the scores, the exponentials and the weights at
+#   once.
 # - **The fast path** computes every score too, so its time also tends to T². Its memory is
 #   smaller: it never holds more than a tile of rows per thread, and each tile spans all S keys,
 #   so its peak grows more slowly than T². If your fitted slopes differ from these ranges, look
 #   at the spread column first.
 # - **Blocked attention** holds a few block-sized tiles and the output, so its peak memory
-#   should grow roughly as T, not T², while its time still grows as T².
+#   should grow at most linearly in T (a fitted exponent of 1 or less at these sizes), not as
+#   T², while its time still grows as T².
 #
 # Removing the T² *time* needs a different model, such as sliding-window or linear attention,
 # not a better kernel.
 #
-# **Try it.** Change `scaling_lengths` to `[64, 128, 256]` and rerun: what happens to the
-# fitted time exponents, and why do small sizes flatten the curve?
+# **Try it.** Change `scaling_lengths` to `[64, 128, 256]` and rerun. Do the fitted time
+# exponents move up or down on your machine, and which of the two effects above explains it?
 
 # %% [markdown]
 # ### Measured: generating with and without the cache
@@ -1611,7 +1636,7 @@ generation = profiler.compare_generation(generation_layer, prompt_length=32, new
 print(f"prefill of {generation['prompt_length']} tokens: {generation['prefill_ms']:.2f} ms")
 print(f"per generated token, median: cached {generation['cached_ms_per_token']:.3f} ms, "
       f"recomputed {generation['recompute_ms_per_token']:.3f} ms")
-print(f"total speed-up of the cache over {generation['new_tokens']} tokens: {generation['speedup']:.1f}x "
+print(f"total time of all steps, recomputed / cached: {generation['speedup']:.1f}x "
       f"(outputs agree to {generation['max_abs_difference']:.1e})")
 plot_generation(generation)
 
@@ -1619,8 +1644,8 @@ plot_generation(generation)
 # Without the cache, each new token recomputes the projections of every earlier token and a
 # T × T attention, so the time per token should climb as the text grows. With the cache a token
 # costs one projection and one row of attention over the cached keys, so its time should grow
-# only slowly. Check both against your plot; a spike in one step is the machine doing something
-# else, which the medians above ignore.
+# only slowly. Check both against your plot. A spike in one step is the machine doing something
+# else: the medians per token ignore it, while the ratio of total times counts it.
 # %% [markdown]
 # ## Putting it together: embeddings, positions and causal attention
 #
@@ -1667,8 +1692,10 @@ test_unit_integration()
 #
 # Each heat map shows one head's weights for a short sentence: row i is query token i, column j
 # is key token j, and darker means more weight. With the causal mask everything above the
-# diagonal is exactly zero. The weights are random, so the patterns are arbitrary, but each head
-# already scores the sentence differently, which is the point of having several.
+# diagonal is exactly zero, and the first rows, which see only a token or two, put most of their
+# weight there whatever the head. The weights are random, so the patterns are arbitrary; compare
+# the heads in the second plot, without a mask, to see that each one already scores the sentence
+# differently, which is the point of having several.
 
 # %%
 words = "the cat sat on the mat because it was warm".split()

@@ -263,11 +263,14 @@ def test_head_weights_draw_one_map_per_head_with_the_tokens():
     weights = softmax(np.random.default_rng(1).standard_normal((3, 4, 4)))
     tokens = ["the", "cat", "sat", "down"]
     figure = plot_head_weights(weights, tokens, title="no mask")
-    assert [axes.get_title() for axes in figure.axes] == ["head 0", "head 1", "head 2"]
-    for h, axes in enumerate(figure.axes):
+    maps, colour_bar = figure.axes[:-1], figure.axes[-1]
+    assert [axes.get_title() for axes in maps] == ["head 0", "head 1", "head 2"]
+    for h, axes in enumerate(maps):
         np.testing.assert_array_equal(axes.images[0].get_array(), weights[h])
         assert axes.images[0].get_clim()[0] == 0
         assert [label.get_text() for label in axes.get_xticklabels()] == tokens
+        assert axes.get_xlabel() == "key"
+    assert colour_bar.get_ylabel() == "attention weight"
     assert figure.texts[0].get_text() == "no mask"
 
 

@@ -168,7 +168,7 @@ def draw_head_split(embed_dim, num_heads, seq_len=4):
     figure.suptitle(f"(B, T, E) → (B, T, H, hd) → (B, H, T, hd):  E = {E} = H × hd = {H} × {hd}", fontsize=11)
     return _finish(figure)
 
-# %% ../../modules/13_attention/_attention_figures_dev.ipynb #c8926c37
+# %% ../../modules/13_attention/_attention_figures_dev.ipynb #bb82aa5f
 _CACHE_EMPTY, _CACHE_CACHED, _CACHE_WRITTEN = 0, 1, 2
 
 
@@ -225,7 +225,7 @@ def draw_kv_cache(prompt_length, steps, max_seq_length):
         sees = "query i sees keys 0..i" if call == 0 else f"sees keys 0..{P + call - 1}"
         axes.text(capacity - 0.3, call, sees, ha="left", va="center", fontsize=8)
     legend = [Patch(facecolor=colour, edgecolor="#BBBBBB", label=label) for colour, label in
-              zip(colours, ["empty", "cached by an earlier call", "written by this call: its queries (q)"])]
+              zip(colours, ["empty", "cached by an earlier call", "written by this call (its keys and values); q marks its queries"])]
     axes.legend(handles=legend, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
     figure.suptitle(f"KV cache of {capacity} positions: a {P}-token prefill, then {steps} one-token steps",
                     fontsize=10)
@@ -394,7 +394,7 @@ def plot_generation(generation):
     figure.tight_layout()
     return _finish(figure)
 
-# %% ../../modules/13_attention/_attention_figures_dev.ipynb #0a7629e6
+# %% ../../modules/13_attention/_attention_figures_dev.ipynb #a03ca2dd
 def plot_head_weights(weights, tokens, title=""):
     """One heat map per head: row i is query token i, column j key token j.
 
@@ -420,13 +420,15 @@ def plot_head_weights(weights, tokens, title=""):
         if h >= H:
             axes.remove()
             continue
-        axes.imshow(weights[h], cmap=_WEIGHTS_CMAP, vmin=0, vmax=vmax)
+        image = axes.imshow(weights[h], cmap=_WEIGHTS_CMAP, vmin=0, vmax=vmax)
         axes.set_title(f"head {h}", fontsize=9)
         axes.set_xticks(range(T), tokens, rotation=90, fontsize=7)
         axes.set_yticks(range(T), tokens, fontsize=7)
+        axes.set_xlabel("key", fontsize=8)
         if h % columns == 0:
             axes.set_ylabel("query", fontsize=8)
     if title:
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()
+    figure.colorbar(image, ax=grid.ravel().tolist(), shrink=0.8, label="attention weight")
     return _finish(figure)

@@ -198,7 +198,7 @@ def merge_heads(x) -> Tensor:
     ### END SOLUTION
     return Tensor(merged)
 
-# %% ../../modules/13_attention/attention_dev.ipynb #2b5586ad
+# %% ../../modules/13_attention/attention_dev.ipynb #8dadf5d9
 def repeat_kv_heads(x, num_heads: int) -> Tensor:
     """(B, Hkv, S, hd) -> (B, H, S, hd): query head h reads key/value head h // (H // Hkv)."""
     x = as_float32(x, "x")
@@ -209,7 +209,7 @@ def repeat_kv_heads(x, num_heads: int) -> Tensor:
         raise ValueError(f"num_heads={num_heads} is not a multiple of the {x.shape[1]} key/value heads")
     ### BEGIN SOLUTION
     group = num_heads // x.shape[1]                      # G query heads per kv head
-    repeated = np.repeat(x, group, axis=1)               # (B, H, S, hd)
+    repeated = x if group == 1 else np.repeat(x, group, axis=1)   # (B, H, S, hd)
     ### END SOLUTION
     return Tensor(repeated)
 
