@@ -477,14 +477,46 @@ def test_ragged_lists_get_the_same_type_error_through_every_entry_point():
             call()
 
 
-def test_non_finite_queries_keys_and_scores_raise():
-    finite = np.ones((2, 4))
-    for name, arrays in (("query", (np.full((2, 4), np.inf), finite, finite)),
-                         ("key", (finite, np.array([[np.nan, 0, 0, 0], [0, 0, 0, 0]]), finite))):
-        with pytest.raises(ValueError, match=f"{name} holds inf or NaN"):
-            math_attention(*arrays)
-        with pytest.raises(ValueError, match=f"{name} holds inf or NaN"):
-            fast_attention(*arrays)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ["query", "key", "value"])
+def test_non_finite_attention_inputs_raise_naming_the_argument(name, bad):
+    arrays = {"query": np.ones((2, 4)), "key": np.ones((3, 4)), "value": np.ones((3, 2))}
+    arrays[name][1, 0] = bad
+    for call in (math_attention, fast_attention, ScaledDotProductAttention(),
+                 lambda q, k, v: blocked_attention(q, k, v, block_size=2)):
+        with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+            call(arrays["query"], arrays["key"], arrays["value"])
+
+
+@pytest.mark.parametrize("name", ["query", "key", "value"])
+def test_non_finite_multihead_inputs_raise_and_leave_the_cache_unchanged(name):
+    layer = MultiHeadAttention(8, 2, seed=0)
+    inputs = {"query": np.ones((1, 3, 8)), "key": np.ones((1, 3, 8)), "value": np.ones((1, 3, 8))}
+    inputs[name][0, 1, 2] = np.nan
+    cache = KVCache(1, 4, 2, 4)
+    with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+        layer(inputs["query"], inputs["key"], inputs["value"])
+    with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+        layer(inputs["query"], inputs["key"], inputs["value"], kv_cache=cache)
+    assert cache.cache_lengths.tolist() == [0]
+
+
+@pytest.mark.parametrize("name", ["new_keys", "new_values"])
+def test_non_finite_cache_inputs_raise_and_change_nothing(name):
+    cache = KVCache(2, 4, 2, 3)
+    cache.update(0, np.ones((2, 1, 3)), np.ones((2, 1, 3)))
+    before = cache.cached_keys.copy(), cache.cached_values.copy(), cache.cache_lengths.copy()
+    arrays = {"new_keys": np.ones((2, 2, 3)), "new_values": np.ones((2, 2, 3))}
+    arrays[name][1, 1, 0] = np.inf
+    with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+        cache.update(0, arrays["new_keys"], arrays["new_values"])
+    with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+        cache.append(arrays["new_keys"][None], arrays["new_values"][None])
+    for kept, now in zip(before, (cache.cached_keys, cache.cached_values, cache.cache_lengths)):
+        np.testing.assert_array_equal(now, kept)
+
+
+def test_non_finite_scores_raise_but_minus_inf_means_masked():
     with pytest.raises(ValueError, match=r"scores hold NaN or \+inf"):
         masked_softmax(np.array([[0.0, np.inf]]))
-    np.testing.assert_array_equal(masked_softmax(np.array([[0.0, -np.inf]])).data, [[1.0, 0.0]])  # -inf: masked
+    np.testing.assert_array_equal(masked_softmax(np.array([[0.0, -np.inf]])).data, [[1.0, 0.0]])

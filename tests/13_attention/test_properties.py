@@ -138,7 +138,6 @@ def check_weight_rows(weights, keep):
     assert np.all(weights.sum(axis=-1)[~open_rows] == 0.0)
 
 
-@pytest.mark.grades("test-masked-softmax")
 @given(seed=seeds, shape=st.tuples(batches, heads, seq_lens, seq_lens),
        form=st.sampled_from(["none", "full", "square", "row", "per-batch"]))
 def test_masked_softmax_rows_are_distributions(seed, shape, form):
@@ -148,7 +147,6 @@ def test_masked_softmax_rows_are_distributions(seed, shape, form):
     check_weight_rows(masked_softmax(scores, mask).data, keep_of(mask, shape))
 
 
-@pytest.mark.grades("test-math-attention")
 @given(case=attention_cases(forms=["none", "full", "square", "row", "per-batch"]))
 def test_math_attention_weights_are_distributions(case):
     q, k, v, mask, scale = case
@@ -163,7 +161,6 @@ def test_fast_attention_weights_are_distributions(case):
     check_weight_rows(weights.data, keep_of(mask, weights.shape))
 
 
-@pytest.mark.grades("test-multihead-attention")
 @given(seed=seeds, dims=layer_shapes(), B=batches, T=seq_lens, S=seq_lens,
        form=st.sampled_from(["none", "square", "per-batch"]))
 def test_multihead_weights_are_distributions(seed, dims, B, T, S, form):
@@ -178,7 +175,6 @@ def test_multihead_weights_are_distributions(seed, dims, B, T, S, form):
 
 
 # ---------------------------------------------------------------- symmetries
-@pytest.mark.grades("test-math-attention")
 @given(seed=seeds, lead=st.tuples(batches, heads), T=seq_lens, d_k=head_dims, d_v=head_dims)
 def test_math_attention_is_permutation_equivariant(seed, lead, T, d_k, d_v):
     """Without a mask, reordering the positions of q, k and v alike reorders the output rows alike."""
@@ -190,7 +186,6 @@ def test_math_attention_is_permutation_equivariant(seed, lead, T, d_k, d_v):
     np.testing.assert_allclose(permuted.data, output.data[..., order, :], **TOL)
 
 
-@pytest.mark.grades("test-multihead-attention")
 @given(seed=seeds, dims=layer_shapes(), B=batches, T=seq_lens)
 def test_multihead_self_attention_is_permutation_equivariant(seed, dims, B, T):
     E, H, Hkv = dims
@@ -246,7 +241,7 @@ KERNELS = {
 }
 
 
-@pytest.mark.parametrize("kernel", [pytest.param("math", marks=pytest.mark.grades("test-math-attention")),
+@pytest.mark.parametrize("kernel", ["math",
                                     "fast", "blocked"])
 @pytest.mark.parametrize("ones", ALL_ONES)
 @given(case=attention_cases(forms=["none"]))
@@ -299,7 +294,6 @@ def test_math_attention_matches_float64_reference(case):
 
 
 # ---------------------------------------------------------------- cached decoding
-@pytest.mark.grades("test-cached-decoding")
 @given(seed=seeds, dims=layer_shapes(), B=batches, T=seq_lens, data=st.data())
 def test_cached_decoding_equals_causal_forward(seed, dims, B, T, data):
     """Prefill a random number of positions (possibly none), then decode one position per call."""
@@ -317,7 +311,6 @@ def test_cached_decoding_equals_causal_forward(seed, dims, B, T, data):
 
 
 # ---------------------------------------------------------------- grouped-query attention
-@pytest.mark.grades("test-multihead-attention")
 @given(seed=seeds, dims=layer_shapes(), B=batches, T=seq_lens, S=seq_lens)
 def test_gqa_with_as_many_kv_heads_as_heads_is_plain_mha(seed, dims, B, T, S):
     E, H, _ = dims
@@ -330,7 +323,6 @@ def test_gqa_with_as_many_kv_heads_as_heads_is_plain_mha(seed, dims, B, T, S):
     np.testing.assert_array_equal(grouped(x_q, x_kv).data, plain(x_q, x_kv).data)
 
 
-@pytest.mark.grades("test-multihead-attention")
 @given(seed=seeds, dims=layer_shapes(grouped=True), B=batches, T=seq_lens, S=seq_lens, masked=st.booleans())
 def test_gqa_equals_numpy_reference_with_repeated_kv_heads(seed, dims, B, T, S, masked):
     """num_kv_heads < num_heads: query head h reads kv head h // (H // Hkv), as np.repeat lays them out."""
@@ -346,7 +338,6 @@ def test_gqa_equals_numpy_reference_with_repeated_kv_heads(seed, dims, B, T, S, 
 
 
 # ---------------------------------------------------------------- KV cache bookkeeping
-@pytest.mark.grades("test-kv-cache")
 @given(seed=seeds, rows=st.integers(1, 3), capacity=st.integers(1, 12), Hkv=heads, hd=head_dims,
        steps=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 6), st.booleans()), min_size=1, max_size=12))
 def test_kv_cache_rows_are_concatenations_of_successful_updates(seed, rows, capacity, Hkv, hd, steps):
