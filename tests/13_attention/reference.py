@@ -5,8 +5,9 @@ batch row at a time. Nothing here calls `tinytorch`, and nothing reuses the modu
 so a bug in the student's code cannot also be in the expected values. `test_reference.py`
 checks these functions against numbers worked out by hand.
 
-Tests reach it through the `ref` fixture in `conftest.py` (pytest imports test files with
-`--import-mode=importlib`, so a sibling module is not importable by name).
+Tests reach it through the `ref` fixture, or `import attention_reference`: `conftest.py` loads
+this file by path and registers it under that name (pytest imports test files with
+`--import-mode=importlib`, so a sibling module is not importable by its file name).
 """
 import math
 
@@ -64,6 +65,19 @@ def attention(q, k, v, keep=None, scale=None):
     return output, weights
 
 
+def attention_formula(q, k, v, keep=None, scale=None):
+    """`attention` written as array formulas, for shapes too large for the loop; tested equal to it."""
+    q, k, v = as_float64(q), as_float64(k), as_float64(v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = np.einsum("...td,...sd->...ts", q, k) * scale
+    keep = np.ones(scores.shape, bool) if keep is None else np.broadcast_to(as_float64(keep) != 0, scores.shape)
+    top = np.max(np.where(keep, scores, -np.inf), axis=-1, keepdims=True, initial=-np.inf)
+    exps = np.where(keep, np.exp(np.where(keep, scores, 0.0) - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    totals = exps.sum(axis=-1, keepdims=True)
+    weights = exps / np.where(totals > 0, totals, 1.0)
+    return weights @ v, weights
+
+
 def causal_mask(seq_len, key_len=None):
     """(T, S) 0/1: query i sits at position i + (S - T) and sees keys at or before it."""
     key_len = seq_len if key_len is None else key_len
@@ -83,21 +97,20 @@ def padding_mask(lengths, key_len):
 def split_heads(x, num_heads):
     """(B, T, E) -> (B, H, T, hd): head h is the column slice h*hd:(h+1)*hd."""
     x = as_float64(x)
-    B, T, E = x.shape
-    hd = E // num_heads
-    out = np.zeros((B, num_heads, T, hd))
+    width = x.shape[2] // num_heads
+    out = np.zeros((x.shape[0], num_heads, x.shape[1], width))
     for h in range(num_heads):
-        out[:, h] = x[:, :, h * hd:(h + 1) * hd]
+        out[:, h] = x[:, :, h * width:(h + 1) * width]
     return out
 
 
 def merge_heads(x):
     """(B, H, T, hd) -> (B, T, H*hd): the heads side by side as column slices."""
     x = as_float64(x)
-    B, H, T, hd = x.shape
-    out = np.zeros((B, T, H * hd))
-    for h in range(H):
-        out[:, :, h * hd:(h + 1) * hd] = x[:, h]
+    width = x.shape[3]
+    out = np.zeros((x.shape[0], x.shape[2], x.shape[1] * width))
+    for h in range(x.shape[1]):
+        out[:, :, h * width:(h + 1) * width] = x[:, h]
     return out
 
 
@@ -114,9 +127,9 @@ def init_weights(seed, embed_dim, num_heads, num_kv_heads=None):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     kv_dim = num_kv_heads * (embed_dim // num_heads)
     rng = np.random.default_rng(seed)
-    std = np.float32(1.0 / math.sqrt(embed_dim))
+    spread = np.float32(1 / math.sqrt(embed_dim))
     shapes = [(embed_dim, embed_dim), (embed_dim, kv_dim), (embed_dim, kv_dim), (embed_dim, embed_dim)]
-    return [rng.standard_normal(shape, dtype=np.float32) * std for shape in shapes]
+    return [rng.standard_normal(shape, dtype=np.float32) * spread for shape in shapes]
 
 
 def multihead(weights, num_heads, num_kv_heads, x_q, x_k=None, x_v=None, keep=None):
@@ -135,14 +148,14 @@ def multihead(weights, num_heads, num_kv_heads, x_q, x_k=None, x_v=None, keep=No
     keep = np.ones((B, num_heads, T, S), bool) if keep is None else np.broadcast_to(
         as_float64(keep) != 0, (B, num_heads, T, S))
     output, all_weights = np.zeros((B, T, E)), np.zeros((B, num_heads, T, S))
-    for b in range(B):
-        q_all, k_all, v_all = x_q[b] @ w_q, x_k[b] @ w_k, x_v[b] @ w_v
+    for row in range(B):
+        q_all, k_all, v_all = x_q[row] @ w_q, x_k[row] @ w_k, x_v[row] @ w_v
         context = np.zeros((T, E))
         for h in range(num_heads):
             g = h // group
             q, k, v = (q_all[:, h * hd:(h + 1) * hd], k_all[:, g * hd:(g + 1) * hd], v_all[:, g * hd:(g + 1) * hd])
-            context[:, h * hd:(h + 1) * hd], all_weights[b, h] = attention(q, k, v, keep[b, h])
-        output[b] = context @ w_o
+            context[:, h * hd:(h + 1) * hd], all_weights[row, h] = attention(q, k, v, keep[row, h])
+        output[row] = context @ w_o
     return output, all_weights
 
 

@@ -5,6 +5,7 @@ Shapes are drawn small (batch 0-3, heads 1-4, sequences 1-12, head dims 1-8); th
 """
 import os
 
+import attention_reference as ref
 import numpy as np
 import pytest
 from hypothesis import Phase, given, settings
@@ -80,33 +81,9 @@ def keep_of(mask, shape):
     return np.broadcast_to(np.asarray(getattr(mask, "data", mask)) != 0, shape)
 
 
-def reference_attention(q, k, v, keep=None, scale=None):
-    """softmax(q kᵀ · scale) v in float64, with fully masked rows giving zero weights and output."""
-    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    scores = q @ np.swapaxes(k, -1, -2) * scale                          # (..., T, S)
-    keep = np.ones(scores.shape, bool) if keep is None else np.broadcast_to(keep, scores.shape)
-    scores = np.where(keep, scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
-    exps = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0))  # masked: exp(-inf) = 0
-    totals = exps.sum(axis=-1, keepdims=True)
-    weights = exps / np.where(totals > 0, totals, 1.0)
-    return weights @ v, weights
-
-
 def reference_mha(layer, x_q, x_kv, keep=None):
-    """Multi-head attention in float64, key/value heads repeated with np.repeat; keep broadcasts to (B, H, T, S)."""
-    x_q, x_kv = np.asarray(x_q, np.float64), np.asarray(x_kv, np.float64)
-    w_q, w_k, w_v, w_o = (w.data.astype(np.float64) for w in layer.parameters)
-    B, T, _ = x_q.shape
-    S = x_kv.shape[1]
-    H, Hkv, hd = layer.num_heads, layer.num_kv_heads, layer.head_dim
-    q = (x_q @ w_q).reshape(B, T, H, hd).transpose(0, 2, 1, 3)          # (B, H, T, hd)
-    k = (x_kv @ w_k).reshape(B, S, Hkv, hd).transpose(0, 2, 1, 3)       # (B, Hkv, S, hd)
-    v = (x_kv @ w_v).reshape(B, S, Hkv, hd).transpose(0, 2, 1, 3)       # (B, Hkv, S, hd)
-    k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)   # (B, H, S, hd)
-    context, weights = reference_attention(q, k, v, keep)               # (B, H, T, hd)
-    return context.transpose(0, 2, 1, 3).reshape(B, T, H * hd) @ w_o, weights
+    """The reference's head-by-head multi-head attention with the layer's weights; keep broadcasts to (B, H, T, S)."""
+    return ref.multihead(ref.layer_weights(layer), layer.num_heads, layer.num_kv_heads, x_q, x_kv, x_kv, keep)
 
 
 @st.composite
@@ -289,7 +266,7 @@ def test_math_attention_matches_float64_reference(case):
     """The reference used by the GQA test agrees with math_attention on every mask form."""
     q, k, v, mask, scale = case
     output, _ = math_attention(q, k, v, mask, scale)
-    expected, _ = reference_attention(q, k, v, keep_of(mask, output.shape[:-1] + (k.shape[-2],)), scale)
+    expected, _ = ref.attention_formula(q, k, v, keep_of(mask, output.shape[:-1] + (k.shape[-2],)), scale)
     np.testing.assert_allclose(output.data, expected, **TOL)
 
 

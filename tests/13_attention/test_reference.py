@@ -67,3 +67,12 @@ def test_init_weights_follow_the_documented_draws(ref):
     first = rng.standard_normal((8, 8), dtype=np.float32)
     assert w_k.shape == w_v.shape == (8, 4) and w_o.shape == (8, 8) and w_q.dtype == np.float32
     np.testing.assert_array_equal(w_q, first * np.float32(1 / math.sqrt(8)))
+
+
+def test_formula_version_equals_the_loop(ref):
+    rng = np.random.default_rng(1)
+    q, k, v = rng.normal(size=(2, 3, 5, 4)), rng.normal(size=(1, 3, 6, 4)), rng.normal(size=(6, 2))
+    keep = rng.random((2, 1, 5, 6)) < 0.5
+    keep[0, 0, 1] = False                                     # a fully masked row
+    for expected, actual in zip(ref.attention(q, k, v, keep, 0.7), ref.attention_formula(q, k, v, keep, 0.7)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-15)
