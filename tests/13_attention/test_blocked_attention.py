@@ -59,11 +59,12 @@ def test_random_masks_with_fully_masked_rows(ref, mask_shape, block_size):
 
 @GRADES
 @pytest.mark.parametrize("block_size", [2, 3, 4])
-def test_explicit_scale_and_broadcast_leading_axes(ref, block_size):
+def test_explicit_scale_causal_mask_and_broadcast_leading_axes(ref, block_size):
     rng = np.random.default_rng(5)
     q, k, v = rng.normal(size=(2, 3, 5, 4)), rng.normal(size=(1, 3, 9, 4)), rng.normal(size=(9, 2))
-    check(ref, f"scale=0.7, no mask, block_size={block_size}",
-          blocked_attention(q, k, v, scale=0.7, block_size=block_size), q, k, v, scale=0.7)
+    output = blocked_attention(q, k, v, mask=create_causal_mask(5, 9), scale=0.7, block_size=block_size)
+    check(ref, f"scale=0.7, causal (5, 9) mask, block_size={block_size}", output, q, k, v, ref.causal_mask(5, 9),
+          scale=0.7)
 
 
 @GRADES

@@ -26,7 +26,7 @@ def test_causal_mask_square_by_hand():
 
 
 @GRADES
-@pytest.mark.parametrize("seq_len, key_len", [(3, 7), (1, 6), (5, 6), (6, None), (4, 9)])
+@pytest.mark.parametrize("seq_len, key_len", [(3, 7), (1, 6), (5, 6), (6, 8), (4, 9)])
 def test_causal_mask_matches_reference(ref, seq_len, key_len):
     """Lengths 0 and 1 alone cannot tell a bug apart; they ride along with a discriminating case."""
     mask = create_causal_mask(seq_len, key_len)
@@ -34,6 +34,7 @@ def test_causal_mask_matches_reference(ref, seq_len, key_len):
     assert mask.shape == expected.shape, f"create_causal_mask({seq_len}, {key_len}): shape {mask.shape}"
     np.testing.assert_array_equal(mask.data, expected, err_msg=f"create_causal_mask({seq_len}, {key_len})")
     assert create_causal_mask(np.int64(0), 0).shape == (0, 0)
+    np.testing.assert_array_equal(create_causal_mask(3).data, create_causal_mask(3, 3).data)   # key_len defaults to T
 
 
 # ---------------------------------------------------------------- padding
@@ -57,7 +58,7 @@ def test_padding_mask_matches_reference(ref, lengths, key_len):
 
 # ---------------------------------------------------------------- together
 @GRADES
-@pytest.mark.parametrize("lengths, seq_len, key_len", [([5, 3], 5, 5), ([6, 4, 2], 2, 6), ([7, 1], 3, 7)])
+@pytest.mark.parametrize("lengths, seq_len, key_len", [([5, 3], 4, 5), ([6, 4, 2], 2, 6), ([7, 1], 3, 7)])
 def test_causal_and_padding_masks_together_match_reference(ref, lengths, seq_len, key_len):
     """A padded batch decoding causally: a key is visible when it is both in the past and real."""
     both = create_causal_mask(seq_len, key_len).data * create_padding_mask(np.array(lengths), key_len).data

@@ -5,7 +5,7 @@ moves when the timed function runs, by durations the test chooses, so the expect
 spread and runs are exact. Memory is checked against arrays of known size.
 
 The four functions are one part. Besides a test of each, a profiling session that uses all four
-is graded on three workloads, so a bug in any one of them costs at least half of the part.
+is graded on four workloads, so a bug in any one of them costs at least half of the part.
 """
 import time
 import tracemalloc
@@ -107,6 +107,8 @@ def test_compare_generation_outputs_agree():
     dict(durations=[30.0, 5.0, 1.0, 2.0, 8.0], warmup=1, exponent=2.0, nbytes=4 * MiB, heads=(8, 2, 2)),
     dict(durations=[90.0, 90.0, 2.0, 2.0, 3.0, 20.0], warmup=2, exponent=1.0, nbytes=2 * MiB, heads=(16, 4, 1)),
     dict(durations=[10.0, 7.0, 1.0, 6.0], warmup=1, exponent=2.5, nbytes=6 * MiB, heads=(12, 3, 3)),
+    dict(durations=[4.0, 4.0, 4.0, 1.0, 2.0, 9.0, 10.0, 3.0], warmup=3, exponent=3.0, nbytes=3 * MiB,
+         heads=(8, 4, 2)),
 ])
 def test_profiling_session_reports_the_measured_numbers(monkeypatch, case):
     """Time a call, fit how the cost grows, measure memory under a tracing profiler, compare generation."""
