@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 
+import attention_reference as ref
 import numpy as np
 import pytest
 
@@ -14,20 +15,6 @@ from tinytorch.core.attention import (KVCache, MultiHeadAttention, ScaledDotProd
 from tinytorch.core.tensor import Tensor
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 result against a float64 reference
-
-
-def reference_attention(q, k, v, keep=None, scale=None):
-    """softmax(q kᵀ · scale) v in float64, one row at a time; a row with no kept key gives zeros."""
-    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    scores = q @ np.swapaxes(k, -1, -2) * scale                          # (..., T, S)
-    keep = np.ones(scores.shape, bool) if keep is None else np.broadcast_to(np.asarray(keep) != 0, scores.shape)
-    weights = np.zeros(scores.shape)
-    for index in np.ndindex(*scores.shape[:-1]):
-        if keep[index].any():
-            exps = np.where(keep[index], np.exp(scores[index] - scores[index][keep[index]].max()), 0.0)
-            weights[index] = exps / exps.sum()
-    return weights @ v, weights
 
 
 def sdpa_on(backend, **options):
@@ -92,7 +79,7 @@ def test_fully_masked_rows_give_zero_weights_and_output(kernel, case):
         warnings.simplefilter("error")
         output, weights = KERNELS[kernel](q, k, v, mask)
     dead = ~keep.any(axis=-1)
-    expected_output, expected_weights = reference_attention(q, k, v, keep)
+    expected_output, expected_weights = ref.attention_formula(q, k, v, keep)
     assert np.all(np.isfinite(output.data))
     np.testing.assert_array_equal(output.data[..., dead, :], 0.0)
     np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
@@ -477,14 +464,46 @@ def test_ragged_lists_get_the_same_type_error_through_every_entry_point():
             call()
 
 
-def test_non_finite_queries_keys_and_scores_raise():
-    finite = np.ones((2, 4))
-    for name, arrays in (("query", (np.full((2, 4), np.inf), finite, finite)),
-                         ("key", (finite, np.array([[np.nan, 0, 0, 0], [0, 0, 0, 0]]), finite))):
-        with pytest.raises(ValueError, match=f"{name} holds inf or NaN"):
-            math_attention(*arrays)
-        with pytest.raises(ValueError, match=f"{name} holds inf or NaN"):
-            fast_attention(*arrays)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ["query", "key", "value"])
+def test_non_finite_attention_inputs_raise_naming_the_argument(name, bad):
+    arrays = {"query": np.ones((2, 4)), "key": np.ones((3, 4)), "value": np.ones((3, 2))}
+    arrays[name][1, 0] = bad
+    for call in (math_attention, fast_attention, ScaledDotProductAttention(),
+                 lambda q, k, v: blocked_attention(q, k, v, block_size=2)):
+        with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+            call(arrays["query"], arrays["key"], arrays["value"])
+
+
+@pytest.mark.parametrize("name", ["query", "key", "value"])
+def test_non_finite_multihead_inputs_raise_and_leave_the_cache_unchanged(name):
+    layer = MultiHeadAttention(8, 2, seed=0)
+    inputs = {"query": np.ones((1, 3, 8)), "key": np.ones((1, 3, 8)), "value": np.ones((1, 3, 8))}
+    inputs[name][0, 1, 2] = np.nan
+    cache = KVCache(1, 4, 2, 4)
+    with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+        layer(inputs["query"], inputs["key"], inputs["value"])
+    with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+        layer(inputs["query"], inputs["key"], inputs["value"], kv_cache=cache)
+    assert cache.cache_lengths.tolist() == [0]
+
+
+@pytest.mark.parametrize("name", ["new_keys", "new_values"])
+def test_non_finite_cache_inputs_raise_and_change_nothing(name):
+    cache = KVCache(2, 4, 2, 3)
+    cache.update(0, np.ones((2, 1, 3)), np.ones((2, 1, 3)))
+    before = cache.cached_keys.copy(), cache.cached_values.copy(), cache.cache_lengths.copy()
+    arrays = {"new_keys": np.ones((2, 2, 3)), "new_values": np.ones((2, 2, 3))}
+    arrays[name][1, 1, 0] = np.inf
+    with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+        cache.update(0, arrays["new_keys"], arrays["new_values"])
+    with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+        cache.append(arrays["new_keys"][None], arrays["new_values"][None])
+    for kept, now in zip(before, (cache.cached_keys, cache.cached_values, cache.cache_lengths)):
+        np.testing.assert_array_equal(now, kept)
+
+
+def test_non_finite_scores_raise_but_minus_inf_means_masked():
     with pytest.raises(ValueError, match=r"scores hold NaN or \+inf"):
         masked_softmax(np.array([[0.0, np.inf]]))
-    np.testing.assert_array_equal(masked_softmax(np.array([[0.0, -np.inf]])).data, [[1.0, 0.0]])  # -inf: masked
+    np.testing.assert_array_equal(masked_softmax(np.array([[0.0, -np.inf]])).data, [[1.0, 0.0]])

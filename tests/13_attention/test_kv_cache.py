@@ -1,4 +1,9 @@
-"""Part 6, `KVCache`: appends land after what is cached, rows are independent, failures change nothing."""
+"""Part 6a, `KVCache`: appends land after what is cached, rows are independent, failures change nothing.
+
+The expected rows are the concatenation of what was appended, in order; every graded case
+appends at least twice to some row, so a cache that writes from position 0 or forgets to
+advance its length shows.
+"""
 import re
 
 import numpy as np
@@ -6,6 +11,8 @@ import pytest
 
 from tinytorch.core.attention import KVCache
 from tinytorch.core.tensor import Tensor
+
+GRADES = pytest.mark.grades("test-kv-cache")
 
 
 def random_kv(rng, heads, length, head_dim):
@@ -22,8 +29,8 @@ def assert_unchanged(cache, before):
 
 
 # ---------------------------------------------------------------- values
-@pytest.mark.grades("test-kv-cache")
-def test_first_update_returns_its_inputs_as_views():
+@GRADES
+def test_updates_return_the_cached_row_as_views():
     rng = np.random.default_rng(0)
     cache = KVCache(max_batch_size=2, max_seq_length=8, num_heads=3, head_dim=4)
     new_keys, new_values = random_kv(rng, 3, 5, 4)
@@ -38,9 +45,15 @@ def test_first_update_returns_its_inputs_as_views():
     np.testing.assert_array_equal(cache.cached_keys[0, :, 5:], 0.0)                  # nothing past the length
     np.testing.assert_array_equal(cache.cached_keys[1], 0.0)
     assert cache.cache_lengths.tolist() == [5, 0]
+    more_keys, more_values = random_kv(rng, 3, 2, 4)
+    keys, values = cache.update(0, more_keys, more_values)                           # a second update
+    np.testing.assert_allclose(keys.data, np.concatenate([new_keys, more_keys], axis=1), rtol=1e-6,
+                               err_msg="after updates of 5 and 2 positions")
+    assert np.shares_memory(keys.data, cache.cached_keys) and np.shares_memory(values.data, cache.cached_values)
+    assert cache.cache_lengths.tolist() == [7, 0]
 
 
-@pytest.mark.grades("test-kv-cache")
+@GRADES
 def test_updates_append_in_order():
     """Chunks of 3, 1, 2 and 1 positions: the row is their concatenation, in order, never overwritten."""
     rng = np.random.default_rng(1)
@@ -60,7 +73,7 @@ def test_updates_append_in_order():
     assert cache.get_memory_usage()["utilization"] == 1.0
 
 
-@pytest.mark.grades("test-kv-cache")
+@GRADES
 def test_rows_are_independent():
     rng = np.random.default_rng(2)
     cache = KVCache(max_batch_size=3, max_seq_length=6, num_heads=2, head_dim=2)
@@ -80,7 +93,7 @@ def test_rows_are_independent():
     assert usage["tokens_cached"] == 7 and usage["utilization"] == 7 / 18
 
 
-@pytest.mark.grades("test-kv-cache")
+@GRADES
 def test_empty_update_and_numeric_inputs():
     """An update of zero positions returns what is cached; Tensor, float64 and integer inputs are stored float32."""
     rng = np.random.default_rng(3)
@@ -98,7 +111,7 @@ def test_empty_update_and_numeric_inputs():
     assert cache.cached_keys.dtype == np.float32 and keys.dtype == np.float32
 
 
-@pytest.mark.grades("test-kv-cache")
+@GRADES
 def test_overflow_raises_and_leaves_the_cache_unchanged():
     rng = np.random.default_rng(4)
     cache = KVCache(max_batch_size=2, max_seq_length=6, num_heads=2, head_dim=3)
@@ -113,7 +126,7 @@ def test_overflow_raises_and_leaves_the_cache_unchanged():
     np.testing.assert_allclose(keys.data[:, :5], prefix[0], rtol=1e-6)
 
 
-@pytest.mark.grades("test-kv-cache")
+@GRADES
 def test_reset_empties_rows():
     rng = np.random.default_rng(5)
     cache = KVCache(max_batch_size=2, max_seq_length=4, num_heads=1, head_dim=2)
@@ -132,15 +145,25 @@ def test_reset_empties_rows():
 
 
 # ---------------------------------------------------------------- provided code and errors (not graded)
-def test_allocation_and_memory_usage():
+def test_allocation():
     cache = KVCache(max_batch_size=2, max_seq_length=6, num_heads=2, head_dim=3)
     assert cache.cached_keys.shape == cache.cached_values.shape == (2, 2, 6, 3)
     assert cache.cached_keys.dtype == np.float32 and cache.cache_lengths.tolist() == [0, 0]
+    assert cache.get_memory_usage()["tokens_cached"] == 0
+
+
+@GRADES
+def test_memory_usage_of_a_partly_filled_cache():
+    """2 rows x 2 heads x 6 positions x 3 wide, keys and values, 4 bytes each; rows hold 4 and 1 positions."""
+    rng = np.random.default_rng(6)
+    cache = KVCache(max_batch_size=2, max_seq_length=6, num_heads=2, head_dim=3)
+    cache.update(0, *random_kv(rng, 2, 4, 3))
+    cache.update(1, *random_kv(rng, 2, 1, 3))
     usage = cache.get_memory_usage()
-    assert usage["total_mb"] == 2 * 2 * 2 * 6 * 3 * 4 / 2**20
-    assert usage["mb_per_sequence"] == usage["total_mb"] / 2
-    assert usage["bytes_per_token"] == 2 * 2 * 3 * 4
-    assert usage["tokens_cached"] == 0 and usage["utilization"] == 0.0
+    assert usage["total_mb"] == 2 * 2 * 2 * 6 * 3 * 4 / 2**20, f"total_mb {usage['total_mb']}"
+    assert usage["mb_per_sequence"] == usage["total_mb"] / 2, f"mb_per_sequence {usage['mb_per_sequence']}"
+    assert usage["bytes_per_token"] == 2 * 2 * 3 * 4, f"bytes_per_token {usage['bytes_per_token']}, expected 48"
+    assert usage["utilization"] == 5 / 12, f"utilization {usage['utilization']}, expected 5 of 12 positions"
 
 
 @pytest.mark.parametrize("batch_idx", [2, -1, 10])

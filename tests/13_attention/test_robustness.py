@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
-import tinytorch.core.attention as attention
+from tinytorch.core import _attention_runtime as runtime
 from tinytorch.core.attention import (KVCache, MultiHeadAttention, ScaledDotProductAttention, attention_backend,
                                       create_causal_mask, get_attention_backend)
 
@@ -53,7 +53,7 @@ def test_attention_backend_blocks_are_per_thread():
             seen["here"] = get_attention_backend()
         seen["restored"] = get_attention_backend()
     thread.join()
-    assert seen == {"other": attention._default_backend, "here": "math", "restored": "fast"}
+    assert seen == {"other": runtime.DEFAULT_BACKEND, "here": "math", "restored": "fast"}
     with pytest.raises(ValueError, match="attention backend must be one of"):
         with attention_backend("flash"):
             pass
@@ -103,5 +103,5 @@ def test_a_failing_tile_is_raised_only_after_every_tile_has_stopped():
         finished.append(index)
 
     with pytest.raises(RuntimeError, match="tile 0 failed"):
-        attention._parallel_map(tile, [(index,) for index in range(8)])
+        runtime.parallel_map(tile, [(index,) for index in range(8)])
     assert sorted(finished) == list(range(1, 8))

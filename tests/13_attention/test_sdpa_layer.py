@@ -1,4 +1,8 @@
-"""Part 4, `ScaledDotProductAttention` on the math backend (so it runs the student's `math_attention`)."""
+"""Part 4, `ScaledDotProductAttention`: dropout on the weights (graded), temperature and masks (provided).
+
+The layer draws its dropout from `np.random.default_rng(seed)`: one `random(weights.shape)` per
+call, keeping a weight where the draw is >= p. The reference repeats that draw independently.
+"""
 import numpy as np
 import pytest
 
@@ -6,20 +10,7 @@ from tinytorch.core.attention import ScaledDotProductAttention, create_causal_ma
 from tinytorch.core.tensor import Tensor
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 result against a float64 reference
-
-
-def reference_attention(q, k, v, keep=None, scale=None):
-    """softmax(q kᵀ · scale) v in float64, with masked entries removed before the softmax."""
-    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    scores = np.einsum("...td,...sd->...ts", q, k) * scale
-    keep = np.ones(scores.shape, bool) if keep is None else np.broadcast_to(np.asarray(keep) != 0, scores.shape)
-    scores = np.where(keep, scores, -np.inf)
-    row_max = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)
-    exps = np.where(keep, np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0)), 0.0)
-    totals = exps.sum(axis=-1, keepdims=True)
-    weights = exps / np.where(totals > 0, totals, 1.0)
-    return weights @ v, weights
+GRADES = pytest.mark.grades("test-sdpa-layer")
 
 
 def random_qkv(seed, lead=(2, 3), T=5, S=7, d_k=4, d_v=3):
@@ -27,83 +18,59 @@ def random_qkv(seed, lead=(2, 3), T=5, S=7, d_k=4, d_v=3):
     return rng.normal(size=lead + (T, d_k)), rng.normal(size=lead + (S, d_k)), rng.normal(size=lead + (S, d_v))
 
 
-# ---------------------------------------------------------------- values
-@pytest.mark.grades("test-sdpa-layer")
-def test_defaults_match_reference_and_return_tensors():
-    """A fresh layer (training mode, dropout 0) is exactly the formula; calling it is forward."""
-    q, k, v = random_qkv(0)
-    layer = ScaledDotProductAttention()
-    assert layer.training is True
-    output = layer(q, k, v)
-    assert isinstance(output, Tensor) and output.shape == (2, 3, 5, 3) and output.dtype == np.float32
-    expected_output, expected_weights = reference_attention(q, k, v)
-    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
-    output, weights = layer.forward(q, k, v, return_attention_weights=True)
-    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(weights.data.sum(axis=-1), 1.0, rtol=1e-5)
+def reference_dropout(ref, q, k, v, keep, p, seed, scale=None):
+    """Attention weights from the reference, then the layer's first draw: keep where random >= p, scale 1/(1-p)."""
+    _, weights = ref.attention(q, k, v, keep, scale)
+    survives = np.random.default_rng(seed).random(weights.shape) >= p
+    dropped = np.where(survives, weights / (1 - p), 0.0)
+    return dropped @ np.asarray(v, dtype=np.float64), dropped
 
 
-@pytest.mark.grades("test-sdpa-layer")
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
-def test_temperature_divides_the_scores(temperature):
-    q, k, v = random_qkv(1)
-    output, weights = ScaledDotProductAttention(temperature=temperature)(q, k, v, return_attention_weights=True)
-    expected_output, expected_weights = reference_attention(q, k, v, scale=1 / (2.0 * temperature))  # sqrt(4) = 2
-    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
+# ---------------------------------------------------------------- dropout (the student's code)
+@GRADES
+@pytest.mark.parametrize("p, masked", [(0.1, True), (0.25, False), (0.5, True)])
+def test_dropout_matches_the_seeded_reference(ref, p, masked):
+    q, k, v = random_qkv(5, lead=(2,), T=6, S=8)
+    keep = np.tril(np.ones((6, 8)), 2) if masked else None
+    output, weights = ScaledDotProductAttention(dropout=p, seed=7)(q, k, v, mask=keep, return_attention_weights=True)
+    expected_output, expected_weights = reference_dropout(ref, q, k, v, keep, p, seed=7)
+    case = f"dropout p={p}, seed 7, {'causal-offset mask' if masked else 'no mask'}"
+    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL, err_msg=f"{case}: weights")
+    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL, err_msg=f"{case}: output")
 
 
-@pytest.mark.grades("test-sdpa-layer")
-@pytest.mark.parametrize("mask_shape", [(5, 7), (2, 1, 5, 7), (2, 3, 5, 7)])
-def test_masks_match_reference(mask_shape):
-    q, k, v = random_qkv(2)
-    keep = np.random.default_rng(3).random(mask_shape) < 0.5
-    keep[..., 0] = False
-    keep[..., 1, :] = False                                  # one fully masked query row
-    output, weights = ScaledDotProductAttention().eval()(q, k, v, mask=keep, return_attention_weights=True)
-    expected_output, expected_weights = reference_attention(q, k, v, keep)
-    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
-    np.testing.assert_array_equal(output.data[..., 1, :], 0.0)
-
-
-@pytest.mark.grades("test-sdpa-layer")
-@pytest.mark.parametrize("T, S", [(6, 6), (3, 8)])
-def test_causal_mask_ignores_the_future(T, S):
-    """Query i (at position i + S - T) is unchanged when keys and values after that position change."""
-    q, k, v = random_qkv(4, T=T, S=S)
-    layer = ScaledDotProductAttention()
-    mask = create_causal_mask(T, S)
-    output = layer(q, k, v, mask=mask).data
-    np.testing.assert_allclose(output, reference_attention(q, k, v, np.tril(np.ones((T, S)), S - T))[0],
-                               rtol=RTOL, atol=ATOL)
-    for i in range(T):
-        last_seen = i + S - T
-        k2, v2 = k.copy(), v.copy()
-        k2[..., last_seen + 1:, :] = 100.0
-        v2[..., last_seen + 1:, :] = -100.0
-        np.testing.assert_allclose(layer(q, k2, v2, mask=mask).data[..., i, :], output[..., i, :],
-                                   rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.grades("test-sdpa-layer")
-def test_dropout_is_inverted_seeded_and_only_in_training():
-    """Training: each weight is 0 or weight / (1 - p), and the output uses those weights. Eval: no dropout."""
-    p = 0.25
-    q, k, v = random_qkv(5, lead=(4,), T=16, S=16)
-    expected_output, expected_weights = reference_attention(q, k, v)
-
-    layer = ScaledDotProductAttention(dropout=p, seed=7)
-    output, weights = layer(q, k, v, return_attention_weights=True)
+@GRADES
+def test_dropped_weights_are_zero_or_rescaled_and_the_output_uses_them(ref):
+    """Each weight is 0 or weight / (1 - p), about p of them are 0, and output = dropped weights @ v."""
+    p = 0.2
+    q, k, v = random_qkv(6, lead=(4,), T=16, S=16)
+    _, expected_weights = ref.attention(q, k, v)
+    output, weights = ScaledDotProductAttention(dropout=p, seed=3)(q, k, v, return_attention_weights=True)
     dropped = weights.data == 0.0
-    np.testing.assert_allclose(weights.data[~dropped], expected_weights[~dropped] / (1 - p), rtol=RTOL, atol=ATOL)
-    assert abs(dropped.mean() - p) < 0.06                                  # 1024 draws: std 0.014
-    np.testing.assert_allclose(output.data, weights.data.astype(np.float64) @ v, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(weights.data[~dropped], expected_weights[~dropped] / (1 - p), rtol=RTOL, atol=ATOL,
+                               err_msg="surviving weights must be divided by 1 - p = 0.8")
+    assert abs(dropped.mean() - p) < 0.06, f"dropped {dropped.mean():.3f} of the weights, expected about {p}"
+    np.testing.assert_allclose(output.data, weights.data.astype(np.float64) @ v, rtol=RTOL, atol=ATOL,
+                               err_msg="output must be the dropped weights @ v")
 
-    again = ScaledDotProductAttention(dropout=p, seed=7)(q, k, v)
-    np.testing.assert_array_equal(again.data, output.data)                 # the seed fixes the draw
 
+@GRADES
+def test_dropout_keeps_the_expected_output(ref):
+    """Inverted dropout is unbiased: the mean over many calls approaches the output without dropout."""
+    q, k, v = random_qkv(8, lead=(), T=4, S=6)
+    layer = ScaledDotProductAttention(dropout=0.3, seed=11)
+    mean = np.mean([layer(q, k, v).data for _ in range(2000)], axis=0)
+    expected, _ = ref.attention(q, k, v)
+    np.testing.assert_allclose(mean, expected, atol=0.05, err_msg="mean of 2000 dropout outputs, p=0.3")
+
+
+# ---------------------------------------------------------------- the provided layer (not graded)
+def test_eval_mode_turns_dropout_off_and_the_seed_fixes_the_draw(ref):
+    q, k, v = random_qkv(5, lead=(4,), T=16, S=16)
+    expected_output, expected_weights = ref.attention(q, k, v)
+    layer = ScaledDotProductAttention(dropout=0.25, seed=7)
+    first = layer(q, k, v).data
+    np.testing.assert_array_equal(ScaledDotProductAttention(dropout=0.25, seed=7)(q, k, v).data, first)
     assert layer.eval() is layer and layer.training is False
     output, weights = layer(q, k, v, return_attention_weights=True)
     np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
@@ -111,17 +78,48 @@ def test_dropout_is_inverted_seeded_and_only_in_training():
     assert layer.train() is layer and layer.training is True
 
 
-@pytest.mark.grades("test-sdpa-layer")
+def test_defaults_match_reference_and_return_tensors(ref):
+    """A fresh layer (training mode, dropout 0) is exactly the formula; calling it is forward."""
+    q, k, v = random_qkv(0)
+    layer = ScaledDotProductAttention()
+    assert layer.training is True
+    output = layer(q, k, v)
+    assert isinstance(output, Tensor) and output.shape == (2, 3, 5, 3) and output.dtype == np.float32
+    expected_output, expected_weights = ref.attention(q, k, v)
+    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
+    output, weights = layer.forward(q, k, v, return_attention_weights=True)
+    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_temperature_divides_the_scores(ref, temperature):
+    q, k, v = random_qkv(1)
+    output, weights = ScaledDotProductAttention(temperature=temperature)(q, k, v, return_attention_weights=True)
+    expected_output, expected_weights = ref.attention(q, k, v, scale=1 / (2.0 * temperature))  # sqrt(4) = 2
+    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mask_shape", [(5, 7), (2, 1, 5, 7), (2, 3, 5, 7)])
+def test_masks_match_reference(ref, mask_shape):
+    q, k, v = random_qkv(2)
+    keep = np.random.default_rng(3).random(mask_shape) < 0.5
+    keep[..., 1, :] = False                                  # one fully masked query row
+    output, weights = ScaledDotProductAttention().eval()(q, k, v, mask=keep, return_attention_weights=True)
+    expected_output, expected_weights = ref.attention(q, k, v, keep)
+    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.int64])
-def test_float64_and_integer_inputs_give_float32(dtype):
+def test_float64_and_integer_inputs_give_float32(ref, dtype):
     rng = np.random.default_rng(6)
     q, k, v = (rng.integers(-2, 3, size=shape).astype(dtype) for shape in ((2, 3, 4), (2, 5, 4), (2, 5, 2)))
     output, weights = ScaledDotProductAttention()(q, k, v, return_attention_weights=True)
     assert output.dtype == np.float32 and weights.dtype == np.float32
-    np.testing.assert_allclose(output.data, reference_attention(q, k, v)[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(output.data, ref.attention(q, k, v)[0], rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.grades("test-sdpa-layer")
 def test_single_token_and_empty_key_sequence():
     q, k, v = random_qkv(8, T=1, S=1)
     output = ScaledDotProductAttention()(q, k, v)

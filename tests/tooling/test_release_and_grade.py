@@ -14,9 +14,17 @@ from tito.release import BEGIN_SOLUTION, END_SOLUTION, clear_solutions, release
 from tito.workspace import resolve_module
 
 SOURCE = "modules/13_attention/attention_dev.py"
-CAUSAL_STUB = "    # YOUR CODE HERE\n    raise NotImplementedError()\n    return CausalMask(mask, offset)"
-CAUSAL_DONE = ("    mask = np.tril(np.ones((seq_len, key_len), dtype=np.float32), k=offset)\n"
-               "    return CausalMask(mask, offset)")
+CAUSAL_STUB = "    # YOUR CODE HERE\n    raise NotImplementedError()\n    return CausalMask(mask, key_len - seq_len)"
+CAUSAL_DONE = ("    mask = np.tril(np.ones((seq_len, key_len), dtype=np.float32), k=key_len - seq_len)\n"
+               "    return CausalMask(mask, key_len - seq_len)")
+PADDING_STUB = "    # YOUR CODE HERE\n    raise NotImplementedError()\n    return Tensor(mask)"
+PADDING_DONE = ("    mask = (np.arange(key_len)[None, :] < lengths[:, None])[:, None, None, :].astype(np.float32)\n"
+                "    return Tensor(mask)")
+
+
+def fill_masks(source: str) -> str:
+    """The student's answer to the first part (both masks), written into a released source."""
+    return source.replace(CAUSAL_STUB, CAUSAL_DONE).replace(PADDING_STUB, PADDING_DONE)
 
 
 def tito(*args, cwd):
@@ -91,7 +99,7 @@ def test_release_never_overwrites_without_force(tmp_path, repo_root):
     released = tmp_path / "student"
     assert tito("release", "13", "--out", str(released), cwd=repo_root).returncode == 0
     student_source = released / SOURCE
-    student_source.write_text(student_source.read_text().replace(CAUSAL_STUB, CAUSAL_DONE))
+    student_source.write_text(fill_masks(student_source.read_text()))
     work = student_source.read_text()
     result = tito("release", "13", "--out", str(released), cwd=repo_root)
     assert result.returncode == 1 and "nothing was written" in result.stderr
@@ -115,14 +123,25 @@ import numpy as np
 from tinytorch.core import attention as a
 calls = {
     "create_causal_mask": lambda: a.create_causal_mask(3),
+    "create_padding_mask": lambda: a.create_padding_mask(np.array([1, 2]), 2),
     "masked_softmax": lambda: a.masked_softmax(np.zeros((2, 2))),
     "math_attention": lambda: a.math_attention(np.ones((2, 4)), np.ones((2, 4)), np.ones((2, 4))),
+    "ScaledDotProductAttention._attention_with_dropout":
+        lambda: a.ScaledDotProductAttention(dropout=0.5)._attention_with_dropout(np.ones((2, 4)), np.ones((2, 4)),
+                                                                                np.ones((2, 4)), None, 0.5),
     "split_heads": lambda: a.split_heads(np.ones((1, 2, 4)), 2),
     "merge_heads": lambda: a.merge_heads(np.ones((1, 2, 2, 2))),
     "repeat_kv_heads": lambda: a.repeat_kv_heads(np.ones((1, 1, 2, 2)), 2),
-    "MultiHeadAttention.forward": lambda: a.MultiHeadAttention(4, 2, seed=0)(np.ones((1, 2, 4))),
+    "MultiHeadAttention.__init__": lambda: a.MultiHeadAttention(4, 2, seed=0),
     "KVCache.update": lambda: a.KVCache(1, 4, 2, 2).update(0, np.ones((2, 1, 2)), np.ones((2, 1, 2))),
+    "KVCache.get_sequence": lambda: a.KVCache(1, 4, 2, 2).get_sequence(0),
+    "KVCache.reset": lambda: a.KVCache(1, 4, 2, 2).reset(),
+    "KVCache.get_memory_usage": lambda: a.KVCache(1, 4, 2, 2).get_memory_usage(),
+    "KVCache.append": lambda: a.KVCache(1, 4, 2, 2).append(np.ones((1, 2, 1, 2)), np.ones((1, 2, 1, 2))),
     "blocked_attention": lambda: a.blocked_attention(np.ones((2, 4)), np.ones((2, 4)), np.ones((2, 4))),
+    "AttentionProfiler.measure_time": lambda: a.AttentionProfiler().measure_time(lambda: None),
+    "AttentionProfiler.fit_exponent": lambda: a.AttentionProfiler.fit_exponent([1, 2], [1, 4]),
+    "AttentionProfiler.peak_memory": lambda: a.AttentionProfiler.peak_memory(lambda: None),
 }
 for name, call in calls.items():
     try:
@@ -135,7 +154,7 @@ for name, call in calls.items():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=released,
                             env={"PYTHONPATH": str(released), "PATH": ""})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("todo ") == 9 and "DONE" not in result.stdout, result.stdout
+    assert result.stdout.count("todo ") == 18 and "DONE" not in result.stdout, result.stdout
 
 
 def test_grading_the_blank_release_fails_every_graded_test(released):
@@ -161,14 +180,14 @@ def test_student_path_fill_one_todo_export_and_grade(tmp_path, repo_root):
     out = tmp_path / "student"
     assert tito("release", "13", "--out", str(out), cwd=repo_root).returncode == 0
     source = out / SOURCE
-    source.write_text(source.read_text().replace(CAUSAL_STUB, CAUSAL_DONE))
+    source.write_text(fill_masks(source.read_text()))
     exported = tito("export", "13", cwd=out)
     assert exported.returncode == 0, exported.stderr
     graded = tito("grade", "13", "--json", str(tmp_path / "grade.json"), cwd=out)
     assert graded.returncode == 1                                     # other parts are still TODOs
     report = json.loads((tmp_path / "grade.json").read_text())
     parts = {part["grade_id"]: part for part in report["parts"]}
-    assert parts["test-causal-mask"]["earned"] == 5 and parts["test-causal-mask"]["failures"] == []
+    assert parts["test-masks"]["earned"] == 8 and parts["test-masks"]["failures"] == []
     assert parts["test-math-attention"]["earned"] == 0
     assert ("test-masked-softmax: not done yet; complete the TODO in masked_softmax() in "
             "modules/13_attention/attention_dev.py") in graded.stdout
@@ -186,9 +205,9 @@ def test_a_crash_in_student_code_fails_only_its_part_and_shows_the_traceback(tmp
     assert result.returncode == 1
     assert "ZeroDivisionError" in result.stdout                             # the student's traceback
     parts = {part["grade_id"]: part for part in json.loads((tmp_path / "grade.json").read_text())["parts"]}
-    assert parts["test-split-merge-heads"]["earned"] < 10
+    assert parts["test-split-merge-heads"]["earned"] < 6
     assert any("ZeroDivisionError" in failure["traceback"] for failure in parts["test-split-merge-heads"]["failures"])
-    assert parts["test-causal-mask"]["earned"] == 5 and parts["test-kv-cache"]["earned"] == 10   # unaffected
+    assert parts["test-masks"]["earned"] == 8 and parts["test-kv-cache"]["earned"] == 8   # unaffected
 
 
 def test_grading_a_folder_without_a_package_is_a_clear_error(tmp_path, repo_root):
@@ -200,7 +219,7 @@ def test_released_notebook_stops_at_the_first_unfinished_part(released):
     result = tito("run", "13", cwd=released)
     assert result.returncode == 1
     failed = [line for line in result.stdout.splitlines() if line.endswith("FAILED")]
-    assert len(failed) == 1 and "test-causal-mask" in failed[0]
+    assert len(failed) == 1 and "test-masks" in failed[0]
     assert "NotImplementedError" in result.stdout
 
 
@@ -219,7 +238,7 @@ def test_tito_run_runs_notebook_edits_against_the_workspace_package(tmp_path, re
     notebook_path = out / "modules/13_attention/attention_dev.ipynb"
     notebook = jupytext.read(notebook_path)
     for cell in notebook.cells:
-        cell.source = cell.source.replace(CAUSAL_STUB, CAUSAL_DONE)
+        cell.source = fill_masks(cell.source)
     probe = jupytext.reads("# %%\nimport tinytorch\nprint('package:', tinytorch.__file__)\n", fmt="py:percent")
     notebook.cells.insert(3, probe.cells[0])
     jupytext.write(notebook, notebook_path)
