@@ -658,10 +658,10 @@ class KVCacheChecks:
         return int(batch_idx)
 
     def _check_room(self, b: int, new_len: int) -> None:
-        start = int(self.cache_lengths[b])
-        if start + new_len > self.max_seq_length:
-            raise ValueError(f"cache row {b} holds {start} of max_seq_length={self.max_seq_length} positions; "
-                             f"appending {new_len} would need {start + new_len}")
+        held = int(self.cache_lengths[b])
+        if held + new_len > self.max_seq_length:
+            raise ValueError(f"cache row {b} holds {held} of max_seq_length={self.max_seq_length} positions; "
+                             f"appending {new_len} would need {held + new_len}")
 
     def __repr__(self):
         return (f"KVCache(max_batch_size={self.max_batch_size}, max_seq_length={self.max_seq_length}, "
@@ -687,18 +687,18 @@ def check_multihead_inputs(layer, query, key, value, mask, kv_cache, return_atte
     if x_k.shape[1] != x_v.shape[1]:
         raise ValueError(f"value has seq_k={x_v.shape[1]} but key has seq_k={x_k.shape[1]}")
     batch, seq_q, seq_k = x_q.shape[0], x_q.shape[1], x_k.shape[1]
-    if kv_cache is not None:
-        if not isinstance(kv_cache, KVCacheChecks):
-            raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
-        seq_k = kv_cache.check_append(batch, layer.num_kv_heads, seq_k, layer.head_dim)   # keys after appending
-        if x_q.shape[1] != x_k.shape[1]:
-            raise ValueError(f"with a kv_cache, query and key must hold the same new positions: "
-                             f"query has {x_q.shape[1]}, key has {x_k.shape[1]}")
-        if mask is not None:
-            mask = as_keep_mask(mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k),
-                                (batch, layer.num_heads, seq_q, seq_k))
-            return x_q, x_k, x_v, mask
-    return x_q, x_k, x_v, mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k)
+    if kv_cache is None:
+        return x_q, x_k, x_v, mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k)
+    if not isinstance(kv_cache, KVCacheChecks):
+        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+    seq_k = kv_cache.check_append(batch, layer.num_kv_heads, seq_k, layer.head_dim)   # keys after appending
+    if seq_q != x_k.shape[1]:
+        raise ValueError(f"with a kv_cache, query and key must hold the same new positions: "
+                         f"query has {seq_q}, key has {x_k.shape[1]}")
+    if mask is not None:                      # combined with the cache's boolean mask by the layer
+        mask = as_keep_mask(mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k),
+                            (batch, layer.num_heads, seq_q, seq_k))
+    return x_q, x_k, x_v, mask
 
 # %% [markdown]
 # ## 8. The profiler's sweeps

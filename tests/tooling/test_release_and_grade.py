@@ -189,8 +189,9 @@ def test_student_path_fill_one_todo_export_and_grade(tmp_path, repo_root):
     parts = {part["grade_id"]: part for part in report["parts"]}
     assert parts["test-masks"]["earned"] == 8 and parts["test-masks"]["failures"] == []
     assert parts["test-math-attention"]["earned"] == 0
-    assert ("test-masked-softmax: not done yet; complete the TODO in masked_softmax() in "
-            "modules/13_attention/attention_dev.py") in graded.stdout
+    assert re.search(r"^test-masked-softmax: not done yet: masked_softmax\(\) \(line \d+, cell \d+\) still raises "
+                     r"NotImplementedError \(lines and cells of modules/13_attention/attention_dev.py\)", graded.stdout,
+                     flags=re.M), graded.stdout
 
 
 def test_a_crash_in_student_code_fails_only_its_part_and_shows_the_traceback(tmp_path, repo_root):
@@ -271,4 +272,4 @@ def test_tito_test_on_the_blank_release_is_short_and_names_every_part(released):
     for part in parts:
         assert re.search(rf"^{re.escape(part_name(part.grade_id))}\s+0/\d+\s+not done yet: ", result.stdout,
                          flags=re.M), f"{part.grade_id} not named as not done yet:\n{result.stdout}"
-    assert re.fullmatch(r"0 passed, \d+ failed(, \d+ skipped)?", lines[-1])
+    assert re.fullmatch(r"\d+ passed, \d+ failed(, \d+ skipped)?", lines[-1])   # ungraded checks of provided code pass
