@@ -18,9 +18,7 @@ from tinytorch.core.attention import (MultiHeadAttention, ScaledDotProductAttent
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def backends(part):
-    """Run a test on "math" (the student's code for `part`) and on "fast" (the provided kernel)."""
-    return pytest.mark.parametrize("backend", ["math", "fast"])
+BACKENDS = pytest.mark.parametrize("backend", ["math", "fast"])  # the student's code, then the provided kernel
 
 
 def as_torch(array):
@@ -54,7 +52,7 @@ def run_both(layer, x_q, x_kv, keep=None, torch_mask=None):
 
 
 # ---------------------------------------------------------------- MultiHeadAttention vs nn.MultiheadAttention
-@backends("test-multihead-attention")
+@BACKENDS
 @pytest.mark.parametrize("T, S", [(6, 6), (4, 9), (7, 3)])
 def test_mha_without_mask(backend, T, S):
     """Self-attention when T == S, cross-attention otherwise."""
@@ -68,7 +66,7 @@ def test_mha_without_mask(backend, T, S):
         np.testing.assert_allclose(weights, expected_weights, **TOL)
 
 
-@backends("test-multihead-attention")
+@BACKENDS
 @pytest.mark.parametrize("T, S", [(6, 6), (4, 9)])
 def test_mha_with_causal_mask(backend, T, S):
     with attention_backend(backend):
@@ -83,7 +81,7 @@ def test_mha_with_causal_mask(backend, T, S):
         np.testing.assert_allclose(weights, expected_weights, **TOL)
 
 
-@backends("test-multihead-attention")
+@BACKENDS
 @pytest.mark.parametrize("per_batch", [False, True])
 def test_mha_with_random_boolean_mask(backend, per_batch):
     """A (T, S) mask shared by the batch, or a (B, T, S) mask (torch wants it repeated per head)."""
@@ -101,7 +99,7 @@ def test_mha_with_random_boolean_mask(backend, per_batch):
         np.testing.assert_allclose(weights, expected_weights, **TOL)
 
 
-@backends("test-multihead-attention")
+@BACKENDS
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("causal", [False, True])
 def test_grouped_query_attention_vs_sdpa_enable_gqa(backend, num_kv_heads, causal):
