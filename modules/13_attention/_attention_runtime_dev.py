@@ -80,12 +80,8 @@ def inputs_checked():
 
 
 
-def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
-    """`x` (a Tensor, an array or nested lists of numbers) as a float32 array.
-
-    Raises TypeError for anything that is not numbers, and ValueError for values beyond float32's
-    range or, when `finite`, for NaN and inf.
-    """
+def numeric_array(x, name: str) -> np.ndarray:
+    """`x` (a Tensor, an array or nested lists) as a NumPy array of booleans or numbers; TypeError otherwise."""
     data = x.data if isinstance(x, Tensor) else x
     if data is None:
         raise TypeError(f"{name} must be a Tensor or an array of numbers, got None")
@@ -95,6 +91,16 @@ def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
         raise TypeError(f"{name} must be a Tensor or an array of numbers, got {type(x).__name__}") from error
     if array.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold numbers, got dtype {array.dtype}")
+    return array
+
+
+def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
+    """`x` (a Tensor, an array or nested lists of numbers) as a float32 array.
+
+    Raises TypeError for anything that is not numbers, and ValueError for values beyond float32's
+    range or, when `finite`, for NaN and inf.
+    """
+    array = numeric_array(x, name)
     if array.dtype != np.float32:
         with np.errstate(over="raise", invalid="ignore"):
             try:
@@ -178,13 +184,7 @@ def as_keep_mask(mask, scores_shape: tuple, name: str = "mask") -> np.ndarray | 
     """A boolean 'may attend' array that broadcasts to `scores_shape`, or None for no mask."""
     if mask is None:
         return None
-    data = mask.data if isinstance(mask, Tensor) else mask
-    try:
-        array = np.asarray(data)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"{name} must be a Tensor or an array, got {type(mask).__name__}") from error
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be boolean or numeric, got dtype {array.dtype}")
+    array = numeric_array(mask, name)
     if not broadcasts_to(array.shape, scores_shape):
         raise ValueError(f"{name} of shape {array.shape} does not broadcast to scores {tuple(scores_shape)}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():

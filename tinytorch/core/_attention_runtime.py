@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'QUERY_ROWS', 'CAUSAL_QUERY_ROWS',
-           'PARALLEL_MIN_SCORES', 'SHIFT_FREE_BOUND', 'inputs_checked', 'as_float32', 'is_number', 'check_int',
-           'check_probability', 'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
-           'check_attention_inputs', 'mask_over_heads', 'get_attention_backend', 'set_attention_backend',
-           'attention_backend', 'cores', 'single_threaded_blas', 'parallel_map', 'tuned_attention', 'fast_attention',
-           'parallel_blocked_attention', 'KVCacheChecks', 'check_multihead_inputs', 'ProfilerSweeps']
+           'PARALLEL_MIN_SCORES', 'SHIFT_FREE_BOUND', 'inputs_checked', 'numeric_array', 'as_float32', 'is_number',
+           'check_int', 'check_probability', 'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask',
+           'causal_offset', 'check_attention_inputs', 'mask_over_heads', 'get_attention_backend',
+           'set_attention_backend', 'attention_backend', 'cores', 'single_threaded_blas', 'parallel_map',
+           'tuned_attention', 'fast_attention', 'parallel_blocked_attention', 'KVCacheChecks', 'check_multihead_inputs',
+           'ProfilerSweeps']
 
 # %% ../../modules/13_attention/_attention_runtime_dev.ipynb #ce5ec014
 import math
@@ -23,7 +24,7 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #395f5db7
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #158716a5
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 _inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", default=False)
 
@@ -39,12 +40,8 @@ def inputs_checked():
 
 
 
-def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
-    """`x` (a Tensor, an array or nested lists of numbers) as a float32 array.
-
-    Raises TypeError for anything that is not numbers, and ValueError for values beyond float32's
-    range or, when `finite`, for NaN and inf.
-    """
+def numeric_array(x, name: str) -> np.ndarray:
+    """`x` (a Tensor, an array or nested lists) as a NumPy array of booleans or numbers; TypeError otherwise."""
     data = x.data if isinstance(x, Tensor) else x
     if data is None:
         raise TypeError(f"{name} must be a Tensor or an array of numbers, got None")
@@ -54,6 +51,16 @@ def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
         raise TypeError(f"{name} must be a Tensor or an array of numbers, got {type(x).__name__}") from error
     if array.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold numbers, got dtype {array.dtype}")
+    return array
+
+
+def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
+    """`x` (a Tensor, an array or nested lists of numbers) as a float32 array.
+
+    Raises TypeError for anything that is not numbers, and ValueError for values beyond float32's
+    range or, when `finite`, for NaN and inf.
+    """
+    array = numeric_array(x, name)
     if array.dtype != np.float32:
         with np.errstate(over="raise", invalid="ignore"):
             try:
@@ -114,7 +121,7 @@ def check_scale(scale) -> float:
         raise ValueError(f"scale must be a positive number within float32's range, got {scale!r}")
     return float(scale)
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #20dfaaf2
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #c74d8123
 def broadcasts_to(shape: tuple, target: tuple) -> bool:
     try:
         return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
@@ -126,13 +133,7 @@ def as_keep_mask(mask, scores_shape: tuple, name: str = "mask") -> np.ndarray | 
     """A boolean 'may attend' array that broadcasts to `scores_shape`, or None for no mask."""
     if mask is None:
         return None
-    data = mask.data if isinstance(mask, Tensor) else mask
-    try:
-        array = np.asarray(data)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"{name} must be a Tensor or an array, got {type(mask).__name__}") from error
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be boolean or numeric, got dtype {array.dtype}")
+    array = numeric_array(mask, name)
     if not broadcasts_to(array.shape, scores_shape):
         raise ValueError(f"{name} of shape {array.shape} does not broadcast to scores {tuple(scores_shape)}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
