@@ -117,6 +117,11 @@ test_unit_storage()
 # makes results like `x - x.max(axis=-1, keepdims=True)` broadcast back against `x`.
 #
 # Every operation returns a new `Tensor`; the class never changes data behind your back.
+#
+# Arithmetic follows IEEE floating point, silently: NaN and inf propagate (`inf - inf` is NaN,
+# `1 / 0` is inf) without NumPy's warnings. A `Tensor` is a container and holds whatever numbers
+# it is given; the layers built on it (modules 12 and 13) reject NaN and inf in their inputs with
+# a `ValueError` that names the argument.
 
 # %%
 #| export
@@ -178,7 +183,8 @@ class Tensor:
     # ---- elementwise arithmetic, with NumPy broadcasting
     def _elementwise(self, op, other, reflected=False):
         operand = other.data if isinstance(other, Tensor) else other
-        value = op(operand, self.data) if reflected else op(self.data, operand)
+        with np.errstate(all="ignore"):          # IEEE arithmetic: inf - inf is nan, 1 / 0 is inf, silently
+            value = op(operand, self.data) if reflected else op(self.data, operand)
         return self._wrap(value, other)
 
     def __add__(self, other):
@@ -239,10 +245,12 @@ class Tensor:
 
     # ---- reductions
     def sum(self, axis=None, keepdims=False):
-        return self._wrap(self.data.sum(axis=axis, keepdims=keepdims))
+        with np.errstate(all="ignore"):
+            return self._wrap(self.data.sum(axis=axis, keepdims=keepdims))
 
     def mean(self, axis=None, keepdims=False):
-        return self._wrap(self.data.mean(axis=axis, keepdims=keepdims))
+        with np.errstate(all="ignore"):
+            return self._wrap(self.data.mean(axis=axis, keepdims=keepdims))
 
     def max(self, axis=None, keepdims=False):
         return self._wrap(self.data.max(axis=axis, keepdims=keepdims))

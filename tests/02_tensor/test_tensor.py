@@ -324,3 +324,17 @@ def test_reduction_dtypes_for_integers():
     assert a.mean().dtype == np.float32
     np.testing.assert_allclose(a.mean(axis=0).data, [2.0, 3.0], rtol=RTOL)
     assert int(Tensor([True, False, True]).sum().data) == 2
+
+
+def test_arithmetic_on_nan_and_inf_follows_ieee_without_warnings():
+    import warnings
+
+    inf, nan = np.inf, np.nan
+    a, b = Tensor([inf, 1.0, nan, 1.0]), Tensor([inf, 0.0, 1.0, -inf])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal((a - b).data, [nan, 1.0, nan, inf])
+        np.testing.assert_array_equal((a / b).data, [nan, inf, nan, -0.0])
+        np.testing.assert_array_equal((a * Tensor([0.0, 1.0, 1.0, 0.0])).data, [nan, 1.0, nan, 0.0])
+        assert np.isnan((a - b).sum().data) and np.isnan(Tensor([inf, -inf]).mean().data)
+        assert np.isnan((Tensor([[nan, 1.0]]) @ Tensor([[1.0], [2.0]])).data).all()

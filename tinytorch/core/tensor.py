@@ -29,7 +29,7 @@ def _as_storage(data, dtype=None):
         dtype = np.float32
     return array if dtype is None else array.astype(dtype, copy=False)
 
-# %% ../../modules/02_tensor/tensor_dev.ipynb #e3bdd3c2
+# %% ../../modules/02_tensor/tensor_dev.ipynb #eb9bd155
 class Tensor:
     """An n-dimensional array of numbers, stored as a NumPy array in `.data`."""
 
@@ -88,7 +88,8 @@ class Tensor:
     # ---- elementwise arithmetic, with NumPy broadcasting
     def _elementwise(self, op, other, reflected=False):
         operand = other.data if isinstance(other, Tensor) else other
-        value = op(operand, self.data) if reflected else op(self.data, operand)
+        with np.errstate(all="ignore"):          # IEEE arithmetic: inf - inf is nan, 1 / 0 is inf, silently
+            value = op(operand, self.data) if reflected else op(self.data, operand)
         return self._wrap(value, other)
 
     def __add__(self, other):
@@ -149,10 +150,12 @@ class Tensor:
 
     # ---- reductions
     def sum(self, axis=None, keepdims=False):
-        return self._wrap(self.data.sum(axis=axis, keepdims=keepdims))
+        with np.errstate(all="ignore"):
+            return self._wrap(self.data.sum(axis=axis, keepdims=keepdims))
 
     def mean(self, axis=None, keepdims=False):
-        return self._wrap(self.data.mean(axis=axis, keepdims=keepdims))
+        with np.errstate(all="ignore"):
+            return self._wrap(self.data.mean(axis=axis, keepdims=keepdims))
 
     def max(self, axis=None, keepdims=False):
         return self._wrap(self.data.max(axis=axis, keepdims=keepdims))
