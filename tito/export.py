@@ -218,29 +218,36 @@ class ExportPlan:
     notes_backups: list[str] = field(default_factory=list)  # the .bak copies written
 
 
+def edited_notebook(source: Source, source_text: str, manifest: dict[str, str]) -> str | None:
+    """The notebook's cells as percent-format source, when the notebook was saved since the last
+    export and its cells differ from `source_text`; None otherwise (Jupyter also saves outputs and
+    metadata, which change nothing)."""
+    notebook = read_text(source.notebook)
+    if notebook is None or sha256(notebook) == manifest.get(source.relative(source.notebook)):
+        return None
+    notebook_as_source = notebook_to_source(source, notebook)
+    return None if notebook_as_source == normalised_source(source, source_text) else notebook_as_source
+
+
 def _plan_source(source: Source, manifest: dict[str, str], plan: ExportPlan) -> str:
     """Decide the text to export for `source`; returns it."""
     source_text = read_text(source.path)
     if source_text is None:
         raise TitoError(f"missing source file {source.relative(source.path)}")
     source_key, notebook_key = source.relative(source.path), source.relative(source.notebook)
-    notebook_on_disk = read_text(source.notebook)
-
-    if notebook_on_disk is not None and sha256(notebook_on_disk) != manifest.get(notebook_key):
-        notebook_as_source = notebook_to_source(source, notebook_on_disk)
-        if notebook_as_source != normalised_source(source, source_text):
-            source_unchanged = sha256(source_text) == manifest.get(source_key)
-            if source_unchanged:
-                plan.writes[source_key] = notebook_as_source
-                plan.notes.append(f"{source_key}: updated from the edits made in {notebook_key}")
-                source_text = notebook_as_source
-            else:
-                plan.edited.append(notebook_key)
-                plan.conflicts.append(
-                    f"{notebook_key} and {source_key} were both edited since the last export; "
-                    f"merge your notebook edits into {source_key} (or rerun with --force to let "
-                    f"{source_key} replace the notebook, which is kept as a .bak copy)"
-                )
+    notebook_as_source = edited_notebook(source, source_text, manifest)
+    if notebook_as_source is not None:
+        if sha256(source_text) == manifest.get(source_key):
+            plan.writes[source_key] = notebook_as_source
+            plan.notes.append(f"{source_key}: updated from the edits made in {notebook_key}")
+            source_text = notebook_as_source
+        else:
+            plan.edited.append(notebook_key)
+            plan.conflicts.append(
+                f"{notebook_key} and {source_key} were both edited since the last export; "
+                f"merge your notebook edits into {source_key} (or rerun with --force to let "
+                f"{source_key} replace the notebook, which is kept as a .bak copy)"
+            )
     plan.sources[source_key] = source_text
     return source_text
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tito.export import export, load_manifest, normalised_source, notebook_to_source, read_text, sha256
+from tito.export import edited_notebook, export, load_manifest, read_text, sha256
 from tito.workspace import Module, TitoError, discover_modules
 
 
@@ -30,9 +30,7 @@ def changes_since_export(root: Path) -> dict[Module, list[str]]:
             found = []
             if sha256(text) != manifest.get(source.relative(source.path)):
                 found.append(source.relative(source.path))
-            notebook = read_text(source.notebook)
-            if (notebook is not None and sha256(notebook) != manifest.get(source.relative(source.notebook))
-                    and notebook_to_source(source, notebook) != normalised_source(source, text)):
+            if edited_notebook(source, text, manifest) is not None:
                 found.append(source.relative(source.notebook))
             package = read_text(source.package_file)
             if package is None or sha256(package) != manifest.get(source.relative(source.package_file)):

@@ -82,8 +82,7 @@ def select_part(module: Module, spec: str) -> str:
     """The grade_id of the auto-graded part that `spec` names: `masked-softmax`,
     `test-masked-softmax`, `masked_softmax`, or a function or class the part's code defines."""
     cells = read_source(module.main).cells
-    auto = [cell.metadata["nbgrader"]["grade_id"] for cell in cells
-            if cell.metadata.get("nbgrader", {}).get("grade") and cell.cell_type == "code"]
+    auto = [part.grade_id for part in graded_parts(module) if not part.manual]
     wanted = spec.strip()
     as_part = TEST_PREFIX + part_name(wanted.lower().replace("_", "-"))
     if as_part in auto:

@@ -66,21 +66,21 @@ class Module:
         return self.root / "modules" / self.folder_name
 
     @property
+    def main(self) -> Source:
+        """The module's own source, the one students work in."""
+        return Source(self.root, self.folder / f"{self.name}{SOURCE_SUFFIX}")
+
+    @property
     def source(self) -> Path:
-        return self.folder / f"{self.name}_dev.py"
+        return self.main.path
 
     @property
     def notebook(self) -> Path:
-        return self.folder / f"{self.name}_dev.ipynb"
+        return self.main.notebook
 
     @property
     def package_file(self) -> Path:
-        return self.root / "tinytorch" / "core" / f"{self.name}.py"
-
-    @property
-    def main(self) -> Source:
-        """The module's own source, the one students work in."""
-        return Source(self.root, self.source)
+        return self.main.package_file
 
     @property
     def sources(self) -> list[Source]:
