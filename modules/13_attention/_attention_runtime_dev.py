@@ -600,25 +600,34 @@ def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool 
 
 # %%
 #| export
-def parallel_blocked_attention(blocked_attention, q, k, v, mask, scale: float, block_size: int) -> np.ndarray:
-    """`blocked_attention(q, k, v, mask, scale, block_size)` run one query block per task; returns the output."""
+def parallel_blocked_attention(blocked_attention, q, k, v, keep, offset: int | None, scale: float,
+                               block_size: int) -> np.ndarray:
+    """`blocked_attention` on checked arrays, one block of query rows per task; returns the output.
+
+    keep is the checked boolean mask (or None); offset is a CausalMask's offset when it covers
+    the scores exactly, and then replaces `keep`. The blocks skip the NaN/inf scan of the arrays
+    the caller has checked.
+    """
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
-    if T <= block_size or cores() == 1:
-        return blocked_attention(q, k, v, mask, scale, block_size).data
-    offset = causal_offset(mask, T, S)
-    keep = None if offset is not None else as_keep_mask(mask, lead + (T, S))
-    output = np.empty(lead + (T, dv), dtype=np.float32)
 
     def rows_mask(r0, r1):
-        if offset is not None:
-            return CausalMask(mask.data[r0:r1], offset + r0)            # (r, S), offset shifted
+        if offset is not None:                                           # (r, S), offset shifted
+            return CausalMask(np.tri(r1 - r0, S, k=offset + r0, dtype=np.float32), offset + r0)
         if keep is None or keep.ndim < 2 or keep.shape[-2] == 1:
             return keep                                                  # the same for every row
         return keep[..., r0:r1, :]
 
+    def rows(r0, r1):
+        with inputs_checked():                  # a context variable: each pool thread enters its own
+            return blocked_attention(q[..., r0:r1, :], k, v, rows_mask(r0, r1), scale, block_size).data
+
+    if T <= block_size or cores() == 1:
+        return rows(0, T)
+    output = np.empty(lead + (T, dv), dtype=np.float32)
+
     def run(r0, r1):
-        output[..., r0:r1, :] = blocked_attention(q[..., r0:r1, :], k, v, rows_mask(r0, r1), scale, block_size).data
+        output[..., r0:r1, :] = rows(r0, r1)
 
     blocks = [(r0, min(r0 + block_size, T)) for r0 in range(0, T, block_size)]
     parallel_map(run, blocks[::-1])                                      # largest causal blocks first

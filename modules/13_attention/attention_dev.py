@@ -492,13 +492,14 @@ class ScaledDotProductAttention(Layer):
             raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
                              f"block_size={self.block_size} never forms")
         scale = 1.0 / (math.sqrt(q.shape[-1]) * self.temperature)
+        offset = causal_offset(mask, q.shape[-2], k.shape[-2])          # a CausalMask's future can be skipped
         if self.block_size is not None:
-            output, weights = parallel_blocked_attention(blocked_attention, q, k, v, mask, scale, self.block_size), None
+            output = parallel_blocked_attention(blocked_attention, q, k, v, keep, offset, scale, self.block_size)
+            weights = None
         elif self.training and self.dropout > 0:
             with inputs_checked():
                 output, weights = self._attention_with_dropout(q, k, v, keep, scale)
         elif get_attention_backend() == "fast":
-            offset = causal_offset(mask, q.shape[-2], k.shape[-2])
             output, weights = tuned_attention(q, k, v, keep, scale, offset, return_attention_weights)
         else:
             with inputs_checked():                          # q, k, v were checked above
