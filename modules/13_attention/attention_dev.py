@@ -64,10 +64,10 @@ import numpy as np
 
 from tinytorch.core.tensor import ParameterList, Tensor
 from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, Layer, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
-    check_attention_inputs, check_int, check_multihead_inputs, inputs_checked, check_probability, fast_attention, get_attention_backend, is_number,
-    mask_over_heads, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
-    FLOAT32_MAX, FLOAT32_TINY,
+    ATTENTION_BACKENDS, FLOAT32_MAX, FLOAT32_TINY, CausalMask, KVCacheChecks, Layer, ProfilerSweeps, as_float32,
+    as_keep_mask, attention_backend, causal_offset, check_attention_inputs, check_int, check_multihead_inputs,
+    check_probability, fast_attention, get_attention_backend, inputs_checked, is_number, parallel_blocked_attention,
+    set_attention_backend, single_threaded_blas, tuned_attention,
 )
 
 # %%

@@ -8,7 +8,7 @@ __all__ = ['create_causal_mask', 'create_padding_mask', 'masked_softmax', 'math_
            'AttentionProfiler', 'ATTENTION_BACKENDS', 'CausalMask', 'get_attention_backend', 'set_attention_backend',
            'attention_backend', 'fast_attention']
 
-# %% ../../modules/13_attention/attention_dev.ipynb #0cdfcb36
+# %% ../../modules/13_attention/attention_dev.ipynb #1b4f22d9
 import math
 import time
 import tracemalloc
@@ -17,10 +17,10 @@ import numpy as np
 
 from .tensor import ParameterList, Tensor
 from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, CausalMask, KVCacheChecks, Layer, ProfilerSweeps, as_float32, as_keep_mask, attention_backend, causal_offset,
-    check_attention_inputs, check_int, check_multihead_inputs, inputs_checked, check_probability, fast_attention, get_attention_backend, is_number,
-    mask_over_heads, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
-    FLOAT32_MAX, FLOAT32_TINY,
+    ATTENTION_BACKENDS, FLOAT32_MAX, FLOAT32_TINY, CausalMask, KVCacheChecks, Layer, ProfilerSweeps, as_float32,
+    as_keep_mask, attention_backend, causal_offset, check_attention_inputs, check_int, check_multihead_inputs,
+    check_probability, fast_attention, get_attention_backend, inputs_checked, is_number, parallel_blocked_attention,
+    set_attention_backend, single_threaded_blas, tuned_attention,
 )
 
 # %% ../../modules/13_attention/attention_dev.ipynb #667a3576
