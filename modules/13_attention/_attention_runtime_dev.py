@@ -469,10 +469,11 @@ def parallel_map(function, tasks) -> None:
 # - With a `CausalMask` it reads the offset and skips every key block that lies wholly in the
 #   future. Its tiles are then smaller (32 rows) but span every head at once, so that one
 #   batched call replaces many small ones, and only the block on the diagonal is masked. For
-#   such short tiles OpenBLAS multiplies by Kᵀ twice as fast when Kᵀ is stored contiguously, so
-#   the kernel first writes Kᵀ, already scaled, on every core. A boolean mask that *is* causal
-#   (what `KVCache.append` returns for a prefill) is recognised and takes the same path; a mask
-#   that hides nothing (a decoding step's) is dropped.
+#   so few rows OpenBLAS is slow on Q·Kᵀ, which must read K transposed, and fast on its
+#   transpose, Sᵀ = K·Qᵀ: K is used as stored, and only the tile's 32 rows of Q are transposed,
+#   in the same pass that scales them. The softmax then reads Sᵀ through a transposed view.
+# - A boolean mask that *is* causal (what `KVCache.append` returns for a prefill) is recognised
+#   and takes the same path; a mask that hides nothing (a decoding step's) is dropped.
 
 # %%
 #| export
@@ -495,20 +496,26 @@ def _scratch(name: str, shape: tuple) -> np.ndarray:
     return buffers[name][:size].reshape(shape)
 
 
-def _attend_tile(q, keys_t, v, hidden, output, weights, q_scale: float, shift_free: bool) -> None:
+def _attend_tile(q, k, v, hidden, output, weights, q_scale: float, shift_free: bool, keys_first: bool) -> None:
     """Softmax attention for one tile, written into `output` (and `weights`) in place.
 
-    q (..., r, d), keys_t (..., d, s) the keys transposed, v (..., s, dv); (q * q_scale) @ keys_t
-    are the scores. hidden (..., r, w), True = masked, covers the last w keys (all of them for a
-    general mask, the diagonal block for a causal one). shift_free: the scores are in base 2 (the
-    score times log2 e) and lie within +-SHIFT_FREE_BOUND, so the row maxima need not be
-    subtracted; otherwise they are the scores themselves.
+    q (..., r, d), k (..., s, d), v (..., s, dv); the scores are (q * q_scale) @ kᵀ. hidden
+    (..., r, w), True = masked, covers the last w keys (all of them for a general mask, the
+    diagonal block for a causal one). shift_free: the scores are in base 2 (the score times
+    log2 e) and lie within +-SHIFT_FREE_BOUND, so the row maxima need not be subtracted;
+    otherwise they are the scores themselves. keys_first: form Sᵀ = k (q q_scale)ᵀ instead, which
+    is faster for a few query rows; the steps after it read Sᵀ through a transposed view.
     """
-    lead = np.broadcast_shapes(q.shape[:-2], keys_t.shape[:-2])
-    if q_scale != 1.0:
-        q = np.multiply(q, np.float32(q_scale), out=_scratch("query", lead + q.shape[-2:]))
-    scores = np.matmul(q, keys_t, out=_scratch("scores", lead + (q.shape[-2], keys_t.shape[-1])))   # (..., r, s)
-    masked = None if hidden is None else scores[..., scores.shape[-1] - hidden.shape[-1]:]
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    (r, d), s = q.shape[-2:], k.shape[-2]
+    if keys_first:
+        q_t = np.multiply(np.swapaxes(q, -1, -2), np.float32(q_scale), out=_scratch("query", lead + (d, r)))
+        scores = np.swapaxes(np.matmul(k, q_t, out=_scratch("scores", lead + (s, r))), -1, -2)   # (..., r, s)
+    else:
+        if q_scale != 1.0:
+            q = np.multiply(q, np.float32(q_scale), out=_scratch("query", lead + (r, d)))
+        scores = np.matmul(q, np.swapaxes(k, -1, -2), out=_scratch("scores", lead + (r, s)))     # (..., r, s)
+    masked = None if hidden is None else scores[..., s - hidden.shape[-1]:]
     if shift_free:
         np.exp2(scores, out=scores)                              # 2^(score log2 e) = e^score
         if hidden is not None:
@@ -521,7 +528,7 @@ def _attend_tile(q, keys_t, v, hidden, output, weights, q_scale: float, shift_fr
             np.copyto(row_max, 0.0, where=np.isneginf(row_max))  # fully masked rows
         np.subtract(scores, row_max, out=scores)
         np.exp(scores, out=scores)                               # exp2 would be slow where it underflows
-    totals = scores @ np.ones((scores.shape[-1], 1), dtype=np.float32)   # (..., r, 1) row sums
+    totals = scores @ np.ones((s, 1), dtype=np.float32)          # (..., r, 1) row sums
     if hidden is not None:
         np.copyto(totals, 1.0, where=totals == 0.0)              # fully masked rows stay 0
     np.matmul(scores, v, out=output)                             # (..., r, dv)
@@ -559,27 +566,13 @@ def _causal_tile(r0: int, r1: int, S: int, offset: int):
     return seen, np.arange(first, seen)[None, :] > (np.arange(r0, r1)[:, None] + offset)   # (r, seen - first)
 
 
-def _scaled_keys_t(k, scale: float) -> np.ndarray:
-    """Kᵀ * scale (..., d, S), contiguous, in the calling thread's scratch memory; one task per core."""
-    lead, S, d = k.shape[:-2], k.shape[-2], k.shape[-1]
-    keys = k.reshape((-1, S, d))
-    keys_t = _scratch("keys_t", (len(keys), d, S))
-
-    def transpose(h0, h1):
-        np.multiply(keys[h0:h1].transpose(0, 2, 1), np.float32(scale), out=keys_t[h0:h1])
-
-    step = -(-len(keys) // cores())
-    parallel_map(transpose, [(h0, min(h0 + step, len(keys))) for h0 in range(0, len(keys), step)])
-    return keys_t.reshape(lead + (d, S))
-
-
-def _causal_tasks(q, keys_t, v, offset, output, weights, shift_free) -> list:
+def _causal_tasks(q, k, v, offset, output, weights, score_scale, shift_free) -> list:
     """Tiles of a causal attention: a block of rows across every head, over the keys it may see.
 
     Keys past a tile's horizon are never touched. Each tile spans all heads, so that one batched
     call does the work of many small ones.
     """
-    T, S = q.shape[-2], keys_t.shape[-1]
+    T, S = q.shape[-2], k.shape[-2]
     tasks = []
     for r0 in range(0, T, CAUSAL_QUERY_ROWS):
         r1 = min(r0 + CAUSAL_QUERY_ROWS, T)
@@ -587,8 +580,8 @@ def _causal_tasks(q, keys_t, v, offset, output, weights, shift_free) -> list:
         if seen == 0:                                            # every row of the tile is masked
             output[..., r0:r1, :] = 0.0
             continue
-        tasks.append((q[..., r0:r1, :], keys_t[..., :seen], v[..., :seen, :], triangle, output[..., r0:r1, :],
-                      None if weights is None else weights[..., r0:r1, :seen], 1.0, shift_free))
+        tasks.append((q[..., r0:r1, :], k[..., :seen, :], v[..., :seen, :], triangle, output[..., r0:r1, :],
+                      None if weights is None else weights[..., r0:r1, :seen], score_scale, shift_free, True))
     return tasks[::-1]                                           # largest first: the threads finish together
 
 
@@ -600,8 +593,9 @@ def _row_tasks(q, k, v, hidden, output, weights, score_scale, shift_free) -> lis
     for r0 in range(0, T, rows):
         r1 = min(r0 + rows, T)
         for index in np.ndindex(*lead):
-            tasks.append((q[index][r0:r1], k[index].T, v[index], None if hidden is None else hidden[index][r0:r1],
-                          output[index][r0:r1], None if weights is None else weights[index][r0:r1], score_scale, shift_free))
+            tasks.append((q[index][r0:r1], k[index], v[index], None if hidden is None else hidden[index][r0:r1],
+                          output[index][r0:r1], None if weights is None else weights[index][r0:r1], score_scale,
+                          shift_free, False))
     return tasks
 
 
@@ -629,10 +623,9 @@ def tuned_attention(q, k, v, keep, scale: float, offset: int | None, need_weight
     if small:                                                    # one vectorised call
         if offset is not None:
             hidden = ~np.tri(T, S, k=offset, dtype=bool)         # (T, S), True = future
-        _attend_tile(q, np.swapaxes(k, -1, -2), v, hidden, output, weights, score_scale, shift_free)
+        _attend_tile(q, k, v, hidden, output, weights, score_scale, shift_free, False)
     elif offset is not None:
-        keys_t = _scaled_keys_t(k, score_scale)
-        parallel_map(_attend_tile, _causal_tasks(q, keys_t, v, offset, output, weights, shift_free))
+        parallel_map(_attend_tile, _causal_tasks(q, k, v, offset, output, weights, score_scale, shift_free))
     else:
         parallel_map(_attend_tile, _row_tasks(q, k, v, hidden, output, weights, score_scale, shift_free))
     return output, weights
