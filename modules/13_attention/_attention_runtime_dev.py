@@ -446,9 +446,10 @@ def parallel_map(function, tasks) -> None:
 #
 # `fast_attention` computes exactly what `math_attention` computes, and changes only how:
 #
-# - It works on **tiles**: one batch-and-head at a time, a block of query rows at a time, at
-#   most `TILE_SCORES` scores (1 MiB) per tile. A tile's scores stay in the core's cache while
-#   they are exponentiated in place (`out=`), summed and multiplied by V.
+# - It works on **tiles**: one batch-and-head at a time, a block of up to 512 query rows at a
+#   time, with at most `TILE_SCORES` scores (4 MiB) per tile. At S = 512 a tile's scores (1 MiB)
+#   stay in the core's cache while they are exponentiated in place (`out=`), summed and
+#   multiplied by V.
 # - Each thread keeps its tiles' scores in **scratch memory it reuses from call to call**. Fresh
 #   memory costs a page fault for every 4 KiB the first time it is written: at B=4, H=8,
 #   T=S=512 that was about 1,300 faults, a tenth of the call.
@@ -477,7 +478,7 @@ def parallel_map(function, tasks) -> None:
 
 # %%
 #| export
-TILE_SCORES = 1 << 18            # scores per tile: 1 MiB of float32, which a core's L2 cache holds
+TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32 (measured faster than 1 MiB at S = 4096)
 QUERY_ROWS = 512                 # at most this many query rows per tile (all 512 at S = 512: measured fastest)
 CAUSAL_QUERY_ROWS = 32           # smaller tiles skip more of a causal mask's future
 PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
@@ -586,7 +587,10 @@ def _causal_tasks(q, k, v, offset, output, weights, score_scale, shift_free) -> 
 
 
 def _row_tasks(q, k, v, hidden, output, weights, score_scale, shift_free) -> list:
-    """Tiles of a general attention: one head and a block of query rows each, at most TILE_SCORES scores."""
+    """Tiles of a general attention: one head and a block of query rows each, at most TILE_SCORES scores.
+
+    When S is so long that a tile holds fewer than QUERY_ROWS rows, it forms Sᵀ = K·Qᵀ (faster for few rows).
+    """
     lead, T, S = output.shape[:-2], q.shape[-2], k.shape[-2]
     rows = max(1, min(QUERY_ROWS, TILE_SCORES // max(S, 1)))
     tasks = []
@@ -595,7 +599,7 @@ def _row_tasks(q, k, v, hidden, output, weights, score_scale, shift_free) -> lis
         for index in np.ndindex(*lead):
             tasks.append((q[index][r0:r1], k[index], v[index], None if hidden is None else hidden[index][r0:r1],
                           output[index][r0:r1], None if weights is None else weights[index][r0:r1], score_scale,
-                          shift_free, False))
+                          shift_free, rows < QUERY_ROWS))
     return tasks
 
 

@@ -19,8 +19,9 @@ def random_qkv(seed, lead, T, S, d_k=8, d_v=8):
 
 
 # (2, 3) x 5 x 7 takes the single vectorised call; the others hold more than 2**18 scores and take the
-# tiled, threaded path (600 x 250 causal: the first two 128-row tiles see no key at all).
-SHAPES = [((2, 3), 5, 7), ((2,), 384, 384), ((1, 2), 300, 450), ((2,), 600, 250)]
+# tiled, threaded path (600 x 250 causal: the first two 128-row tiles see no key at all). At S = 2100 a
+# tile holds fewer than 512 rows, and the kernel forms the scores transposed, as it does for causal tiles.
+SHAPES = [((2, 3), 5, 7), ((2,), 384, 384), ((1, 2), 300, 450), ((2,), 600, 250), ((1,), 520, 2100)]
 
 
 @pytest.mark.parametrize("lead, T, S", SHAPES)
@@ -70,6 +71,21 @@ def test_causal_mask_on_the_tiled_path_with_rows_past_the_first_tiles():
         output, _ = fast_attention(q, k, v, mask=create_causal_mask(384), need_weights=False)
         expected, _ = ref.attention_formula(q, k, v, np.tril(np.ones((384, 384))))
         np.testing.assert_allclose(output.data, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("lead, T, S", SHAPES[1:])
+@pytest.mark.parametrize("masking", ["none", "causal", "padding"])
+def test_large_scores_take_the_max_subtracting_path(lead, T, S, masking):
+    """Queries 40 times larger: no longer can every score skip the max-subtraction, on any tile layout."""
+    with attention_backend("fast"):
+        q, k, v = random_qkv(T + 3, lead, T, S)
+        q = q * np.float32(40.0)
+        mask = {"none": None, "causal": create_causal_mask(T, S), "padding": np.arange(S) < S - 7}[masking]
+        keep = None if mask is None else np.tril(np.ones((T, S)), S - T) if masking == "causal" else mask
+        output, weights = fast_attention(q, k, v, mask=mask)
+        expected_output, expected_weights = ref.attention_formula(q, k, v, keep)
+        np.testing.assert_allclose(output.data, expected_output, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(weights.data, expected_weights, rtol=1e-4, atol=1e-4)
 
 
 def test_broadcast_leading_axes_and_scale():

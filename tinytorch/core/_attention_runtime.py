@@ -351,8 +351,8 @@ def parallel_map(function, tasks) -> None:
     if errors:
         raise errors[0]
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #92aa4060
-TILE_SCORES = 1 << 18            # scores per tile: 1 MiB of float32, which a core's L2 cache holds
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #8bd01297
+TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32 (measured faster than 1 MiB at S = 4096)
 QUERY_ROWS = 512                 # at most this many query rows per tile (all 512 at S = 512: measured fastest)
 CAUSAL_QUERY_ROWS = 32           # smaller tiles skip more of a causal mask's future
 PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
@@ -461,7 +461,10 @@ def _causal_tasks(q, k, v, offset, output, weights, score_scale, shift_free) -> 
 
 
 def _row_tasks(q, k, v, hidden, output, weights, score_scale, shift_free) -> list:
-    """Tiles of a general attention: one head and a block of query rows each, at most TILE_SCORES scores."""
+    """Tiles of a general attention: one head and a block of query rows each, at most TILE_SCORES scores.
+
+    When S is so long that a tile holds fewer than QUERY_ROWS rows, it forms Sᵀ = K·Qᵀ (faster for few rows).
+    """
     lead, T, S = output.shape[:-2], q.shape[-2], k.shape[-2]
     rows = max(1, min(QUERY_ROWS, TILE_SCORES // max(S, 1)))
     tasks = []
@@ -470,7 +473,7 @@ def _row_tasks(q, k, v, hidden, output, weights, score_scale, shift_free) -> lis
         for index in np.ndindex(*lead):
             tasks.append((q[index][r0:r1], k[index], v[index], None if hidden is None else hidden[index][r0:r1],
                           output[index][r0:r1], None if weights is None else weights[index][r0:r1], score_scale,
-                          shift_free, False))
+                          shift_free, rows < QUERY_ROWS))
     return tasks
 
 
