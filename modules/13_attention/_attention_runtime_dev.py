@@ -568,12 +568,20 @@ def _causal_tile(r0: int, r1: int, S: int, offset: int):
 
 
 def _causal_tasks(q, k, v, offset, output, weights, score_scale, shift_free) -> list:
-    """Tiles of a causal attention: a block of rows across every head, over the keys it may see.
+    """Tiles of a causal attention: a block of rows across the heads, over the keys it may see.
 
-    Keys past a tile's horizon are never touched. Each tile spans all heads, so that one batched
-    call does the work of many small ones.
+    Keys past a tile's horizon are never touched. A tile spans every head, so that one batched
+    call does the work of many small ones, unless that would hold more than TILE_SCORES scores
+    (long sequences): then it spans a group of heads.
     """
     T, S = q.shape[-2], k.shape[-2]
+    heads = math.prod(output.shape[:-2])
+    group = max(1, TILE_SCORES // (CAUSAL_QUERY_ROWS * S))
+    head_groups = [Ellipsis]
+    if group < heads:                                            # heads on one axis, taken a group at a time
+        q, k, v, output = (x.reshape((heads,) + x.shape[-2:]) for x in (q, k, v, output))
+        weights = None if weights is None else weights.reshape((heads, T, S))
+        head_groups = [slice(h, h + group) for h in range(0, heads, group)]
     tasks = []
     for r0 in range(0, T, CAUSAL_QUERY_ROWS):
         r1 = min(r0 + CAUSAL_QUERY_ROWS, T)
@@ -581,8 +589,9 @@ def _causal_tasks(q, k, v, offset, output, weights, score_scale, shift_free) -> 
         if seen == 0:                                            # every row of the tile is masked
             output[..., r0:r1, :] = 0.0
             continue
-        tasks.append((q[..., r0:r1, :], k[..., :seen, :], v[..., :seen, :], triangle, output[..., r0:r1, :],
-                      None if weights is None else weights[..., r0:r1, :seen], score_scale, shift_free, True))
+        for g in head_groups:
+            tasks.append((q[g, r0:r1, :], k[g, :seen, :], v[g, :seen, :], triangle, output[g, r0:r1, :],
+                          None if weights is None else weights[g, r0:r1, :seen], score_scale, shift_free, True))
     return tasks[::-1]                                           # largest first: the threads finish together
 
 

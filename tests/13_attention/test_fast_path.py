@@ -8,6 +8,7 @@ import pytest
 from tinytorch.core.attention import (ATTENTION_BACKENDS, KVCache, MultiHeadAttention, ScaledDotProductAttention,
                                       attention_backend, create_causal_mask, fast_attention,
                                       get_attention_backend, set_attention_backend)
+from tinytorch.core import _attention_runtime as runtime
 from tinytorch.core.tensor import Tensor
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 kernel against a float64 reference
@@ -86,6 +87,19 @@ def test_large_scores_take_the_max_subtracting_path(lead, T, S, masking):
         expected_output, expected_weights = ref.attention_formula(q, k, v, keep)
         np.testing.assert_allclose(output.data, expected_output, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(weights.data, expected_weights, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiles_bounded_by_tile_scores(monkeypatch, causal):
+    """With few scores allowed per tile, plain tiles hold few rows and causal tiles span few heads."""
+    monkeypatch.setattr(runtime, "TILE_SCORES", 2 ** 12)
+    with attention_backend("fast"):
+        q, k, v = random_qkv(11, (2, 3), 200, 400)
+        keep = np.tril(np.ones((200, 400)), 200) if causal else None
+        output, weights = fast_attention(q, k, v, mask=create_causal_mask(200, 400) if causal else None)
+        expected_output, expected_weights = ref.attention_formula(q, k, v, keep)
+        np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
 
 
 def test_broadcast_leading_axes_and_scale():
