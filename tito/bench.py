@@ -397,9 +397,18 @@ MEMORY_EXPONENT_RANGE = (1.8, 2.2)   # the math path stores the (T, T) scores
 CLIFF_RATIO = 2.0                    # time per score at T=512 may be at most twice that at T=256
 
 
+# Spins until its parent is gone, so that it cannot outlive a check that is killed.
+BUSY_LOOP = """import os, sys
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    for _ in range(100_000):
+        pass
+"""
+
+
 def _busy_core() -> subprocess.Popen:
     """Another process that keeps one core busy, as a shared machine does."""
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    return subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(os.getpid())])
 
 
 def profiler_check(runs: int = 3, load: bool = True) -> dict:

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -106,3 +107,18 @@ def test_tito_run_needs_the_prerequisites_of_module_yaml_exported(workspace):
     result = tito("run", "13", cwd=workspace)
     assert result.returncode == 1
     assert "module 13_attention needs 12_embeddings exported first: run `tito export 12`" in result.stderr
+
+
+def test_the_profiler_checks_busy_process_dies_with_its_parent():
+    """A killed `tito bench --profiler-check` leaves no process spinning on a core."""
+    parent = subprocess.Popen([sys.executable, "-c", "import time; from tito.bench import _busy_core; "
+                               "print(_busy_core().pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    busy = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        state = subprocess.run(["ps", "-o", "stat=", "-p", str(busy)], capture_output=True, text=True).stdout.strip()
+        if state in ("", "Z"):                     # gone, or exited and waiting for init to reap it
+            break
+        time.sleep(0.05)
+    assert state in ("", "Z"), f"the busy process {busy} still runs (state {state!r}) after its parent was killed"
