@@ -83,16 +83,18 @@ def inputs_checked():
 def all_finite(array: np.ndarray) -> bool:
     """No NaN or inf in a float array, found without allocating.
 
-    One BLAS pass first: x . x is finite unless x holds NaN or inf, or finite values so large that
-    the sum overflows; min and max, which propagate NaN, then tell those apart.
+    A C-contiguous float32 array gets one BLAS pass first: x . x is finite unless x holds NaN or
+    inf, or finite values so large that the sum overflows. Min and max, which propagate NaN,
+    decide every other case.
     """
     if array.size == 0 or array.dtype.kind != "f":
         return True
     if array.dtype == np.float32 and array.flags.c_contiguous:
         flat = array.reshape(-1)
-        if math.isfinite(np.dot(flat, flat)):
-            return True
-    return math.isfinite(array.min()) and math.isfinite(array.max())
+        with np.errstate(over="ignore", invalid="ignore"):        # an overflow only means: look closer
+            if math.isfinite(np.dot(flat, flat)):
+                return True
+    return bool(np.isfinite(array.min()) and np.isfinite(array.max()))   # np.isfinite: longdouble stays longdouble
 
 
 def numeric_array(x, name: str) -> np.ndarray:
@@ -447,32 +449,36 @@ def parallel_map(function, tasks) -> None:
 # `fast_attention` computes exactly what `math_attention` computes, and changes only how:
 #
 # - It works on **tiles**: one batch-and-head at a time, a block of up to 512 query rows at a
-#   time, with at most `TILE_SCORES` scores (4 MiB) per tile. At S = 512 a tile's scores (1 MiB)
-#   stay in the core's cache while they are exponentiated in place (`out=`), summed and
-#   multiplied by V.
+#   time, and no more rows than keep a tile within `TILE_SCORES` scores (4 MiB) while it has at
+#   least one. At S = 512 a tile's scores (1 MiB) stay in the core's cache while they are
+#   exponentiated in place (`out=`), summed and multiplied by V.
 # - Each thread keeps its tiles' scores in **scratch memory it reuses from call to call**. Fresh
 #   memory costs a page fault for every 4 KiB the first time it is written: at B=4, H=8,
-#   T=S=512 that was about 1,300 faults, a tenth of the call.
+#   T=S=512 that was about 1,300 faults, a tenth of the call. Arrays above `SCRATCH_KEPT`
+#   floats are not kept, so a thread holds at most a few tiles' worth between calls.
 # - It usually skips the softmax's max-subtraction. Every score is at most |q_i|·|k_j| in size
 #   (Cauchy–Schwarz), so when the largest query norm times the largest key norm is small enough
 #   (`SHIFT_FREE_BOUND`), the exponentials can neither overflow nor fall below float32's normal
 #   range, and exp(s) / Σ exp(s) is the same softmax as exp(s − max) / Σ exp(s − max). That saves
-#   two of the four passes over the scores.
-# - On that path it computes the scores **in base 2**: it scales Q (r·d multiplies, not r·S)
-#   by log2(e)/√d_k, so that 2^score = e^(q·k/√d_k), because NumPy's `exp2` is about twice as
-#   fast as its `exp` in float32. `exp2` is slow on -inf and wherever it underflows, so masked
-#   scores are zeroed *after* it, and larger inputs take the max-subtracting path with `exp`.
+#   two of the four passes over the scores. The output before it is normalised must not
+#   overflow either, so V's norm is bounded too; larger inputs take the max-subtracting path.
+# - On that path it computes the scores **in base 2**: it scales Q (r·d multiplies, not r·S) by
+#   the score scale times log2(e), so that 2^score₂ = e^score, because NumPy's `exp2` is about
+#   twice as fast as its `exp` in float32. `exp2` is slow on -inf and wherever it underflows, so
+#   masked scores are zeroed *after* it, and the max-subtracting path uses `exp`.
 # - It sums each row with a matrix-vector product (BLAS) instead of `sum(axis=-1)`, which is
 #   about three times slower on rows this long.
 # - It normalises *after* multiplying by V: scaling the (T, d_v) output by the inverse row sums
 #   is S / d_v times cheaper than dividing the (T, S) weights.
 # - It runs the tiles with `parallel_map`, on every core.
 # - With a `CausalMask` it reads the offset and skips every key block that lies wholly in the
-#   future. Its tiles are then smaller (32 rows) but span every head at once, so that one
-#   batched call replaces many small ones, and only the block on the diagonal is masked. For
-#   so few rows OpenBLAS is slow on Q·Kᵀ, which must read K transposed, and fast on its
-#   transpose, Sᵀ = K·Qᵀ: K is used as stored, and only the tile's 32 rows of Q are transposed,
-#   in the same pass that scales them. The softmax then reads Sᵀ through a transposed view.
+#   future. Its tiles are then smaller (32 rows) but span every head at once (a group of heads
+#   when S is so long that all of them would exceed `TILE_SCORES`), so that one batched call
+#   replaces many small ones, and only the block on the diagonal is masked.
+# - For so few rows OpenBLAS is slow on Q·Kᵀ, which must read K transposed, and fast on its
+#   transpose, Sᵀ = K·Qᵀ: K is used as stored, and only the tile's rows of Q are transposed, in
+#   the same pass that scales them. The softmax then reads Sᵀ through a transposed view. Causal
+#   tiles do this, and so do plain ones when S is so long that a tile holds fewer than 512 rows.
 # - A boolean mask that *is* causal (what `KVCache.append` returns for a prefill) is recognised
 #   and takes the same path; a mask that hides nothing (a decoding step's) is dropped.
 
@@ -482,15 +488,22 @@ TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32 (me
 QUERY_ROWS = 512                 # at most this many query rows per tile (all 512 at S = 512: measured fastest)
 CAUSAL_QUERY_ROWS = 32           # smaller tiles skip more of a causal mask's future
 PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
-SHIFT_FREE_BOUND = 86.0          # base-2 scores within +-86: 2^86 ~ 8e25 cannot overflow, 2^-86 ~ 1e-26 is a normal float32
+SCRATCH_KEPT = 2 * TILE_SCORES  # a thread keeps scratch arrays of up to 8 MiB each between calls
+SHIFT_FREE_BOUND = 86.0          # base-2 scores within +-86: 2^86 ~ 8e25 is far from overflow, 2^-86 ~ 1e-26 is normal
 LOG2_E = math.log2(math.e)       # e^x = 2^(x log2 e)
 
 _scratch_memory = threading.local()
 
 
 def _scratch(name: str, shape: tuple) -> np.ndarray:
-    """This thread's float32 array of `shape` for `name`, reused from call to call and grown when too small."""
+    """A float32 array of `shape` for `name` that this thread reuses from call to call.
+
+    An array larger than SCRATCH_KEPT floats is allocated afresh and not kept, so that a thread
+    never holds more than a few tiles' worth of memory between calls.
+    """
     size = math.prod(shape)
+    if size > SCRATCH_KEPT:
+        return np.empty(shape, dtype=np.float32)
     buffers = _scratch_memory.__dict__
     if name not in buffers or buffers[name].size < size:
         buffers[name] = np.empty(size, dtype=np.float32)
@@ -539,11 +552,23 @@ def _attend_tile(q, k, v, hidden, output, weights, q_scale: float, shift_free: b
         np.multiply(scores, inverse, out=weights)
 
 
-def _scores_are_small(q, k, scale: float) -> bool:
-    """Whether every base-2 score, scale * log2(e) * q_i . k_j, lies within +-SHIFT_FREE_BOUND."""
-    q_norm = math.sqrt(np.einsum("...i,...i->...", q, q).max())           # float32 overflow gives inf: False
-    k_norm = math.sqrt(np.einsum("...i,...i->...", k, k).max())
-    return q_norm * k_norm * scale * LOG2_E <= SHIFT_FREE_BOUND          # Cauchy-Schwarz
+def _shift_free(q, k, v, scale: float) -> bool:
+    """Whether the max-subtraction may be skipped, so that the exponentials are 2^(base-2 score).
+
+    Every base-2 score, scale * log2(e) * q_i . k_j, must lie within +-SHIFT_FREE_BOUND: the
+    largest query norm times the largest key norm bounds them (Cauchy-Schwarz). And the output
+    before it is normalised, at most S * 2^SHIFT_FREE_BOUND * max|v|, must stay within float32:
+    the norm of all of v bounds max|v|.
+    """
+    if scale * LOG2_E > FLOAT32_MAX:                                      # the base-2 scale itself overflows
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):                   # an overflow gives inf: False
+        q_norm = math.sqrt(np.einsum("...i,...i->...", q, q).max())
+        k_norm = math.sqrt(np.einsum("...i,...i->...", k, k).max())
+        v_norm = math.sqrt(np.dot(v.reshape(-1), v.reshape(-1)) if v.flags.c_contiguous
+                           else np.einsum("...ij,...ij->...", v, v).sum())
+    return (q_norm * k_norm * scale * LOG2_E <= SHIFT_FREE_BOUND
+            and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * v_norm <= FLOAT32_MAX)
 
 
 def _simplify_mask(keep, T: int, S: int):
@@ -596,7 +621,7 @@ def _causal_tasks(q, k, v, offset, output, weights, score_scale, shift_free) -> 
 
 
 def _row_tasks(q, k, v, hidden, output, weights, score_scale, shift_free) -> list:
-    """Tiles of a general attention: one head and a block of query rows each, at most TILE_SCORES scores.
+    """Tiles of a general attention: one head and a block of query rows each, within TILE_SCORES scores.
 
     When S is so long that a tile holds fewer than QUERY_ROWS rows, it forms Sᵀ = K·Qᵀ (faster for few rows).
     """
@@ -629,7 +654,7 @@ def tuned_attention(q, k, v, keep, scale: float, offset: int | None, need_weight
     if empty:
         return output, weights                                   # nothing to attend to: zeros
     small = math.prod(lead) * T * S < PARALLEL_MIN_SCORES
-    shift_free = not small and _scores_are_small(q, k, scale)   # small calls: the check would cost more
+    shift_free = not small and _shift_free(q, k, v, scale)       # small calls: the check would cost more
     score_scale = scale * LOG2_E if shift_free else scale       # base-2 scores where exp2 is safe
     q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
     hidden = None if keep is None or offset is not None else np.broadcast_to(~keep, lead + (T, S))

@@ -1240,8 +1240,8 @@ with single_threaded_blas():                                    # one core for b
 #   interpreter lock inside `exp` and inside BLAS, so the threads really run in parallel, and
 #   BLAS is held at one thread while they do, so that the two kinds of threads do not fight over
 #   the cores;
-# - it tiles every batch and head, and with a causal mask its tiles span all heads at once, so
-#   that one batched product replaces many small ones;
+# - it tiles every batch and head, and with a causal mask its tiles span all heads at once (a
+#   group of them at very long sequences), so that one batched product replaces many small ones;
 # - it reads a `CausalMask`'s offset to skip the future without ever looking at the mask;
 # - it keeps each thread's scores in memory it reuses from call to call, and when the norms of Q
 #   and K prove that no score can overflow, it skips the max-subtraction and exponentiates in

@@ -20,7 +20,7 @@ def random_qkv(seed, lead, T, S, d_k=8, d_v=8):
 
 
 # (2, 3) x 5 x 7 takes the single vectorised call; the others hold more than 2**18 scores and take the
-# tiled, threaded path (600 x 250 causal: the first two 128-row tiles see no key at all). At S = 2100 a
+# tiled, threaded path (600 x 250 causal: the first ten 32-row tiles see no key at all). At S = 2100 a
 # tile holds fewer than 512 rows, and the kernel forms the scores transposed, as it does for causal tiles.
 SHAPES = [((2, 3), 5, 7), ((2,), 384, 384), ((1, 2), 300, 450), ((2,), 600, 250), ((1,), 520, 2100)]
 
@@ -80,7 +80,9 @@ def test_large_scores_take_the_max_subtracting_path(lead, T, S, masking):
     """Queries 40 times larger: no longer can every score skip the max-subtraction, on any tile layout."""
     with attention_backend("fast"):
         q, k, v = random_qkv(T + 3, lead, T, S)
+        assert runtime._shift_free(q, k, v, 1 / np.sqrt(8)), "at their own size these scores skip it"
         q = q * np.float32(40.0)
+        assert not runtime._shift_free(q, k, v, 1 / np.sqrt(8))
         mask = {"none": None, "causal": create_causal_mask(T, S), "padding": np.arange(S) < S - 7}[masking]
         keep = None if mask is None else np.tril(np.ones((T, S)), S - T) if masking == "causal" else mask
         output, weights = fast_attention(q, k, v, mask=mask)
@@ -93,6 +95,10 @@ def test_large_scores_take_the_max_subtracting_path(lead, T, S, masking):
 def test_tiles_bounded_by_tile_scores(monkeypatch, causal):
     """With few scores allowed per tile, plain tiles hold few rows and causal tiles span few heads."""
     monkeypatch.setattr(runtime, "TILE_SCORES", 2 ** 12)
+    tiles = []
+    attend_tile = runtime._attend_tile
+    monkeypatch.setattr(runtime, "_attend_tile", lambda q, k, *rest: tiles.append((q.shape, rest[-1])) or
+                        attend_tile(q, k, *rest))
     with attention_backend("fast"):
         q, k, v = random_qkv(11, (2, 3), 200, 400)
         keep = np.tril(np.ones((200, 400)), 200) if causal else None
@@ -100,6 +106,26 @@ def test_tiles_bounded_by_tile_scores(monkeypatch, causal):
         expected_output, expected_weights = ref.attention_formula(q, k, v, keep)
         np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
+    assert all(keys_first for _, keys_first in tiles), "short tiles form the scores transposed"
+    if causal:   # 32 rows x 400 keys is more than 2**12 scores: one head per tile, six heads on one axis
+        assert {shape for shape, _ in tiles} == {(1, 32, 8)} | {(1, 200 - 192, 8)}
+    else:        # 2**12 // 400 = 10 rows per tile, one head each
+        assert {shape[-2] for shape, _ in tiles} == {10} and len(tiles) == 6 * 20
+
+
+def test_extreme_scales_and_values_stay_finite():
+    """A scale near float32's limit, and values so large that unshifted weights times them would overflow."""
+    with attention_backend("fast"):
+        rng = np.random.default_rng(12)
+        q, k = (np.full((1, 512, 1), sign * 3e-19, dtype=np.float32) for sign in (1, -1))
+        v = rng.normal(size=(1, 512, 4)).astype(np.float32)
+        output, _ = fast_attention(q, k, v, scale=3e38, need_weights=False)
+        np.testing.assert_allclose(output.data, ref.attention_formula(q, k, v, scale=3e38)[0], rtol=1e-4, atol=1e-5)
+
+        q, k = np.ones((1, 512, 1), dtype=np.float32), np.full((1, 512, 1), 59.0, dtype=np.float32)
+        v = np.full((1, 512, 2), 1e13, dtype=np.float32)       # base-2 scores 85.1: within the bound
+        output, _ = fast_attention(q, k, v, scale=1.0, need_weights=False)
+        np.testing.assert_allclose(output.data, 1e13, rtol=1e-5)
 
 
 def test_broadcast_leading_axes_and_scale():

@@ -96,3 +96,23 @@ def test_minus_inf_scores_mean_masked_out_and_nan_or_plus_inf_scores_raise():
         for bad in (np.nan, np.inf):
             with pytest.raises(ValueError, match="scores"):
                 masked_softmax(np.array([[0.0, bad]]))
+
+
+@pytest.mark.parametrize("argument, scale", [("query", 1e18), ("key", 1e18), ("value", 1e19), ("mask", 1e20)])
+def test_huge_finite_values_are_not_mistaken_for_inf(argument, scale):
+    """The fast NaN/inf scan squares its input, which overflows for values near 1e19: no error, no warning."""
+    values = dict(QKV)
+    values[argument] = np.asarray(values[argument], dtype=np.float32) * np.float32(scale)
+    expected = math_attention(**{name: values[name] for name in ("query", "key", "value", "mask")})[0].data
+    with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise", divide="raise"):
+        warnings.simplefilter("error")
+        output = fast_attention(**{name: values[name] for name in ("query", "key", "value", "mask")})[0].data
+    np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5 * max(1.0, scale if argument == "value" else 1.0))
+
+
+def test_a_mask_of_the_largest_long_double_is_finite():
+    """Finite in its own type, even where long double holds numbers beyond float64's range."""
+    mask = np.ones((5, 6), dtype=np.longdouble)
+    mask[0, 0] = np.finfo(np.longdouble).max
+    output = fast_attention(QKV["query"], QKV["key"], QKV["value"], mask)[0].data
+    np.testing.assert_allclose(output, math_attention(QKV["query"], QKV["key"], QKV["value"], None)[0].data, rtol=1e-5)

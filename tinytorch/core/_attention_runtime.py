@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'TILE_SCORES', 'QUERY_ROWS',
-           'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'SHIFT_FREE_BOUND', 'LOG2_E', 'inputs_checked', 'all_finite',
-           'numeric_array', 'as_float32', 'is_number', 'check_int', 'check_probability', 'Layer', 'check_scale',
-           'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset', 'check_attention_inputs', 'mask_over_heads',
-           'get_attention_backend', 'set_attention_backend', 'attention_backend', 'cores', 'single_threaded_blas',
-           'parallel_map', 'tuned_attention', 'fast_attention', 'parallel_blocked_attention', 'KVCacheChecks',
-           'check_multihead_inputs', 'ProfilerSweeps']
+           'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'SCRATCH_KEPT', 'SHIFT_FREE_BOUND', 'LOG2_E', 'inputs_checked',
+           'all_finite', 'numeric_array', 'as_float32', 'is_number', 'check_int', 'check_probability', 'Layer',
+           'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset', 'check_attention_inputs',
+           'mask_over_heads', 'get_attention_backend', 'set_attention_backend', 'attention_backend', 'cores',
+           'single_threaded_blas', 'parallel_map', 'tuned_attention', 'fast_attention', 'parallel_blocked_attention',
+           'KVCacheChecks', 'check_multihead_inputs', 'ProfilerSweeps']
 
 # %% ../../modules/13_attention/_attention_runtime_dev.ipynb #ce5ec014
 import math
@@ -24,7 +24,7 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #9fd78b7a
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #65730fbc
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 _inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", default=False)
 
@@ -43,16 +43,18 @@ def inputs_checked():
 def all_finite(array: np.ndarray) -> bool:
     """No NaN or inf in a float array, found without allocating.
 
-    One BLAS pass first: x . x is finite unless x holds NaN or inf, or finite values so large that
-    the sum overflows; min and max, which propagate NaN, then tell those apart.
+    A C-contiguous float32 array gets one BLAS pass first: x . x is finite unless x holds NaN or
+    inf, or finite values so large that the sum overflows. Min and max, which propagate NaN,
+    decide every other case.
     """
     if array.size == 0 or array.dtype.kind != "f":
         return True
     if array.dtype == np.float32 and array.flags.c_contiguous:
         flat = array.reshape(-1)
-        if math.isfinite(np.dot(flat, flat)):
-            return True
-    return math.isfinite(array.min()) and math.isfinite(array.max())
+        with np.errstate(over="ignore", invalid="ignore"):        # an overflow only means: look closer
+            if math.isfinite(np.dot(flat, flat)):
+                return True
+    return bool(np.isfinite(array.min()) and np.isfinite(array.max()))   # np.isfinite: longdouble stays longdouble
 
 
 def numeric_array(x, name: str) -> np.ndarray:
@@ -351,20 +353,27 @@ def parallel_map(function, tasks) -> None:
     if errors:
         raise errors[0]
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #12cf5f86
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #3ac4be6a
 TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32 (measured faster than 1 MiB at S = 4096)
 QUERY_ROWS = 512                 # at most this many query rows per tile (all 512 at S = 512: measured fastest)
 CAUSAL_QUERY_ROWS = 32           # smaller tiles skip more of a causal mask's future
 PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
-SHIFT_FREE_BOUND = 86.0          # base-2 scores within +-86: 2^86 ~ 8e25 cannot overflow, 2^-86 ~ 1e-26 is a normal float32
+SCRATCH_KEPT = 2 * TILE_SCORES  # a thread keeps scratch arrays of up to 8 MiB each between calls
+SHIFT_FREE_BOUND = 86.0          # base-2 scores within +-86: 2^86 ~ 8e25 is far from overflow, 2^-86 ~ 1e-26 is normal
 LOG2_E = math.log2(math.e)       # e^x = 2^(x log2 e)
 
 _scratch_memory = threading.local()
 
 
 def _scratch(name: str, shape: tuple) -> np.ndarray:
-    """This thread's float32 array of `shape` for `name`, reused from call to call and grown when too small."""
+    """A float32 array of `shape` for `name` that this thread reuses from call to call.
+
+    An array larger than SCRATCH_KEPT floats is allocated afresh and not kept, so that a thread
+    never holds more than a few tiles' worth of memory between calls.
+    """
     size = math.prod(shape)
+    if size > SCRATCH_KEPT:
+        return np.empty(shape, dtype=np.float32)
     buffers = _scratch_memory.__dict__
     if name not in buffers or buffers[name].size < size:
         buffers[name] = np.empty(size, dtype=np.float32)
@@ -413,11 +422,23 @@ def _attend_tile(q, k, v, hidden, output, weights, q_scale: float, shift_free: b
         np.multiply(scores, inverse, out=weights)
 
 
-def _scores_are_small(q, k, scale: float) -> bool:
-    """Whether every base-2 score, scale * log2(e) * q_i . k_j, lies within +-SHIFT_FREE_BOUND."""
-    q_norm = math.sqrt(np.einsum("...i,...i->...", q, q).max())           # float32 overflow gives inf: False
-    k_norm = math.sqrt(np.einsum("...i,...i->...", k, k).max())
-    return q_norm * k_norm * scale * LOG2_E <= SHIFT_FREE_BOUND          # Cauchy-Schwarz
+def _shift_free(q, k, v, scale: float) -> bool:
+    """Whether the max-subtraction may be skipped, so that the exponentials are 2^(base-2 score).
+
+    Every base-2 score, scale * log2(e) * q_i . k_j, must lie within +-SHIFT_FREE_BOUND: the
+    largest query norm times the largest key norm bounds them (Cauchy-Schwarz). And the output
+    before it is normalised, at most S * 2^SHIFT_FREE_BOUND * max|v|, must stay within float32:
+    the norm of all of v bounds max|v|.
+    """
+    if scale * LOG2_E > FLOAT32_MAX:                                      # the base-2 scale itself overflows
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):                   # an overflow gives inf: False
+        q_norm = math.sqrt(np.einsum("...i,...i->...", q, q).max())
+        k_norm = math.sqrt(np.einsum("...i,...i->...", k, k).max())
+        v_norm = math.sqrt(np.dot(v.reshape(-1), v.reshape(-1)) if v.flags.c_contiguous
+                           else np.einsum("...ij,...ij->...", v, v).sum())
+    return (q_norm * k_norm * scale * LOG2_E <= SHIFT_FREE_BOUND
+            and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * v_norm <= FLOAT32_MAX)
 
 
 def _simplify_mask(keep, T: int, S: int):
@@ -470,7 +491,7 @@ def _causal_tasks(q, k, v, offset, output, weights, score_scale, shift_free) -> 
 
 
 def _row_tasks(q, k, v, hidden, output, weights, score_scale, shift_free) -> list:
-    """Tiles of a general attention: one head and a block of query rows each, at most TILE_SCORES scores.
+    """Tiles of a general attention: one head and a block of query rows each, within TILE_SCORES scores.
 
     When S is so long that a tile holds fewer than QUERY_ROWS rows, it forms Sᵀ = K·Qᵀ (faster for few rows).
     """
@@ -503,7 +524,7 @@ def tuned_attention(q, k, v, keep, scale: float, offset: int | None, need_weight
     if empty:
         return output, weights                                   # nothing to attend to: zeros
     small = math.prod(lead) * T * S < PARALLEL_MIN_SCORES
-    shift_free = not small and _scores_are_small(q, k, scale)   # small calls: the check would cost more
+    shift_free = not small and _shift_free(q, k, v, scale)       # small calls: the check would cost more
     score_scale = scale * LOG2_E if shift_free else scale       # base-2 scores where exp2 is safe
     q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
     hidden = None if keep is None or offset is not None else np.broadcast_to(~keep, lead + (T, S))
