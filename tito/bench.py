@@ -397,18 +397,18 @@ MEMORY_EXPONENT_RANGE = (1.8, 2.2)   # the math path stores the (T, T) scores
 CLIFF_RATIO = 2.0                    # time per score at T=512 may be at most twice that at T=256
 
 
-# Spins until its parent is gone, so that it cannot outlive a check that is killed.
-BUSY_LOOP = """import os, sys
-parent = int(sys.argv[1])
-while os.getppid() == parent:
-    for _ in range(100_000):
-        pass
+# Spins until its standard input closes, which happens when the check ends or its process dies
+# in any way, so that it cannot outlive the check.
+BUSY_LOOP = """import os, sys, threading
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+while True:
+    pass
 """
 
 
 def _busy_core() -> subprocess.Popen:
-    """Another process that keeps one core busy, as a shared machine does."""
-    return subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(os.getpid())])
+    """Another process that keeps one core busy, as a shared machine does, until its stdin closes."""
+    return subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdin=subprocess.PIPE)
 
 
 def profiler_check(runs: int = 3, load: bool = True) -> dict:
@@ -446,7 +446,7 @@ def profiler_check(runs: int = 3, load: bool = True) -> dict:
             result["runs"].append(run)
     finally:
         if busy is not None:
-            busy.terminate()
+            busy.stdin.close()
             busy.wait()
     result["passed"] = all(run["passed"] for run in result["runs"])
     return result
