@@ -128,6 +128,25 @@ def test_extreme_scales_and_values_stay_finite():
         np.testing.assert_allclose(output.data, 1e13, rtol=1e-5)
 
 
+def test_the_scan_for_nan_hands_its_norms_only_to_the_arrays_it_scanned():
+    """The kernel reuses the norms the input check measured, and only for those very arrays."""
+    q, k, v = random_qkv(13, (2,), 384, 384)
+    runtime.check_attention_inputs(q, k, v)
+    assert runtime.scanned_norms(q, k, v) == pytest.approx((np.linalg.norm(q, axis=-1).max(),
+                                                            np.linalg.norm(k, axis=-1).max(), np.linalg.norm(v)))
+    assert runtime.scanned_norms(q.copy(), k, v) is None
+    with runtime.inputs_checked():                      # a layer's derived arrays are not scanned: nothing to reuse
+        runtime.check_attention_inputs(q, k, v)
+    assert runtime.scanned_norms(q, k, v) is None
+    with attention_backend("fast"):
+        fast_attention(q, k, v)
+        q *= np.float32(40.0)                           # changed in place: the next call scans it again
+        output, weights = fast_attention(q, k, v)
+    expected_output, expected_weights = ref.attention_formula(q, k, v)
+    np.testing.assert_allclose(output.data, expected_output, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(weights.data, expected_weights, rtol=1e-4, atol=1e-4)
+
+
 def test_broadcast_leading_axes_and_scale():
     with attention_backend("fast"):
         rng = np.random.default_rng(4)

@@ -5,17 +5,19 @@
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'TILE_SCORES', 'QUERY_ROWS',
            'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'SCRATCH_KEPT', 'SHIFT_FREE_BOUND', 'LOG2_E', 'inputs_checked',
-           'all_finite', 'numeric_array', 'as_float32', 'is_number', 'check_int', 'check_probability', 'Layer',
-           'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset', 'check_attention_inputs',
-           'mask_over_heads', 'get_attention_backend', 'set_attention_backend', 'attention_backend', 'cores',
-           'single_threaded_blas', 'parallel_map', 'tuned_attention', 'fast_attention', 'parallel_blocked_attention',
-           'KVCacheChecks', 'check_multihead_inputs', 'ProfilerSweeps']
+           'all_finite', 'numeric_array', 'as_float32', 'largest_row_norm', 'norm', 'scan_attention_inputs',
+           'scanned_norms', 'is_number', 'check_int', 'check_probability', 'Layer', 'check_scale', 'broadcasts_to',
+           'as_keep_mask', 'CausalMask', 'causal_offset', 'check_attention_inputs', 'mask_over_heads',
+           'get_attention_backend', 'set_attention_backend', 'attention_backend', 'cores', 'single_threaded_blas',
+           'parallel_map', 'tuned_attention', 'fast_attention', 'parallel_blocked_attention', 'KVCacheChecks',
+           'check_multihead_inputs', 'ProfilerSweeps']
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #ce5ec014
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #4fa51b3f
 import math
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -24,7 +26,7 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #65730fbc
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #4d3ef56e
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 _inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", default=False)
 
@@ -89,6 +91,46 @@ def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
     return array
 
 
+def largest_row_norm(array: np.ndarray) -> float:
+    """The largest Euclidean norm of a row (along the last axis) of a float array; NaN or inf if it holds them."""
+    if array.size == 0:
+        return 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.sqrt(np.einsum("...i,...i->...", array, array).max())
+
+
+def norm(array: np.ndarray) -> float:
+    """The Euclidean norm of all of a float array; NaN or inf if it holds them."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if array.dtype == np.float32 and array.flags.c_contiguous:
+            return math.sqrt(np.dot(array.reshape(-1), array.reshape(-1)))
+        return math.sqrt(np.einsum("...ij,...ij->...", array, array).sum())
+
+
+_last_scan = threading.local()      # .value: (weak references to query, key, value; their norms)
+
+
+def scan_attention_inputs(q, k, v) -> None:
+    """The NaN/inf check of an attention's query, key and value, which measures their norms on the way.
+
+    The largest row norms of q and k and the norm of v are what the tuned kernel's shift-free test
+    needs (section 5); this thread remembers them beside weak references to the arrays.
+    """
+    norms = (largest_row_norm(q), largest_row_norm(k), norm(v))
+    for name, array, measured in zip(("query", "key", "value"), (q, k, v), norms):
+        if not math.isfinite(measured) and not all_finite(array):     # inf alone may be an overflow
+            raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
+    _last_scan.value = (weakref.ref(q), weakref.ref(k), weakref.ref(v), norms)
+
+
+def scanned_norms(q, k, v) -> tuple | None:
+    """The norms `scan_attention_inputs` measured, if this thread's last scan was of these very arrays."""
+    scan = getattr(_last_scan, "value", None)
+    if scan is not None and scan[0]() is q and scan[1]() is k and scan[2]() is v:
+        return scan[3]
+    return None
+
+
 def is_number(value) -> bool:
     """A real number (Python or NumPy), not a bool."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
@@ -138,7 +180,7 @@ def check_scale(scale) -> float:
         raise ValueError(f"scale must be a positive number within float32's range, got {scale!r}")
     return float(scale)
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #35e6f2e1
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #782226f6
 def broadcasts_to(shape: tuple, target: tuple) -> bool:
     try:
         return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
@@ -189,7 +231,7 @@ def check_attention_inputs(query, key, value, mask=None, scale=None):
     query (..., T, d_k), key (..., S, d_k), value (..., S, d_v), leading axes broadcasting;
     the scale defaults to 1/sqrt(d_k).
     """
-    q, k, v = as_float32(query, "query"), as_float32(key, "key"), as_float32(value, "value")
+    q, k, v = (as_float32(x, name, finite=False) for x, name in ((query, "query"), (key, "key"), (value, "value")))
     for name, array, axes in (("query", q, "(..., seq_q, d_k)"), ("key", k, "(..., seq_k, d_k)"),
                               ("value", v, "(..., seq_k, d_v)")):
         if array.ndim < 2:
@@ -205,6 +247,10 @@ def check_attention_inputs(query, key, value, mask=None, scale=None):
     except ValueError:
         raise ValueError(f"the leading axes of query {q.shape[:-2]}, key {k.shape[:-2]} and "
                          f"value {v.shape[:-2]} do not broadcast together") from None
+    if _inputs_checked.get():
+        _last_scan.value = None
+    else:
+        scan_attention_inputs(q, k, v)
     keep = as_keep_mask(mask, lead + (q.shape[-2], k.shape[-2]))
     scale = check_scale(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     return q, k, v, keep, scale
@@ -353,7 +399,7 @@ def parallel_map(function, tasks) -> None:
     if errors:
         raise errors[0]
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #3ac4be6a
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #fdee3e99
 TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32 (measured faster than 1 MiB at S = 4096)
 QUERY_ROWS = 512                 # at most this many query rows per tile (all 512 at S = 512: measured fastest)
 CAUSAL_QUERY_ROWS = 32           # smaller tiles skip more of a causal mask's future
@@ -428,16 +474,13 @@ def _shift_free(q, k, v, scale: float) -> bool:
     Every base-2 score, scale * log2(e) * q_i . k_j, must lie within +-SHIFT_FREE_BOUND: the
     largest query norm times the largest key norm bounds them (Cauchy-Schwarz). And the output
     before it is normalised, at most S * 2^SHIFT_FREE_BOUND * max|v|, must stay within float32:
-    the norm of all of v bounds max|v|.
+    the norm of all of v bounds max|v|. The input check measured these norms when it scanned
+    q, k and v for NaN (section 1); other arrays are measured here.
     """
     if scale * LOG2_E > FLOAT32_MAX:                                      # the base-2 scale itself overflows
         return False
-    with np.errstate(over="ignore", invalid="ignore"):                   # an overflow gives inf: False
-        q_norm = math.sqrt(np.einsum("...i,...i->...", q, q).max())
-        k_norm = math.sqrt(np.einsum("...i,...i->...", k, k).max())
-        v_norm = math.sqrt(np.dot(v.reshape(-1), v.reshape(-1)) if v.flags.c_contiguous
-                           else np.einsum("...ij,...ij->...", v, v).sum())
-    return (q_norm * k_norm * scale * LOG2_E <= SHIFT_FREE_BOUND
+    q_norm, k_norm, v_norm = scanned_norms(q, k, v) or (largest_row_norm(q), largest_row_norm(k), norm(v))
+    return (q_norm * k_norm * scale * LOG2_E <= SHIFT_FREE_BOUND          # an inf norm gives False
             and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * v_norm <= FLOAT32_MAX)
 
 
