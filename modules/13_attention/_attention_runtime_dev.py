@@ -145,7 +145,7 @@ def largest_row_norm(array: np.ndarray) -> float:
         return math.sqrt(np.einsum("...i,...i->...", array, array).max())
 
 
-def norm(array: np.ndarray) -> float:
+def array_norm(array: np.ndarray) -> float:
     """The Euclidean norm of all of a float array; NaN or inf if it holds them."""
     with np.errstate(over="ignore", invalid="ignore"):
         if array.dtype == np.float32 and array.flags.c_contiguous:
@@ -162,7 +162,7 @@ def scan_attention_inputs(q, k, v) -> None:
     The largest row norms of q and k and the norm of v are what the tuned kernel's shift-free test
     needs (section 5); this thread remembers them beside weak references to the arrays.
     """
-    norms = (largest_row_norm(q), largest_row_norm(k), norm(v))
+    norms = (largest_row_norm(q), largest_row_norm(k), array_norm(v))
     for name, array, measured in zip(("query", "key", "value"), (q, k, v), norms):
         if not math.isfinite(measured) and not all_finite(array):     # inf alone may be an overflow
             raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
@@ -615,7 +615,7 @@ def _shift_free(q, k, v, scale: float) -> bool:
     """
     if scale * LOG2_E > FLOAT32_MAX:                                      # the base-2 scale itself overflows
         return False
-    q_norm, k_norm, v_norm = scanned_norms(q, k, v) or (largest_row_norm(q), largest_row_norm(k), norm(v))
+    q_norm, k_norm, v_norm = scanned_norms(q, k, v) or (largest_row_norm(q), largest_row_norm(k), array_norm(v))
     return (q_norm * k_norm * scale * LOG2_E <= SHIFT_FREE_BOUND          # an inf norm gives False
             and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * v_norm <= FLOAT32_MAX)
 

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'TILE_SCORES', 'QUERY_ROWS',
            'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'SCRATCH_KEPT', 'SHIFT_FREE_BOUND', 'LOG2_E', 'inputs_checked',
-           'all_finite', 'numeric_array', 'as_float32', 'largest_row_norm', 'norm', 'scan_attention_inputs',
+           'all_finite', 'numeric_array', 'as_float32', 'largest_row_norm', 'array_norm', 'scan_attention_inputs',
            'scanned_norms', 'is_number', 'check_int', 'check_probability', 'Layer', 'check_scale', 'broadcasts_to',
            'as_keep_mask', 'CausalMask', 'causal_offset', 'check_attention_inputs', 'mask_over_heads',
            'get_attention_backend', 'set_attention_backend', 'attention_backend', 'cores', 'single_threaded_blas',
@@ -26,7 +26,7 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #4d3ef56e
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #283c96da
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 _inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", default=False)
 
@@ -99,7 +99,7 @@ def largest_row_norm(array: np.ndarray) -> float:
         return math.sqrt(np.einsum("...i,...i->...", array, array).max())
 
 
-def norm(array: np.ndarray) -> float:
+def array_norm(array: np.ndarray) -> float:
     """The Euclidean norm of all of a float array; NaN or inf if it holds them."""
     with np.errstate(over="ignore", invalid="ignore"):
         if array.dtype == np.float32 and array.flags.c_contiguous:
@@ -116,7 +116,7 @@ def scan_attention_inputs(q, k, v) -> None:
     The largest row norms of q and k and the norm of v are what the tuned kernel's shift-free test
     needs (section 5); this thread remembers them beside weak references to the arrays.
     """
-    norms = (largest_row_norm(q), largest_row_norm(k), norm(v))
+    norms = (largest_row_norm(q), largest_row_norm(k), array_norm(v))
     for name, array, measured in zip(("query", "key", "value"), (q, k, v), norms):
         if not math.isfinite(measured) and not all_finite(array):     # inf alone may be an overflow
             raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
@@ -399,7 +399,7 @@ def parallel_map(function, tasks) -> None:
     if errors:
         raise errors[0]
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #fdee3e99
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #69adbec7
 TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32 (measured faster than 1 MiB at S = 4096)
 QUERY_ROWS = 512                 # at most this many query rows per tile (all 512 at S = 512: measured fastest)
 CAUSAL_QUERY_ROWS = 32           # smaller tiles skip more of a causal mask's future
@@ -479,7 +479,7 @@ def _shift_free(q, k, v, scale: float) -> bool:
     """
     if scale * LOG2_E > FLOAT32_MAX:                                      # the base-2 scale itself overflows
         return False
-    q_norm, k_norm, v_norm = scanned_norms(q, k, v) or (largest_row_norm(q), largest_row_norm(k), norm(v))
+    q_norm, k_norm, v_norm = scanned_norms(q, k, v) or (largest_row_norm(q), largest_row_norm(k), array_norm(v))
     return (q_norm * k_norm * scale * LOG2_E <= SHIFT_FREE_BOUND          # an inf norm gives False
             and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * v_norm <= FLOAT32_MAX)
 
