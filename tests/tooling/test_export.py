@@ -91,15 +91,9 @@ def test_notebook_and_source_both_edited_is_refused(workspace, capsys):
     assert snapshot(workspace) == before
 
 
-def test_notebook_outputs_alone_do_not_count_as_edits(workspace):
-    import json
-
+def test_notebook_outputs_alone_do_not_count_as_edits(workspace, save_with_outputs):
     notebook_path = workspace / "modules/13_attention/attention_dev.ipynb"
-    notebook = json.loads(notebook_path.read_text())
-    code = next(cell for cell in notebook["cells"] if cell["cell_type"] == "code")
-    code["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["ran it\n"]}]
-    code["execution_count"] = 1
-    notebook_path.write_text(json.dumps(notebook, indent=1))
+    save_with_outputs(notebook_path, "ran it\n")
     source_before = (workspace / "modules/13_attention/attention_dev.py").read_bytes()
     assert main(["export", "13"]) == 0
     assert (workspace / "modules/13_attention/attention_dev.py").read_bytes() == source_before

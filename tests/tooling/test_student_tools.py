@@ -171,13 +171,9 @@ def test_a_notebook_edit_is_exported_before_grading(toy):
     assert ADD_ONE in (toy / SOURCE).read_text()             # the notebook's edit reached the source too
 
 
-def test_a_notebook_saved_with_outputs_only_needs_no_export(toy):
+def test_a_notebook_saved_with_outputs_only_needs_no_export(toy, save_with_outputs):
     notebook_path = toy / "modules/97_toy/toy_dev.ipynb"
-    notebook = json.loads(notebook_path.read_text())
-    code = next(cell for cell in notebook["cells"] if cell["cell_type"] == "code")
-    code["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["ran\n"]}]
-    code["execution_count"] = 1
-    notebook_path.write_text(json.dumps(notebook, indent=1))
+    notebook = save_with_outputs(notebook_path, "ran\n")
     assert changes_since_export(toy) == {}
     result = tito("test", "97", cwd=toy)
     assert "changed since the last export" not in result.stdout
