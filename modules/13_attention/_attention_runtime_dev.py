@@ -88,6 +88,14 @@ def inputs_checked():
 
 
 
+def array_norm(array: np.ndarray) -> float:
+    """The Euclidean norm of all of a float array; NaN or inf if it holds them."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if array.dtype == np.float32 and array.flags.c_contiguous:
+            return math.sqrt(np.dot(array.reshape(-1), array.reshape(-1)))
+        return math.sqrt(np.einsum("...ij,...ij->...", array, array).sum())
+
+
 def all_finite(array: np.ndarray) -> bool:
     """No NaN or inf in a float array, found without allocating.
 
@@ -97,11 +105,8 @@ def all_finite(array: np.ndarray) -> bool:
     """
     if array.size == 0 or array.dtype.kind != "f":
         return True
-    if array.dtype == np.float32 and array.flags.c_contiguous:
-        flat = array.reshape(-1)
-        with np.errstate(over="ignore", invalid="ignore"):        # an overflow only means: look closer
-            if math.isfinite(np.dot(flat, flat)):
-                return True
+    if array.dtype == np.float32 and array.flags.c_contiguous and math.isfinite(array_norm(array)):
+        return True                                                # an overflowing norm only means: look closer
     return bool(np.isfinite(array.min()) and np.isfinite(array.max()))   # np.isfinite: longdouble stays longdouble
 
 
@@ -143,14 +148,6 @@ def largest_row_norm(array: np.ndarray) -> float:
         return 0.0
     with np.errstate(over="ignore", invalid="ignore"):
         return math.sqrt(np.einsum("...i,...i->...", array, array).max())
-
-
-def array_norm(array: np.ndarray) -> float:
-    """The Euclidean norm of all of a float array; NaN or inf if it holds them."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        if array.dtype == np.float32 and array.flags.c_contiguous:
-            return math.sqrt(np.dot(array.reshape(-1), array.reshape(-1)))
-        return math.sqrt(np.einsum("...ij,...ij->...", array, array).sum())
 
 
 _last_scan = threading.local()      # .value: (weak references to query, key, value; their norms)
@@ -572,7 +569,7 @@ def _attend_tile(q, k, v, hidden, output, weights, q_scale: float, shift_free: b
     otherwise they are the scores themselves. keys_first: form Sᵀ = k (q q_scale)ᵀ instead, which
     is faster for a few query rows; the steps after it read Sᵀ through a transposed view.
     """
-    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    lead = output.shape[:-2]
     (r, d), s = q.shape[-2:], k.shape[-2]
     if keys_first:
         q_t = np.multiply(np.swapaxes(q, -1, -2), np.float32(q_scale), out=_scratch("query", lead + (d, r)))

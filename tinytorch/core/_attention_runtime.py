@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'TILE_SCORES', 'QUERY_ROWS',
            'CAUSAL_QUERY_ROWS', 'PARALLEL_MIN_SCORES', 'SCRATCH_KEPT', 'SHIFT_FREE_BOUND', 'LOG2_E', 'inputs_checked',
-           'all_finite', 'numeric_array', 'as_float32', 'largest_row_norm', 'array_norm', 'scan_attention_inputs',
+           'array_norm', 'all_finite', 'numeric_array', 'as_float32', 'largest_row_norm', 'scan_attention_inputs',
            'scanned_norms', 'is_number', 'check_int', 'check_probability', 'Layer', 'check_scale', 'broadcasts_to',
            'as_keep_mask', 'CausalMask', 'causal_offset', 'check_attention_inputs', 'mask_over_heads',
            'get_attention_backend', 'set_attention_backend', 'attention_backend', 'cores', 'single_threaded_blas',
@@ -26,7 +26,7 @@ import numpy as np
 
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #283c96da
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #51369ebb
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 _inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", default=False)
 
@@ -42,6 +42,14 @@ def inputs_checked():
 
 
 
+def array_norm(array: np.ndarray) -> float:
+    """The Euclidean norm of all of a float array; NaN or inf if it holds them."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if array.dtype == np.float32 and array.flags.c_contiguous:
+            return math.sqrt(np.dot(array.reshape(-1), array.reshape(-1)))
+        return math.sqrt(np.einsum("...ij,...ij->...", array, array).sum())
+
+
 def all_finite(array: np.ndarray) -> bool:
     """No NaN or inf in a float array, found without allocating.
 
@@ -51,11 +59,8 @@ def all_finite(array: np.ndarray) -> bool:
     """
     if array.size == 0 or array.dtype.kind != "f":
         return True
-    if array.dtype == np.float32 and array.flags.c_contiguous:
-        flat = array.reshape(-1)
-        with np.errstate(over="ignore", invalid="ignore"):        # an overflow only means: look closer
-            if math.isfinite(np.dot(flat, flat)):
-                return True
+    if array.dtype == np.float32 and array.flags.c_contiguous and math.isfinite(array_norm(array)):
+        return True                                                # an overflowing norm only means: look closer
     return bool(np.isfinite(array.min()) and np.isfinite(array.max()))   # np.isfinite: longdouble stays longdouble
 
 
@@ -97,14 +102,6 @@ def largest_row_norm(array: np.ndarray) -> float:
         return 0.0
     with np.errstate(over="ignore", invalid="ignore"):
         return math.sqrt(np.einsum("...i,...i->...", array, array).max())
-
-
-def array_norm(array: np.ndarray) -> float:
-    """The Euclidean norm of all of a float array; NaN or inf if it holds them."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        if array.dtype == np.float32 and array.flags.c_contiguous:
-            return math.sqrt(np.dot(array.reshape(-1), array.reshape(-1)))
-        return math.sqrt(np.einsum("...ij,...ij->...", array, array).sum())
 
 
 _last_scan = threading.local()      # .value: (weak references to query, key, value; their norms)
@@ -399,7 +396,7 @@ def parallel_map(function, tasks) -> None:
     if errors:
         raise errors[0]
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #69adbec7
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #94a5bd4f
 TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32 (measured faster than 1 MiB at S = 4096)
 QUERY_ROWS = 512                 # at most this many query rows per tile (all 512 at S = 512: measured fastest)
 CAUSAL_QUERY_ROWS = 32           # smaller tiles skip more of a causal mask's future
@@ -436,7 +433,7 @@ def _attend_tile(q, k, v, hidden, output, weights, q_scale: float, shift_free: b
     otherwise they are the scores themselves. keys_first: form Sᵀ = k (q q_scale)ᵀ instead, which
     is faster for a few query rows; the steps after it read Sᵀ through a transposed view.
     """
-    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    lead = output.shape[:-2]
     (r, d), s = q.shape[-2:], k.shape[-2]
     if keys_first:
         q_t = np.multiply(np.swapaxes(q, -1, -2), np.float32(q_scale), out=_scratch("query", lead + (d, r)))
