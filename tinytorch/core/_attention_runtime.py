@@ -272,9 +272,9 @@ def mask_over_heads(mask, batch: int, num_heads: int, seq_q: int, seq_k: int):
                          f"(batch, heads, seq_q, seq_k), got shape {data.shape}")
     return as_keep_mask(data, (batch, num_heads, seq_q, seq_k))
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #aac2e58f
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #17ff72c1
 ATTENTION_BACKENDS = ("math", "fast")
-DEFAULT_BACKEND = "fast"
+DEFAULT_BACKEND = "math"
 _chosen_backend = DEFAULT_BACKEND
 _backend_in_block: ContextVar = ContextVar("tinytorch_attention_backend", default=None)
 
@@ -291,7 +291,7 @@ def get_attention_backend() -> str:
 
 
 def set_attention_backend(name: str) -> None:
-    """Choose the kernel of every attention layer: "math" (readable) or "fast" (tuned, the default)."""
+    """Choose the kernel of every attention layer: "math" (the student's, the default) or "fast" (tuned)."""
     global _chosen_backend
     _chosen_backend = _check_backend(name)
 
