@@ -25,6 +25,9 @@ CODE_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
 TEXT_STUB = "YOUR ANSWER HERE"
 WORKSPACE_FILES = ["pyproject.toml", "module.yaml", "tinytorch/__init__.py", "tinytorch/core/__init__.py"]
 DEFAULT_OUT = Path("release")
+# Course tools that stay in the course repository: the benchmark holds its own generation loops and
+# attention calls, which a student workspace must not hold beside the functions students write.
+COURSE_TOOLS = {"bench.py"}
 
 
 def is_solution_cell(cell) -> bool:
@@ -102,11 +105,14 @@ def _release_files(root: Path, target: Module) -> dict[str, str | Path]:
 
     files: dict[str, str | Path] = {name: root / name for name in WORKSPACE_FILES if (root / name).exists()}
     tooling = Path(__file__).resolve().parent                    # the tito package itself
-    files.update({f"tito/{path.name}": path for path in sorted(tooling.glob("*.py"))})
+    files.update({f"tito/{path.name}": path for path in sorted(tooling.glob("*.py"))
+                  if path.name not in COURSE_TOOLS})
     for module in discover_modules(root):
         if module.number > target.number:
             continue
-        for test in sorted(module.tests.glob("*.py")) if module.tests.is_dir() else []:
+        # A module's tests folder, without its subfolders: `course/` holds the reference and what needs it.
+        tests = sorted(module.tests.glob("*.py")) + sorted(module.tests.glob("*.npz")) if module.tests.is_dir() else []
+        for test in tests:
             files[module.relative(test)] = test
         for source in module.sources:      # provided sources hold no solutions and come out whole
             released = release_notebook(source)
@@ -161,12 +167,12 @@ def release(root: Path, module: Module, out: Path, force: bool = False) -> list[
     notes = []
     for relative, content in files.items():
         target = out / relative
-        text = content.read_text(encoding="utf-8") if isinstance(content, Path) else content
-        if target.exists() and target.read_text(encoding="utf-8") != text:
+        data = content.read_bytes() if isinstance(content, Path) else content.encode("utf-8")
+        if target.exists() and target.read_bytes() != data:
             backup = backup_path(target)
             shutil.copy2(target, backup)
             notes.append(f"kept your previous {relative} as {backup.relative_to(out)}")
-        write_atomic(target, text)
+        write_atomic(target, data)
     released = [m for m in discover_modules(out) if m.number <= module.number]
     plan = export(out, released, force=True)   # a package file edited by hand is kept as a .bak copy
     notes.extend(f"kept your previous {path.rsplit('.bak', 1)[0]} as {path}" for path in plan.notes_backups)

@@ -1,40 +1,66 @@
 """Grading setup for module 13.
 
-Every test here runs with the "math" attention backend, so the student's own `math_attention`
-is what the layers execute; tests of the provided fast kernel switch to "fast" explicitly.
-A test marked `@pytest.mark.grades("<grade_id>")` grades the notebook part with that nbgrader
-grade_id; `tito grade` adds up its points from the notebook's metadata.
+Every test here runs with the "math" attention backend, the default, so the student's own
+`math_attention` is what the layers execute; tests of the provided fast kernel switch to "fast"
+explicitly. A graded test cannot use the provided kernels at all (see `_grading_guard`). A test
+marked `@pytest.mark.grades("<grade_id>")` grades the notebook part with that nbgrader grade_id;
+`tito grade` adds up its points from the notebook's metadata.
 
-The float64 reference in `reference.py` is the one every test compares with: the `ref` fixture,
-or `import attention_reference` in a module-level helper.
+Expected values come from the `ref` fixture, or `from expected import ref` in module-level
+helpers: `ref.attention(q, k, v, keep)` is the float64 reference's answer for those inputs. In the
+course repository the reference computes it and the stored copy is checked against it; a student
+workspace holds only the stored values (`expected.py` says how).
 """
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+from tinytorch.core._attention_runtime import provided_kernels_refused
 from tinytorch.core.attention import attention_backend
 
+HERE = Path(__file__).parent
+REFERENCE_FILE = HERE / "course" / "reference.py"    # the course repository only; never released
 
-def _load_reference():
-    """reference.py as a module object (test files are imported by path, so it is loaded by path too)."""
-    spec = importlib.util.spec_from_file_location("attention_reference", Path(__file__).with_name("reference.py"))
+
+def _load(name: str, path: Path):
+    """A file of this folder as a module (pytest imports test files by path, so helpers are too)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-REFERENCE = sys.modules.setdefault("attention_reference", _load_reference())  # `import attention_reference`
+expected = sys.modules.get("expected") or _load("expected", HERE / "expected.py")
+RECORDING = os.environ.get("TITO_RECORD_EXPECTED") == "1"
+if REFERENCE_FILE.exists():
+    _reference = sys.modules.get("attention_reference") or _load("attention_reference", REFERENCE_FILE)
+    expected.ref = expected.ExpectedValues({} if RECORDING else expected.read_store(), _reference, RECORDING)
+else:
+    expected.ref = expected.ExpectedValues(expected.read_store())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if RECORDING and exitstatus == 0:
+        expected.write_store(expected.ref.asked)
 
 
 @pytest.fixture(scope="session")
 def ref():
-    """The float64 reference: softmax, attention, masks, heads, multi-head attention, cache contents."""
-    return REFERENCE
+    """Expected values: the float64 reference's answers, computed (course) or stored (student workspace)."""
+    return expected.ref
 
 
 @pytest.fixture(autouse=True)
-def _grade_the_student_path():
+def _grade_the_student_path(request):
+    """Run the student's math path; a graded test also refuses the provided kernels, so that a
+    student function cannot earn points by calling them."""
     with attention_backend("math"):
-        yield
+        if request.node.get_closest_marker("grades"):
+            with provided_kernels_refused():
+                yield
+        else:
+            yield

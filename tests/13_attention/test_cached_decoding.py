@@ -7,6 +7,7 @@ histories, so positions taken from the longest row, or from 0, show.
 import re
 
 import numpy as np
+from expected import weights_of
 import pytest
 
 from tinytorch.core.attention import KVCache, MultiHeadAttention, create_causal_mask
@@ -17,7 +18,7 @@ GRADES = pytest.mark.grades("test-cached-decoding")
 
 def causal_reference(ref, layer, x):
     """Causal self-attention over one whole sequence x (T, E), from the reference, as (T, E)."""
-    output, _ = ref.multihead(ref.layer_weights(layer), layer.num_heads, layer.num_kv_heads, np.asarray(x)[None],
+    output, _ = ref.multihead(weights_of(layer), layer.num_heads, layer.num_kv_heads, np.asarray(x)[None],
                               keep=ref.causal_mask(len(x)))
     return output[0]
 
@@ -128,7 +129,7 @@ def test_cache_rows_hold_the_projected_keys_and_values(ref):
     decode(layer, x, [4, 2], cache)
     assert cache.cache_lengths.tolist() == [6, 6, 0]
     for b in range(2):
-        keys, values = ref.cached_keys_values(ref.layer_weights(layer), 4, 2, x[b])
+        keys, values = ref.cached_keys_values(weights_of(layer), 4, 2, x[b])
         np.testing.assert_allclose(cache.get_sequence(b)[0].data, keys, rtol=RTOL, atol=ATOL, err_msg=f"row {b} keys")
         np.testing.assert_allclose(cache.get_sequence(b)[1].data, values, rtol=RTOL, atol=ATOL,
                                    err_msg=f"row {b} values")
@@ -149,7 +150,7 @@ def test_rows_of_equal_length_and_a_user_mask(ref):
     keep[:, 0, 0] = True
     output = layer(x[:, :3], mask=keep, kv_cache=cache).data
     full = ref.causal_mask(3) * keep[:, None]
-    expected, _ = ref.multihead(ref.layer_weights(layer), 2, 2, x[:, :3], keep=full)
+    expected, _ = ref.multihead(weights_of(layer), 2, 2, x[:, :3], keep=full)
     np.testing.assert_allclose(output, expected, rtol=RTOL, atol=ATOL)
 
 

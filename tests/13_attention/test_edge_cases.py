@@ -5,7 +5,7 @@ import subprocess
 import sys
 import warnings
 
-import attention_reference as ref
+from expected import ref
 import numpy as np
 import pytest
 
@@ -79,7 +79,7 @@ def test_fully_masked_rows_give_zero_weights_and_output(kernel, case):
         warnings.simplefilter("error")
         output, weights = KERNELS[kernel](q, k, v, mask)
     dead = ~keep.any(axis=-1)
-    expected_output, expected_weights = ref.attention_formula(q, k, v, keep)
+    expected_output, expected_weights = ref.attention(q, k, v, keep)
     assert np.all(np.isfinite(output.data))
     np.testing.assert_array_equal(output.data[..., dead, :], 0.0)
     np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
@@ -441,12 +441,15 @@ def test_nan_in_a_mask_is_an_error():
         masked_softmax(np.zeros((2, 3)), np.array([1.0, np.nan, 0.0]))
 
 
-def test_a_causal_mask_must_match_its_offset():
+def test_a_causal_mask_is_two_dimensional_and_read_only():
     from tinytorch.core.attention import CausalMask
 
-    with pytest.raises(ValueError, match="not the causal mask with offset 0"):
-        CausalMask(np.ones((3, 3)), 0)
-    assert CausalMask(np.tril(np.ones((2, 4)), k=2), 2).offset == 2
+    with pytest.raises(ValueError, match=r"shape \(seq_len, key_len\), got shape \(3,\)"):
+        CausalMask(np.ones(3), 0)
+    mask = CausalMask(np.tril(np.ones((2, 4)), k=2), 2)
+    assert mask.offset == 2
+    with pytest.raises(ValueError, match="read-only"):
+        mask.data[0, 3] = 1.0
 
 
 def test_fast_weights_are_formed_even_when_values_are_empty():

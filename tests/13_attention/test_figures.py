@@ -6,6 +6,7 @@ import sys
 
 import matplotlib
 import numpy as np
+from expected import ref
 import pytest
 
 from tinytorch.core._attention_figures import (
@@ -22,11 +23,6 @@ def _close_figures():
     plt.close("all")
 
 
-def softmax(scores):
-    exponentials = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return exponentials / exponentials.sum(axis=-1, keepdims=True)
-
-
 def axes_titled(figure, prefix):
     (axes,) = [axes for axes in figure.axes if axes.get_title().startswith(prefix)]
     return axes
@@ -39,7 +35,7 @@ def printed_numbers(axes):
 def small_attention(T=3, S=4, d=4, dv=2, seed=0):
     rng = np.random.default_rng(seed)
     query, key, value = rng.standard_normal((T, d)), rng.standard_normal((S, d)), rng.standard_normal((S, dv))
-    weights = softmax(query @ key.T / np.sqrt(d))
+    weights = ref.masked_softmax(query @ key.T / np.sqrt(d))
     return query, key, value, weights, weights @ value
 
 
@@ -61,12 +57,12 @@ def test_drawing_twice_gives_the_same_picture():
 
 
 # ---------------------------------------------------------------- draw_attention_flow
-def test_flow_prints_the_scores_and_weights_of_an_independent_softmax():
+def test_flow_prints_the_scores_and_weights_it_is_given():
     query, key, value, weights, output = small_attention()
     figure = draw_attention_flow(query, key, value, weights, output)
     scores = query @ key.T / 2.0                                          # √d = 2
     np.testing.assert_array_equal(printed_numbers(axes_titled(figure, "scores")), np.round(scores, 2).ravel())
-    np.testing.assert_array_equal(printed_numbers(axes_titled(figure, "weights")), np.round(softmax(scores), 2).ravel())
+    np.testing.assert_array_equal(printed_numbers(axes_titled(figure, "weights")), np.round(ref.masked_softmax(scores), 2).ravel())
     np.testing.assert_array_equal(printed_numbers(axes_titled(figure, "Kᵀ")), np.round(key.T, 2).ravel())
     np.testing.assert_array_equal(printed_numbers(axes_titled(figure, "output")), np.round(output, 2).ravel())
 
@@ -210,8 +206,13 @@ def scaling_rows(exponent, spread=True):
     return rows
 
 
-def test_scaling_legend_shows_the_fitted_slopes():
-    figure = plot_scaling({"math": scaling_rows(2), "fast": scaling_rows(1.5, spread=False)})
+def fits(**exponents):
+    return {name: {"time_exponent": time, "memory_exponent": memory} for name, (time, memory) in exponents.items()}
+
+
+def test_scaling_legend_shows_the_fitted_slopes_it_is_given():
+    figure = plot_scaling({"math": scaling_rows(2), "fast": scaling_rows(1.5, spread=False)},
+                          fits(math=(2.0, 1.0), fast=(1.5, 1.0)))
     time_axes, memory_axes = figure.axes
     assert [text.get_text() for text in time_axes.get_legend().get_texts()] == ["math: slope 2.00", "fast: slope 1.50"]
     assert [text.get_text() for text in memory_axes.get_legend().get_texts()] == ["math: slope 1.00", "fast: slope 1.00"]
@@ -220,18 +221,19 @@ def test_scaling_legend_shows_the_fitted_slopes():
 
 
 def test_scaling_draws_error_bars_only_where_spreads_are_given():
-    time_axes = plot_scaling({"math": scaling_rows(2), "fast": scaling_rows(2, spread=False)}).axes[0]
+    time_axes = plot_scaling({"math": scaling_rows(2), "fast": scaling_rows(2, spread=False)},
+                             fits(math=(2.0, 1.0), fast=(2.0, 1.0))).axes[0]
     math_bars, fast_bars = time_axes.containers
     assert math_bars.has_yerr and not fast_bars.has_yerr
 
 
 def test_scaling_rejects_unusable_results():
     with pytest.raises(TypeError, match="results must be a non-empty dict"):
-        plot_scaling([])
+        plot_scaling([], {})
     with pytest.raises(ValueError, match=r"results\['math'\] must be a list of dicts with keys"):
-        plot_scaling({"math": [{"seq_len": 64, "time_ms": 1.0}]})
-    with pytest.raises(ValueError, match=r"needs at least 2 different seq_len to fit a slope, got \[64\]"):
-        plot_scaling({"math": scaling_rows(2)[:1]})
+        plot_scaling({"math": [{"seq_len": 64, "time_ms": 1.0}]}, fits(math=(2.0, 1.0)))
+    with pytest.raises(ValueError, match=r"fits must hold one fit per kernel of results, \['math'\]"):
+        plot_scaling({"math": scaling_rows(2)}, fits(fast=(2.0, 1.0)))
 
 
 # ---------------------------------------------------------------- plot_generation
@@ -260,7 +262,7 @@ def test_generation_rejects_missing_keys_and_wrong_lengths():
 
 # ---------------------------------------------------------------- plot_head_weights
 def test_head_weights_draw_one_map_per_head_with_the_tokens():
-    weights = softmax(np.random.default_rng(1).standard_normal((3, 4, 4)))
+    weights = ref.masked_softmax(np.random.default_rng(1).standard_normal((3, 4, 4)))
     tokens = ["the", "cat", "sat", "down"]
     figure = plot_head_weights(weights, tokens, title="no mask")
     maps, colour_bar = figure.axes[:-1], figure.axes[-1]

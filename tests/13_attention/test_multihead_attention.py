@@ -8,6 +8,7 @@ fully masked row, since a layer that drops the user's mask is a realistic bug.
 import re
 
 import numpy as np
+from expected import weights_of
 import pytest
 
 from tinytorch.core.attention import MultiHeadAttention, create_causal_mask
@@ -117,7 +118,7 @@ def test_forward_reads_the_current_weights(ref):
     for parameter in layer.parameters:
         parameter.data[...] = rng.normal(size=parameter.shape)
     x = rng.normal(size=(2, 5, 8))
-    expected, _ = ref.multihead(ref.layer_weights(layer), 2, 1, x)
+    expected, _ = ref.multihead(weights_of(layer), 2, 1, x)
     np.testing.assert_allclose(layer(x).data, expected, rtol=RTOL, atol=ATOL, err_msg="after new weights")
 
 
@@ -141,7 +142,7 @@ def test_seeded_layers_agree():
 def test_dropout_only_in_training(ref):
     x = np.random.default_rng(15).normal(size=(2, 6, 8))
     layer = MultiHeadAttention(8, 2, dropout=0.5, seed=5)
-    expected, _ = ref.multihead(ref.layer_weights(layer), 2, 2, x)
+    expected, _ = ref.multihead(weights_of(layer), 2, 2, x)
     assert layer.training is True
     assert not np.allclose(layer(x).data, expected, rtol=RTOL, atol=ATOL)
     assert layer.eval() is layer and layer.training is False
@@ -154,7 +155,7 @@ def test_float64_and_integer_inputs_give_float32(ref, dtype):
     x = np.random.default_rng(16).integers(-2, 3, size=(2, 3, 8)).astype(dtype)
     output = layer(x)
     assert output.dtype == np.float32
-    np.testing.assert_allclose(output.data, ref.multihead(ref.layer_weights(layer), 2, 2, x)[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(output.data, ref.multihead(weights_of(layer), 2, 2, x)[0], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(layer(Tensor(x)).data, output.data)
 
 

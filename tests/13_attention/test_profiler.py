@@ -34,20 +34,15 @@ class ScriptedClock:
         self.calls += 1
 
 
-def expected_timing(durations_ms, warmup):
-    runs = durations_ms[warmup:]
-    q25, median, q75 = np.percentile(runs, [25, 50, 75])
-    return runs, median, q75 - q25
-
-
-def check_timing(profiler, monkeypatch, durations_ms, case):
+def check_timing(profiler, monkeypatch, durations_ms, median, spread, case):
+    """measure_time on a scripted clock: the first `warmup` durations are untimed; median and spread by hand."""
     clock = ScriptedClock(durations_ms)
     with monkeypatch.context() as patch:
         patch.setattr(time, "perf_counter", clock)
         result = profiler.measure_time(clock.step)
-    runs, median, spread = expected_timing(durations_ms, profiler.warmup)
     assert clock.calls == len(durations_ms), f"{case}: function called {clock.calls} times, expected {len(durations_ms)}"
-    np.testing.assert_allclose(result["runs_ms"], runs, rtol=1e-9, err_msg=f"{case}: runs_ms (warm-up untimed)")
+    np.testing.assert_allclose(result["runs_ms"], durations_ms[profiler.warmup:], rtol=1e-9,
+                               err_msg=f"{case}: runs_ms (warm-up untimed)")
     np.testing.assert_allclose(result["median_ms"], median, rtol=1e-9, err_msg=f"{case}: median_ms")
     np.testing.assert_allclose(result["spread_ms"], spread, rtol=1e-9, err_msg=f"{case}: spread_ms = p75 - p25")
 
@@ -78,7 +73,7 @@ def check_generation(profiler, layer, prompt_length, new_tokens, batch_size, cas
 @GRADES
 def test_measure_time_reports_median_spread_and_runs_after_untimed_warmup(monkeypatch):
     check_timing(AttentionProfiler(repeats=5, warmup=2), monkeypatch, [50.0, 40.0, 3.0, 1.0, 9.0, 2.0, 4.0],
-                 "warmup 2 (50, 40 ms), runs 3, 1, 9, 2, 4 ms")
+                 3.0, 2.0, "warmup 2 (50, 40 ms), runs 3, 1, 9, 2, 4 ms: median 3, p25 2, p75 4")
 
 
 @GRADES
@@ -104,17 +99,17 @@ def test_compare_generation_outputs_agree():
 # ---------------------------------------------------------------- a whole profiling session
 @GRADES
 @pytest.mark.parametrize("case", [
-    dict(durations=[30.0, 5.0, 1.0, 2.0, 8.0], warmup=1, exponent=2.0, nbytes=4 * MiB, heads=(8, 2, 2)),
-    dict(durations=[90.0, 90.0, 2.0, 2.0, 3.0, 20.0], warmup=2, exponent=1.0, nbytes=2 * MiB, heads=(16, 4, 1)),
-    dict(durations=[10.0, 7.0, 1.0, 6.0], warmup=1, exponent=2.5, nbytes=6 * MiB, heads=(12, 3, 3)),
-    dict(durations=[4.0, 4.0, 4.0, 1.0, 2.0, 9.0, 10.0, 3.0], warmup=3, exponent=3.0, nbytes=3 * MiB,
+    dict(durations=[30.0, 5.0, 1.0, 2.0, 8.0], warmup=1, median=3.5, spread=5.75 - 1.75, exponent=2.0, nbytes=4 * MiB, heads=(8, 2, 2)),
+    dict(durations=[90.0, 90.0, 2.0, 2.0, 3.0, 20.0], warmup=2, median=2.5, spread=7.25 - 2.0, exponent=1.0, nbytes=2 * MiB, heads=(16, 4, 1)),
+    dict(durations=[10.0, 7.0, 1.0, 6.0], warmup=1, median=6.0, spread=6.5 - 3.5, exponent=2.5, nbytes=6 * MiB, heads=(12, 3, 3)),
+    dict(durations=[4.0, 4.0, 4.0, 1.0, 2.0, 9.0, 10.0, 3.0], warmup=3, median=3.0, spread=9.0 - 2.0, exponent=3.0, nbytes=3 * MiB,
          heads=(8, 4, 2)),
 ])
 def test_profiling_session_reports_the_measured_numbers(monkeypatch, case):
     """Time a call, fit how the cost grows, measure memory under a tracing profiler, compare generation."""
     name = f"session {case['durations']} warmup {case['warmup']}, n^{case['exponent']}, {case['nbytes']} bytes"
     profiler = AttentionProfiler(repeats=len(case["durations"]) - case["warmup"], warmup=case["warmup"], seed=2)
-    check_timing(profiler, monkeypatch, case["durations"], name)
+    check_timing(profiler, monkeypatch, case["durations"], case["median"], case["spread"], name)
     sizes = [100, 200, 400]
     fitted = profiler.fit_exponent(sizes, [7.0 * n**case["exponent"] for n in sizes])
     assert abs(fitted - case["exponent"]) < 1e-9, f"{name}: fitted exponent {fitted}"

@@ -18,14 +18,6 @@ def random_qkv(seed, lead=(2, 3), T=5, S=7, d_k=4, d_v=3):
     return rng.normal(size=lead + (T, d_k)), rng.normal(size=lead + (S, d_k)), rng.normal(size=lead + (S, d_v))
 
 
-def reference_dropout(ref, q, k, v, keep, p, seed, scale=None):
-    """Attention weights from the reference, then the layer's first draw: keep where random >= p, scale 1/(1-p)."""
-    _, weights = ref.attention(q, k, v, keep, scale)
-    survives = np.random.default_rng(seed).random(weights.shape) >= p
-    dropped = np.where(survives, weights / (1 - p), 0.0)
-    return dropped @ np.asarray(v, dtype=np.float64), dropped
-
-
 # ---------------------------------------------------------------- dropout (the student's code)
 @GRADES
 @pytest.mark.parametrize("p, masked", [(0.1, True), (0.25, False), (0.5, True)])
@@ -33,7 +25,7 @@ def test_dropout_matches_the_seeded_reference(ref, p, masked):
     q, k, v = random_qkv(5, lead=(2,), T=6, S=8)
     keep = np.tril(np.ones((6, 8)), 2) if masked else None
     output, weights = ScaledDotProductAttention(dropout=p, seed=7)(q, k, v, mask=keep, return_attention_weights=True)
-    expected_output, expected_weights = reference_dropout(ref, q, k, v, keep, p, seed=7)
+    expected_output, expected_weights = ref.dropout_attention(q, k, v, keep, p, seed=7)
     case = f"dropout p={p}, seed 7, {'causal-offset mask' if masked else 'no mask'}"
     np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL, err_msg=f"{case}: weights")
     np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL, err_msg=f"{case}: output")

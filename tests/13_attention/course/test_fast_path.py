@@ -2,6 +2,7 @@
 import warnings
 
 import attention_reference as ref
+from expected import weights_of
 import numpy as np
 import pytest
 
@@ -185,7 +186,7 @@ def test_layers_run_the_fast_kernel_correctly():
 
         layer = MultiHeadAttention(16, 4, num_kv_heads=2, seed=0)
         x = np.random.default_rng(9).normal(size=(2, 6, 16))
-        expected, expected_weights = ref.multihead(ref.layer_weights(layer), 4, 2, x, keep=ref.causal_mask(6))
+        expected, expected_weights = ref.multihead(weights_of(layer), 4, 2, x, keep=ref.causal_mask(6))
         output, weights = layer(x, mask=create_causal_mask(6), return_attention_weights=True)
         np.testing.assert_allclose(output.data, expected, rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)

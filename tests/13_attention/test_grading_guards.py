@@ -1,0 +1,38 @@
+"""What keeps grading honest (checks of provided code, not graded): while a graded test runs, the provided
+kernel refuses to serve, and the expected values refuse to answer the code under test."""
+import numpy as np
+import pytest
+from expected import GRADED_PACKAGE, ref
+
+from tinytorch.core._attention_runtime import provided_kernels_refused
+from tinytorch.core.attention import (ScaledDotProductAttention, attention_backend, fast_attention,
+                                      get_attention_backend, math_attention)
+
+
+def inputs():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 6, 4)), rng.normal(size=(2, 6, 3))
+
+
+def test_the_default_backend_is_the_students_math_path():
+    assert get_attention_backend() == "math"
+
+
+def test_the_tuned_kernel_refuses_while_grading_and_runs_otherwise():
+    q, k, v = inputs()
+    with provided_kernels_refused():
+        with pytest.raises(RuntimeError, match="provided tuned attention kernel is switched off while grading"):
+            fast_attention(q, k, v)
+        with attention_backend("fast"), pytest.raises(RuntimeError, match="switched off while grading"):
+            ScaledDotProductAttention()(q, k, v)
+        np.testing.assert_allclose(ScaledDotProductAttention()(q, k, v).data, math_attention(q, k, v)[0].data)
+    np.testing.assert_allclose(fast_attention(q, k, v)[0].data, math_attention(q, k, v)[0].data, rtol=1e-5, atol=1e-6)
+
+
+def test_expected_values_refuse_the_code_under_test():
+    scores = np.random.default_rng(1).normal(size=(3, 4))
+    package_namespace = {"__name__": GRADED_PACKAGE, "ref": ref, "scores": scores}
+    exec("def asked_by_the_package():\n    return ref.masked_softmax(scores)\n", package_namespace)
+    with pytest.raises(RuntimeError, match="expected values are there to check your code, not to be its answer"):
+        package_namespace["asked_by_the_package"]()
+    np.testing.assert_allclose(ref.masked_softmax(scores).sum(axis=-1), 1.0)      # the tests themselves may ask
