@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -139,6 +140,8 @@ def cmd_grade(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
+    if importlib.util.find_spec("tito.bench") is None:
+        raise TitoError("tito bench is a course tool: it is not part of a student workspace")
     from tito.bench import format_profiler_check, format_table, plot_sweep, profiler_check, run_bench
 
     if args.profiler_check:

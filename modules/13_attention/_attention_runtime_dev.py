@@ -256,15 +256,16 @@ def as_keep_mask(mask, scores_shape: tuple, name: str = "mask") -> np.ndarray | 
 
 
 class CausalMask(Tensor):
-    """A read-only causal mask that remembers its diagonal offset: entry [i, j] is 1 where j <= i + offset."""
+    """A read-only causal mask that remembers its diagonal offset: entry [i, j] is 1 where j <= i + offset.
+
+    `create_causal_mask` builds it. The tuned kernel and the blocked loop's skip trust the offset;
+    the math path reads the data.
+    """
 
     def __init__(self, data, offset: int):
         super().__init__(np.array(data, dtype=np.float32))
         if self.data.ndim != 2:
             raise ValueError(f"a causal mask has shape (seq_len, key_len), got shape {self.data.shape}")
-        if not np.array_equal(self.data, np.tri(*self.data.shape, k=offset, dtype=np.float32)):
-            raise ValueError(f"data is not the causal mask with offset {offset}: entry [i, j] must be 1 "
-                             f"exactly where j <= i + {offset}")
         self.data.flags.writeable = False  # kernels trust the offset, so the data may not change
         self.offset = int(offset)
 
@@ -373,6 +374,29 @@ def attention_backend(name: str):
         yield
     finally:
         _backend_in_block.reset(token)
+
+
+_kernels_refused: ContextVar = ContextVar("tinytorch_provided_kernels_refused", default=False)
+
+
+@contextmanager
+def provided_kernels_refused():
+    """Inside this block the tuned kernel raises instead of running (in the current thread).
+
+    Graded tests run in it: a student function that hands its work to the provided kernel then
+    fails its tests instead of earning their points.
+    """
+    token = _kernels_refused.set(True)
+    try:
+        yield
+    finally:
+        _kernels_refused.reset(token)
+
+
+def refuse_while_grading(kernel: str) -> None:
+    if _kernels_refused.get():
+        raise RuntimeError(f"the provided {kernel} is switched off while grading: every graded function must "
+                           "compute its result with the student's own code")
 
 # %% [markdown]
 # ## 4. The thread policy
@@ -691,6 +715,7 @@ def tuned_attention(q, k, v, keep, scale: float, offset: int | None, need_weight
     scores exactly, which lets the kernel skip the future instead of reading `keep`. A boolean
     `keep` that is causal is treated as such, and one that hides nothing as no mask.
     """
+    refuse_while_grading("tuned attention kernel")
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if offset is None:
@@ -870,8 +895,10 @@ class ProfilerSweeps:
 
     def _workload(self, attention_layer, seq_len, batch_size, num_heads, head_dim, causal):
         """A call of `attention_layer` on random inputs of length `seq_len`, and its number of heads."""
+        from tinytorch.core.attention import create_causal_mask      # the student's, imported when a sweep runs
+
         rng = np.random.default_rng(self.seed)
-        mask = CausalMask(np.tri(seq_len, dtype=np.float32), 0) if causal else None
+        mask = create_causal_mask(seq_len) if causal else None
         if hasattr(attention_layer, "embed_dim"):                       # a MultiHeadAttention
             x = rng.standard_normal((batch_size, seq_len, attention_layer.embed_dim), dtype=np.float32)
             return (lambda: attention_layer(x, mask=mask)), attention_layer.num_heads

@@ -377,12 +377,11 @@ def test_unit_math_attention():
 
     rng = np.random.default_rng(0)
     q, k, v = rng.normal(size=(2, 3, 4, 8)), rng.normal(size=(2, 3, 6, 8)), rng.normal(size=(2, 3, 6, 5))
-    output, _ = math_attention(q, k, v)
-    for b, h, i in np.ndindex(2, 3, 4):                        # one query at a time, by the definition
-        scores = k[b, h] @ q[b, h, i] / np.sqrt(8)
-        row = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
-        np.testing.assert_allclose(output.data[b, h, i], row @ v[b, h], rtol=1e-4, atol=1e-5,
-                                   err_msg=f"batch {b}, head {h}, query {i}")
+    output, weights = math_attention(q, k, v)
+    np.testing.assert_allclose(weights.data.sum(axis=-1), 1.0, rtol=1e-5, err_msg="every row of weights sums to 1")
+    for b, h in np.ndindex(2, 3):                  # leading axes are a batch: each slice alone gives the same
+        alone, _ = math_attention(q[b, h], k[b, h], v[b, h])
+        np.testing.assert_allclose(output.data[b, h], alone.data, rtol=1e-5, atol=1e-6, err_msg=f"batch {b}, head {h}")
     print("math attention: the worked example, explicit scale, masks and batched heads all correct")
 
 
@@ -689,9 +688,23 @@ test_unit_repeat_kv_heads()
 # broadcastable to (B, H, T, S), such as a padding mask (B, 1, 1, S). The provided check turns
 # it into one that broadcasts over the heads, so you can pass `mask` straight to the attention.
 #
-# **Worked by hand.** A padded batch must give each real token the same output as its sentence
-# alone. Row 0 holds 3 real tokens and 2 pads: with `create_padding_mask([3, 5], 5)` its three
-# outputs equal those of the 3-token sentence attended on its own. The test checks exactly that.
+# **Worked by hand.** E = 4, H = 2 heads of hd = 2, and two tokens x₀ = [1, 0, 0, 0] and
+# x₁ = [0, 0, 2, 0]. Make w_q, w_k and w_v the identity, so that Q = K = V = X, and w_o = 2·I.
+# Head 0 reads features 0-1, where x₀ = [1, 0] and x₁ = [0, 0]; head 1 reads features 2-3, where
+# x₀ = [0, 0] and x₁ = [2, 0]. With 1/√2 as the scale:
+#
+# ```
+# head 0: scores [[0.707, 0], [0, 0]]   weights [[0.670, 0.330], [0.5, 0.5]]      output [[0.670, 0], [0.5, 0]]
+# head 1: scores [[0, 0], [0, 2.828]]   weights [[0.5, 0.5], [0.056, 0.944]]      output [[1.0, 0], [1.889, 0]]
+# merge:  [[0.670, 0, 1.0, 0], [0.5, 0, 1.889, 0]]       × w_o = 2·I:   [[1.340, 0, 2.0, 0], [1.0, 0, 3.777, 0]]
+# ```
+#
+# With a causal mask, token 0 sees only itself: its row becomes [2.0, 0, 0, 0]. With one kv head
+# (w_k = w_v = the first two columns of the identity, so both query heads read features 0-1 of
+# the keys and values), head 1's second query scores [1.414, 0] and takes 0.804 of x₀'s [1, 0]:
+# the output is [[1.340, 0, 1.0, 0], [1.0, 0, 1.609, 0]]. And a padded batch must give each real
+# token the same output as its sentence alone: with `create_padding_mask([3, 5], 5)`, row 0's
+# three real tokens come out as if the 3-token sentence were attended on its own.
 #
 # **Your task**: first the four weights in `__init__`, drawn from `rng` in the order
 # w_q, w_k, w_v, w_o (`rng.standard_normal(shape, dtype=np.float32)`, then scaled), and the
@@ -816,46 +829,34 @@ class MultiHeadAttention(Layer):
         }
 
 # %% nbgrader={"grade": true, "grade_id": "test-multihead-attention", "locked": true, "points": 11, "schema_version": 3, "solution": false}
-def _multihead_by_loops(layer, x_q, x_kv, mask=None):
-    """Multi-head attention one head at a time, from the weights' column slices."""
-    q, k, v = x_q @ layer.w_q.data, x_kv @ layer.w_k.data, x_kv @ layer.w_v.data
-    hd, group = layer.head_dim, layer.num_heads // layer.num_kv_heads
-    context = np.zeros_like(q)
-    for b in range(q.shape[0]):
-        for h in range(layer.num_heads):
-            g = h // group
-            scores = q[b][:, h * hd:(h + 1) * hd] @ k[b][:, g * hd:(g + 1) * hd].T / np.sqrt(hd)
-            if mask is not None:
-                scores = np.where(mask[b] if mask.ndim == 3 else mask, scores, -np.inf)
-            weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            context[b][:, h * hd:(h + 1) * hd] = weights / weights.sum(axis=-1, keepdims=True) @ v[b][:, g * hd:(g + 1) * hd]
-    return context @ layer.w_o.data
-
-
 def test_unit_multihead_attention():
-    """Self, cross, causal and grouped attention against one head at a time, and padding."""
+    """The worked example (plain, causal and grouped), and a padded row that reads as if alone."""
+    x = np.array([[[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]])              # (B, T, E) = (1, 2, 4)
+    layer = MultiHeadAttention(embed_dim=4, num_heads=2, seed=0)
+    layer.w_q.data[...], layer.w_k.data[...], layer.w_v.data[...] = np.eye(4), np.eye(4), np.eye(4)
+    layer.w_o.data[...] = 2 * np.eye(4)
+    np.testing.assert_allclose(layer(x).data[0], [[1.340, 0, 2.000, 0], [1.000, 0, 3.777, 0]], atol=2e-3,
+                               err_msg="worked example: 2 heads, identity projections, w_o = 2I")
+    np.testing.assert_allclose(layer(x, mask=create_causal_mask(2)).data[0], [[2.000, 0, 0, 0], [1.000, 0, 3.777, 0]],
+                               atol=2e-3, err_msg="worked example with a causal mask: token 0 sees only itself")
+    grouped = MultiHeadAttention(embed_dim=4, num_heads=2, num_kv_heads=1, seed=0)
+    grouped.w_q.data[...], grouped.w_o.data[...] = np.eye(4), 2 * np.eye(4)
+    grouped.w_k.data[...], grouped.w_v.data[...] = np.eye(4)[:, :2], np.eye(4)[:, :2]
+    np.testing.assert_allclose(grouped(x).data[0], [[1.340, 0, 1.000, 0], [1.000, 0, 1.609, 0]], atol=2e-3,
+                               err_msg="worked example, one kv head (features 0-1) serving both query heads")
+    _, weights = layer(x, return_attention_weights=True)
+    np.testing.assert_allclose(weights.data[0, 1], [[0.5, 0.5], [0.056, 0.944]], atol=2e-3,
+                               err_msg="head 1's weights in the worked example")
+
     rng = np.random.default_rng(3)
-    x, memory = rng.normal(size=(2, 5, 16)), rng.normal(size=(2, 7, 16))
-    with attention_backend("math"):
-        layer = MultiHeadAttention(embed_dim=16, num_heads=4, seed=0)
-        cases = {"self-attention": (layer(x), _multihead_by_loops(layer, x, x)),
-                 "cross-attention": (layer(x, memory, memory), _multihead_by_loops(layer, x, memory)),
-                 "causal": (layer(x, mask=create_causal_mask(5)), _multihead_by_loops(layer, x, x, np.tri(5) > 0))}
-        grouped = MultiHeadAttention(embed_dim=16, num_heads=4, num_kv_heads=2, seed=0)
-        cases["2 kv heads for 4 query heads"] = (grouped(x), _multihead_by_loops(grouped, x, x))
-        for name, (actual, expected) in cases.items():
-            np.testing.assert_allclose(actual.data, expected, rtol=1e-4, atol=1e-5, err_msg=name)
-
-        _, weights = layer(x, return_attention_weights=True)
-        assert weights.shape == (2, 4, 5, 5), f"weights: expected shape (2, 4, 5, 5), got {weights.shape}"
-
-        padded = x.copy()
-        padded[0, 3:] = 100.0                                      # row 0: 3 real tokens, then junk
-        alone = layer(x[:1, :3]).data
-        with_padding = layer(padded, mask=create_padding_mask(np.array([3, 5]), 5)).data
-        np.testing.assert_allclose(with_padding[0, :3], alone[0], rtol=1e-4, atol=1e-5,
-                                   err_msg="a padding mask: row 0's real tokens as if alone")
-    print("multi-head attention: self, cross, causal, grouped and padded all match the per-head reference")
+    padded = rng.normal(size=(2, 5, 16))
+    padded[0, 3:] = 100.0                                                   # row 0: 3 real tokens, then junk
+    layer = MultiHeadAttention(embed_dim=16, num_heads=4, seed=0)
+    alone = layer(padded[:1, :3]).data
+    with_padding = layer(padded, mask=create_padding_mask(np.array([3, 5]), 5)).data
+    np.testing.assert_allclose(with_padding[0, :3], alone[0], rtol=1e-4, atol=1e-5,
+                               err_msg="a padding mask: row 0's real tokens as if alone")
+    print("multi-head attention: the worked example (plain, causal, grouped) and a padded batch all correct")
 
 
 test_unit_multihead_attention()
@@ -1658,7 +1659,7 @@ for i, seq_len in enumerate(scaling_lengths):
     print(f"{seq_len:>5} | {times} | {peaks} | {scaling['math'][i]['weights_mb_estimate']:>22.1f}")
 for name, fit in fits.items():
     print(f"{name:>8}: time ~ T^{fit['time_exponent']:.2f}, peak memory ~ T^{fit['memory_exponent']:.2f}")
-plot_scaling(scaling)
+plot_scaling(scaling, fits)
 
 # %% [markdown]
 # Read your table against what the algorithms predict:

@@ -302,18 +302,15 @@ def draw_blocked_loop(seq_len, key_len, block_size, causal=True):
     axes.legend(handles=legend, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
     return _finish(figure)
 
-# %% ../../modules/13_attention/_attention_figures_dev.ipynb #4223b9a5
-def _slope(lengths, values) -> float:
-    """Least-squares slope of log(values) against log(lengths)."""
-    return float(np.polyfit(np.log(lengths), np.log(values), 1)[0])
-
-
-def plot_scaling(results):
+# %% ../../modules/13_attention/_attention_figures_dev.ipynb #e7aa68e0
+def plot_scaling(results, fits):
     """Time and peak memory against sequence length, log-log, one line per kernel.
 
     Args:
         results: kernel name -> list of dicts with seq_len, time_ms, peak_memory_mb and,
             optionally, time_spread_ms (drawn as ± error bars).
+        fits: kernel name -> dict with time_exponent and memory_exponent, as
+            `AttentionProfiler.analyze_quadratic_scaling` returns them.
     Returns:
         The matplotlib Figure.
     """
@@ -321,6 +318,8 @@ def plot_scaling(results):
 
     if not isinstance(results, dict) or not results:
         raise TypeError(f"results must be a non-empty dict of kernel name -> rows, got {results!r:.60}")
+    if not isinstance(fits, dict) or set(fits) != set(results):
+        raise ValueError(f"fits must hold one fit per kernel of results, {sorted(results)}, got {fits!r:.80}")
     figure, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(10, 3.8))
     measured_lengths = set()
     for index, (name, rows) in enumerate(results.items()):
@@ -330,17 +329,14 @@ def plot_scaling(results):
         lengths = np.array([row["seq_len"] for row in rows], dtype=float)
         times = np.array([row["time_ms"] for row in rows], dtype=float)
         memory = np.array([row["peak_memory_mb"] for row in rows], dtype=float)
-        if len(set(lengths)) < 2:
-            raise ValueError(f"results[{name!r}] needs at least 2 different seq_len to fit a slope, "
-                             f"got {sorted({row['seq_len'] for row in rows})}")
         if (lengths <= 0).any() or (times <= 0).any() or (memory <= 0).any():
             raise ValueError(f"results[{name!r}] must have positive seq_len, time_ms and peak_memory_mb "
                              f"for log axes")
         spread = [row["time_spread_ms"] for row in rows] if all("time_spread_ms" in row for row in rows) else None
         colour = _COLOURS[index % len(_COLOURS)]
         time_axes.errorbar(lengths, times, yerr=spread, fmt="o-", color=colour, capsize=3,
-                           label=f"{name}: slope {_slope(lengths, times):.2f}")
-        memory_axes.plot(lengths, memory, "o-", color=colour, label=f"{name}: slope {_slope(lengths, memory):.2f}")
+                           label=f"{name}: slope {fits[name]['time_exponent']:.2f}")
+        memory_axes.plot(lengths, memory, "o-", color=colour, label=f"{name}: slope {fits[name]['memory_exponent']:.2f}")
         measured_lengths.update(int(n) for n in lengths)
     ticks = sorted(measured_lengths)
     for axes, what in ((time_axes, "time per forward (ms)"), (memory_axes, "peak memory (MiB)")):

@@ -8,9 +8,9 @@ __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND
            'array_norm', 'all_finite', 'numeric_array', 'as_float32', 'largest_row_norm', 'scan_attention_inputs',
            'scanned_norms', 'is_number', 'check_int', 'check_probability', 'Layer', 'check_scale', 'broadcasts_to',
            'as_keep_mask', 'CausalMask', 'causal_offset', 'check_attention_inputs', 'mask_over_heads',
-           'get_attention_backend', 'set_attention_backend', 'attention_backend', 'cores', 'single_threaded_blas',
-           'parallel_map', 'tuned_attention', 'fast_attention', 'parallel_blocked_attention', 'KVCacheChecks',
-           'check_multihead_inputs', 'ProfilerSweeps']
+           'get_attention_backend', 'set_attention_backend', 'attention_backend', 'provided_kernels_refused',
+           'refuse_while_grading', 'cores', 'single_threaded_blas', 'parallel_map', 'tuned_attention', 'fast_attention',
+           'parallel_blocked_attention', 'KVCacheChecks', 'check_multihead_inputs', 'ProfilerSweeps']
 
 # %% ../../modules/13_attention/_attention_runtime_dev.ipynb #4fa51b3f
 import math
@@ -177,7 +177,7 @@ def check_scale(scale) -> float:
         raise ValueError(f"scale must be a positive number within float32's range, got {scale!r}")
     return float(scale)
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #782226f6
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #98aba265
 def broadcasts_to(shape: tuple, target: tuple) -> bool:
     try:
         return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
@@ -198,15 +198,16 @@ def as_keep_mask(mask, scores_shape: tuple, name: str = "mask") -> np.ndarray | 
 
 
 class CausalMask(Tensor):
-    """A read-only causal mask that remembers its diagonal offset: entry [i, j] is 1 where j <= i + offset."""
+    """A read-only causal mask that remembers its diagonal offset: entry [i, j] is 1 where j <= i + offset.
+
+    `create_causal_mask` builds it. The tuned kernel and the blocked loop's skip trust the offset;
+    the math path reads the data.
+    """
 
     def __init__(self, data, offset: int):
         super().__init__(np.array(data, dtype=np.float32))
         if self.data.ndim != 2:
             raise ValueError(f"a causal mask has shape (seq_len, key_len), got shape {self.data.shape}")
-        if not np.array_equal(self.data, np.tri(*self.data.shape, k=offset, dtype=np.float32)):
-            raise ValueError(f"data is not the causal mask with offset {offset}: entry [i, j] must be 1 "
-                             f"exactly where j <= i + {offset}")
         self.data.flags.writeable = False  # kernels trust the offset, so the data may not change
         self.offset = int(offset)
 
@@ -272,7 +273,7 @@ def mask_over_heads(mask, batch: int, num_heads: int, seq_q: int, seq_k: int):
                          f"(batch, heads, seq_q, seq_k), got shape {data.shape}")
     return as_keep_mask(data, (batch, num_heads, seq_q, seq_k))
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #17ff72c1
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #7dde3d5e
 ATTENTION_BACKENDS = ("math", "fast")
 DEFAULT_BACKEND = "math"
 _chosen_backend = DEFAULT_BACKEND
@@ -304,6 +305,29 @@ def attention_backend(name: str):
         yield
     finally:
         _backend_in_block.reset(token)
+
+
+_kernels_refused: ContextVar = ContextVar("tinytorch_provided_kernels_refused", default=False)
+
+
+@contextmanager
+def provided_kernels_refused():
+    """Inside this block the tuned kernel raises instead of running (in the current thread).
+
+    Graded tests run in it: a student function that hands its work to the provided kernel then
+    fails its tests instead of earning their points.
+    """
+    token = _kernels_refused.set(True)
+    try:
+        yield
+    finally:
+        _kernels_refused.reset(token)
+
+
+def refuse_while_grading(kernel: str) -> None:
+    if _kernels_refused.get():
+        raise RuntimeError(f"the provided {kernel} is switched off while grading: every graded function must "
+                           "compute its result with the student's own code")
 
 # %% ../../modules/13_attention/_attention_runtime_dev.ipynb #b7cf9037
 _blas_controller = None
@@ -396,7 +420,7 @@ def parallel_map(function, tasks) -> None:
     if errors:
         raise errors[0]
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #94a5bd4f
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #e3f8b2eb
 TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32 (measured faster than 1 MiB at S = 4096)
 QUERY_ROWS = 512                 # at most this many query rows per tile (all 512 at S = 512: measured fastest)
 CAUSAL_QUERY_ROWS = 32           # smaller tiles skip more of a causal mask's future
@@ -554,6 +578,7 @@ def tuned_attention(q, k, v, keep, scale: float, offset: int | None, need_weight
     scores exactly, which lets the kernel skip the future instead of reading `keep`. A boolean
     `keep` that is causal is treated as such, and one that hides nothing as no mask.
     """
+    refuse_while_grading("tuned attention kernel")
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if offset is None:
@@ -694,7 +719,7 @@ def check_multihead_inputs(layer, query, key, value, mask, kv_cache, return_atte
                             (batch, layer.num_heads, seq_q, seq_k))
     return x_q, x_k, x_v, mask
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #f2362e32
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #f405ab01
 class ProfilerSweeps:
     """Sweeps of a profiler with measure_time(fn), peak_memory(fn), fit_exponent(sizes, costs) and seed."""
 
@@ -706,8 +731,10 @@ class ProfilerSweeps:
 
     def _workload(self, attention_layer, seq_len, batch_size, num_heads, head_dim, causal):
         """A call of `attention_layer` on random inputs of length `seq_len`, and its number of heads."""
+        from tinytorch.core.attention import create_causal_mask      # the student's, imported when a sweep runs
+
         rng = np.random.default_rng(self.seed)
-        mask = CausalMask(np.tri(seq_len, dtype=np.float32), 0) if causal else None
+        mask = create_causal_mask(seq_len) if causal else None
         if hasattr(attention_layer, "embed_dim"):                       # a MultiHeadAttention
             x = rng.standard_normal((batch_size, seq_len, attention_layer.embed_dim), dtype=np.float32)
             return (lambda: attention_layer(x, mask=mask)), attention_layer.num_heads
