@@ -18,11 +18,29 @@
 #
 # > Scaled dot-product attention, multi-head attention, KV caches and their costs, in NumPy.
 #
-# Attention lets every position of a sequence read from every other position, weighting each by
-# how well a *query* matches a *key*. It is the operation at the heart of every transformer, and
-# it is also the operation that decides how long a context a model can afford: its memory grows
-# with the square of the sequence length, and generating text one token at a time repeats almost
-# all of its work unless a cache keeps it.
+# Read this sentence: *"The trophy didn't fit in the suitcase because it was too big."* What is
+# "it"? You answered by looking back at two earlier words, *trophy* and *suitcase*, and weighing
+# which one fits "too big". A model reading the sentence has to do the same: when it reaches
+# "it", it must pull in information from the right earlier word, and which word is right depends
+# on the words themselves, not on their distance. That is what attention does.
+#
+# Every position of a sequence asks a question (its *query*), every position advertises what it
+# holds (its *key*), and each position reads a mix of all the others (their *values*), weighted by
+# how well its query matches each key:
+#
+# ```
+#   "it" ──query──►  ┌──────────┬──────────┬──────────┐
+#                    │ The      │ trophy   │ suitcase │   keys: one per earlier word
+#                    └──────────┴──────────┴──────────┘
+#   match scores:       0.1        3.2        2.9         (made-up scores, for illustration)
+#   softmax weights:    0.03       0.56       0.41        (positive, summing to 1)
+#   "it" reads:      0.03·v(The) + 0.56·v(trophy) + 0.41·v(suitcase)
+# ```
+#
+# Attention is the operation at the heart of every transformer, and it is also the operation that
+# decides how long a context a model can afford: its memory grows with the square of the sequence
+# length, and generating text one token at a time repeats almost all of its work unless a cache
+# keeps it.
 #
 # You will build attention whole, from the mask to the measurement, and then measure it, so that
 # the costs are numbers you produced rather than claims you read.
@@ -333,9 +351,18 @@ test_unit_masked_softmax()
 # saturates into a near one-hot row, and its gradients vanish. Dividing by $\sqrt{d_k}$ brings the
 # variance back to 1 whatever the head width.
 #
-# **Shapes.** Any number of leading axes (batch, heads) come along for free: NumPy's `@`
-# multiplies the last two axes and broadcasts the rest. To transpose only the last two axes of
-# K use `np.swapaxes(k, -1, -2)`; `.T` would reverse all of them.
+# **Shapes.** The whole computation, for one batch row and one head:
+#
+# ```
+#   Q (T, d_k) ──┐
+#                ├─ Q Kᵀ · scale ─► scores (T, S) ─ mask, softmax ─► weights (T, S) ──┐
+#   K (S, d_k) ──┘                                                                     ├─ @ ─► output (T, d_v)
+#   V (S, d_v) ────────────────────────────────────────────────────────────────────────┘
+# ```
+#
+# Any number of leading axes (batch, heads) come along for free: NumPy's `@` multiplies the
+# last two axes and broadcasts the rest. To transpose only the last two axes of K use
+# `np.swapaxes(k, -1, -2)`; `.T` would reverse all of them.
 #
 # **Your task**: the formula, using your `masked_softmax`. The checked inputs are float32
 # arrays `q`, `k`, `v`, the boolean mask `keep` (or `None`), and `scale`, the number that
@@ -568,6 +595,12 @@ test_unit_scaled_dot_product_attention()
 # PyTorch's `nn.MultiheadAttention` uses. A reshape straight to (B, H, T, hd) would give head 0
 # [[10, 11], [12, 13]], both halves of position 0: it scrambles positions across heads and still
 # runs without error, which is why the tests compare values.
+#
+# ```
+#   x (B, T, E=4)         reshape (B, T, H=2, hd=2)        transpose (B, H, T, hd)
+#   pos 0: 10 11 12 13    pos 0: [10 11] [12 13]           head 0: pos 0 [10 11]   head 1: pos 0 [12 13]
+#   pos 1: 20 21 22 23    pos 1: [20 21] [22 23]                   pos 1 [20 21]           pos 1 [22 23]
+# ```
 
 # %%
 draw_head_split(embed_dim=8, num_heads=4, seq_len=3)
@@ -889,6 +922,13 @@ test_unit_multihead_attention()
 # provided check refuses before anything is written, so a failed update never leaves a
 # half-written cache.
 #
+# ```
+#   positions:       0    1    2    3    4    5          max_seq_length = 6
+#   row 0 before:  [ k0 | k1 | k2 | k3 |    |    ]       length 4
+#   update(0, k4): [ k0 | k1 | k2 | k3 | k4 |    ]       writes [4:5], length 5
+#   update(0, 2):  refused: 5 + 2 = 7 > 6, nothing written
+# ```
+#
 # **What it costs.** Each cached token holds a key and a value per kv head:
 # 2 × Hkv × hd × 4 bytes (float32) per layer. For a 32-layer model with 32 heads of 128 that is
 # 1 MiB per token, so a 4096-token context takes 4 GiB of cache per sequence. This is why
@@ -1123,7 +1163,9 @@ test_unit_cached_decoding()
 #
 # The cache holds Hkv heads, not H. The same 8-query-head layer with 8, 2 and 1 key/value heads,
 # caching a batch of 4 sequences of up to 2,048 tokens. The megabytes are what the cache
-# allocates (computed by your `get_memory_usage` from its arrays' sizes):
+# allocates (computed by your `get_memory_usage` from its arrays' sizes). Before you run it,
+# work out the first row yourself: 4 sequences × 2,048 positions × 2 (keys and values) × 8 heads
+# × 64 numbers × 4 bytes. How much smaller will the other two rows be?
 
 # %%
 for kv_heads in (8, 2, 1):
@@ -1254,11 +1296,11 @@ with single_threaded_blas():                                    # one core for b
 # should use it, or `set_attention_backend("fast")` once for the whole process
 # (`set_attention_backend("math")` turns it off again). Before you run the cell below, write
 # down a guess: how many times faster than your code will the tuned kernel be on a
-# (2, 8, 512, 64) attention on your machine?
+# (1, 8, 512, 64) attention on your machine?
 
 # %%
 switch_layer = ScaledDotProductAttention().eval()
-q_switch, k_switch, v_switch = (rng.standard_normal((2, 8, 512, 64), dtype=np.float32) for _ in range(3))
+q_switch, k_switch, v_switch = (rng.standard_normal((1, 8, 512, 64), dtype=np.float32) for _ in range(3))
 switch_times = {}
 for backend in ("math", "fast"):
     with attention_backend(backend):
@@ -1339,6 +1381,14 @@ test_unit_fast_attention()
 # exponentiating (as in Part 2), so that nothing becomes `nan`, and divide by 1 when ℓ = 0 at the
 # end. With a `CausalMask`, the key blocks past a query block's last row are every row's future:
 # `last_key` tells you where to stop, and nothing after it is computed.
+#
+# ```
+#   T = S = 12, block_size = 4, causal        key blocks →   0..3    4..7    8..11
+#   query block 0..3   reads key block 0 only                [diag]  skip    skip
+#   query block 4..7   reads key blocks 0, 1                 [full]  [diag]  skip
+#   query block 8..11  reads key blocks 0, 1, 2              [full]  [full]  [diag]
+#   per query block, running m, ℓ, a: (rows, 1), (rows, 1), (rows, d_v); never a (T, S) array
+# ```
 
 # %%
 draw_blocked_loop(seq_len=12, key_len=12, block_size=4, causal=True)
@@ -1632,14 +1682,18 @@ test_unit_attention_profiler()
 # %% [markdown]
 # ### Measured: time and memory against sequence length
 #
-# The sweep below runs one `ScaledDotProductAttention` forward (batch 1, 8 heads of 64) at
+# The sweep below runs one `ScaledDotProductAttention` forward (batch 1, 4 heads of 64) at
 # T = 128 to 1024 with three kernels: your math path, the provided fast path, and your blocked
 # attention. Every number is measured on your machine as the notebook runs, so yours will differ
 # from a classmate's. Look at the spread column: when it is a large part of the median, that
 # size was disturbed by something else running, and the table tells you so.
+#
+# **Predict first.** Write down three guesses before you run it: how many times longer the math
+# path takes at T = 1024 than at T = 512, how many times more memory it needs there, and how
+# the blocked path's memory grows from T = 512 to 1024.
 
 # %%
-profiler = AttentionProfiler(repeats=5, warmup=1)
+profiler = AttentionProfiler(repeats=3, warmup=1)
 scaling_lengths = [128, 256, 512, 1024]
 kernels = {"math": ("math", ScaledDotProductAttention()),
            "fast": ("fast", ScaledDotProductAttention()),
@@ -1647,36 +1701,43 @@ kernels = {"math": ("math", ScaledDotProductAttention()),
 scaling = {}
 for name, (backend, layer) in kernels.items():
     with attention_backend(backend):
-        scaling[name] = profiler.measure_attention_scaling(layer, scaling_lengths, num_heads=8, head_dim=64)
+        scaling[name] = profiler.measure_attention_scaling(layer, scaling_lengths, num_heads=4, head_dim=64)
 fits = {name: AttentionProfiler.analyze_quadratic_scaling(rows) for name, rows in scaling.items()}
 
-print(f"BLAS threads held at {scaling['math'][0]['blas_threads']} during the sweep; times are medians of 5 runs ± spread")
-print(f"{'T':>5} | " + " | ".join(f"{name + ' ms':>16}" for name in kernels) + " | "
-      + " ".join(f"{name + ' MiB':>11}" for name in kernels) + f" | {'weights MiB (estimate)':>22}")
+print(f"BLAS threads held at {scaling['math'][0]['blas_threads']}; time per forward, median of 3 samples ± spread")
+print(f"{'T':>5} | " + " | ".join(f"{name + ' ms':>17}" for name in kernels))
 for i, seq_len in enumerate(scaling_lengths):
-    times = " | ".join(f"{scaling[n][i]['time_ms']:>8.2f} ± {scaling[n][i]['time_spread_ms']:<5.2f}" for n in kernels)
-    peaks = " ".join(f"{scaling[n][i]['peak_memory_mb']:>11.1f}" for n in kernels)
-    print(f"{seq_len:>5} | {times} | {peaks} | {scaling['math'][i]['weights_mb_estimate']:>22.1f}")
+    print(f"{seq_len:>5} | " + " | ".join(
+        f"{scaling[n][i]['time_ms']:>8.2f} ± {scaling[n][i]['time_spread_ms']:<6.2f}" for n in kernels))
+print(f"\npeak memory of one forward, MiB\n{'T':>5} | " + " | ".join(f"{name:>8}" for name in kernels)
+      + " | weights (estimate)")
+for i, seq_len in enumerate(scaling_lengths):
+    print(f"{seq_len:>5} | " + " | ".join(f"{scaling[n][i]['peak_memory_mb']:>8.1f}" for n in kernels)
+          + f" | {scaling['math'][i]['weights_mb_estimate']:>8.1f}")
+print()
 for name, fit in fits.items():
     print(f"{name:>8}: time ~ T^{fit['time_exponent']:.2f}, peak memory ~ T^{fit['memory_exponent']:.2f}")
 plot_scaling(scaling, fits)
 
 # %% [markdown]
-# Read your table against what the algorithms predict:
+# Read your table against your predictions, and against what the algorithms predict:
 #
 # - **The math path** computes and stores every one of the T² scores, so both its time and its
-#   memory should grow about four times per doubling of T: fitted exponents near 2. Expect your
-#   memory exponent between about 1.8 and 2.2, and your time exponent between about 1.7 and 2.3.
-#   Two effects move the time slope within that range, in opposite directions: the fixed cost of
-#   each call pulls it below 2, and the smallest sizes fitting in the CPU cache while the larger
-#   ones do not pushes it above 2. Compare the step from 128 to 256 with the step from 512 to
-#   1024 in your table to see which one your machine shows. The math path's peak is several
-#   times the weights' size: the formula holds the scores, the exponentials and the weights at
-#   once.
-# - **The fast path** computes every score too, so its time also tends to T². Its memory is
-#   smaller: it never holds more than a tile of rows per thread, and each tile spans all S keys,
-#   so its peak grows more slowly than T². If your fitted slopes differ from these ranges, look
-#   at the spread column first.
+#   memory should grow about four times per doubling of T: fitted exponents near 2. Memory is
+#   counted by `tracemalloc`, not timed, so your memory exponent barely moves from run to run:
+#   expect it between 1.9 and 2.1. Time is noisier. Two effects move its slope in opposite
+#   directions: the fixed cost of each call pulls it below 2, and the smallest sizes fitting in
+#   the CPU cache while the larger ones do not pushes it above 2. Compare the step from 128 to
+#   256 with the step from 512 to 1024 in your table to see which one your machine shows. On a
+#   busy laptop, other programs add their own share to some sizes and not others, so a fitted
+#   time exponent anywhere from about 1.6 to 2.8 is a measurement, not a mistake; the spread
+#   column tells you which sizes were disturbed. The math path's peak is several times the
+#   weights' size: the formula holds the scores, the exponentials and the weights at once.
+# - **The fast path** computes every score too, but at these sizes its fitted time exponent
+#   usually comes out below the math path's, often well below 2: a fixed cost per call (handing
+#   tiles to threads) weighs most at the smallest T, which flattens the slope; only at larger T
+#   does the T² work dominate. Its memory is smaller: it never holds more than a tile of rows
+#   per thread, and each tile spans all S keys, so its peak grows more slowly than T².
 # - **Blocked attention** holds a few block-sized tiles and the output, so its peak memory
 #   should grow at most linearly in T (a fitted exponent of 1 or less at these sizes), not as
 #   T², while its time still grows as T².
@@ -1689,6 +1750,10 @@ plot_scaling(scaling, fits)
 
 # %% [markdown]
 # ### Measured: generating with and without the cache
+#
+# **Predict first.** The prompt has 32 tokens and 96 more are generated. Without the cache, the
+# last step recomputes all 128 positions; with it, one. Guess how many times longer all 96 steps
+# take without the cache, then run the cell.
 
 # %%
 generation_layer = MultiHeadAttention(embed_dim=256, num_heads=8, seed=0).eval()
