@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
+from tinytorch.core import _attention_kernel as kernel
 from tinytorch.core import _attention_runtime as runtime
 from tinytorch.core.attention import (KVCache, MultiHeadAttention, ScaledDotProductAttention, attention_backend,
                                       create_causal_mask, get_attention_backend)
@@ -96,12 +97,12 @@ def test_failed_cached_forwards_leave_the_cache_unchanged():
 def test_a_failing_tile_is_raised_only_after_every_tile_has_stopped():
     finished = []
 
-    def tile(index):
+    def tile(scratch, index):
         if index == 0:
             raise RuntimeError("tile 0 failed")
         threading.Event().wait(0.01)
         finished.append(index)
 
     with pytest.raises(RuntimeError, match="tile 0 failed"):
-        runtime.parallel_map(tile, [(index,) for index in range(8)])
+        kernel.POOL.map(tile, [(index,) for index in range(8)])
     assert sorted(finished) == list(range(1, 8))
