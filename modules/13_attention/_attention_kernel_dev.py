@@ -449,10 +449,9 @@ def _append_to_cache(cache, k, v) -> tuple:
         cache.cached_keys[:B, :, s0:s0 + T] = k.transpose(0, 2, 1, 3)       # (B, Hkv, T, hd)
         cache.cached_values[:B, :, s0:s0 + T] = v.transpose(0, 2, 1, 3)
     else:
-        for b in range(B):
-            s0 = int(starts[b])
-            cache.cached_keys[b, :, s0:s0 + T] = k[b].transpose(1, 0, 2)
-            cache.cached_values[b, :, s0:s0 + T] = v[b].transpose(1, 0, 2)
+        for row, s0 in enumerate(starts.tolist()):                      # rows of different lengths
+            cache.cached_keys[row, :, s0:s0 + T] = k[row].transpose(1, 0, 2)
+            cache.cached_values[row, :, s0:s0 + T] = v[row].transpose(1, 0, 2)
     cache.cache_lengths[:B] = starts + T
     cache.is_active = True
     longest = int(starts.max()) + T if B else T

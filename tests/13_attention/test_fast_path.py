@@ -247,39 +247,43 @@ def test_every_technique_switched_off_gives_the_same_numbers(techniques, masking
         np.testing.assert_allclose(weights, expected_weights, rtol=RTOL, atol=ATOL)
 
 
-def _layer_cases():
+LAYER_CASES = ["self", "causal", "grouped causal", "multi-query padding", "per-head random", "3-D mask", "cross",
+               "large, tiled", "large, padded"]
+
+
+def _layer_case(name):
+    """(num_kv_heads, query shape, key/value shape or None, mask) of a layer case, built when a test runs."""
     rng = np.random.default_rng(20)
     lengths = np.array([5, 9])
     return {
-        "self": dict(num_kv_heads=4, x=(2, 9), mask=None),
-        "causal": dict(num_kv_heads=4, x=(2, 9), mask=create_causal_mask(9)),
-        "grouped causal": dict(num_kv_heads=2, x=(2, 9), mask=create_causal_mask(9)),
-        "multi-query padding": dict(num_kv_heads=1, x=(2, 9), mask=(np.arange(9)[None, :] < lengths[:, None])[:, None, None]),
-        "per-head random": dict(num_kv_heads=2, x=(2, 9), mask=rng.random((2, 4, 9, 9)) > 0.4),
-        "3-D mask": dict(num_kv_heads=4, x=(2, 9), mask=rng.random((2, 9, 9)) > 0.4),
-        "cross": dict(num_kv_heads=2, x=(2, 6), kv=(2, 11), mask=None),
-        "large, tiled": dict(num_kv_heads=2, x=(2, 300), mask=create_causal_mask(300)),
-        "large, padded": dict(num_kv_heads=4, x=(2, 300), mask=(np.arange(300) < 280)[None, None, None]),
-    }
+        "self": (4, (2, 9), None, None),
+        "causal": (4, (2, 9), None, create_causal_mask(9)),
+        "grouped causal": (2, (2, 9), None, create_causal_mask(9)),
+        "multi-query padding": (1, (2, 9), None, (np.arange(9)[None, :] < lengths[:, None])[:, None, None]),
+        "per-head random": (2, (2, 9), None, rng.random((2, 4, 9, 9)) > 0.4),
+        "3-D mask": (4, (2, 9), None, rng.random((2, 9, 9)) > 0.4),
+        "cross": (2, (2, 6), (2, 11), None),
+        "large, tiled": (2, (2, 300), None, create_causal_mask(300)),
+        "large, padded": (4, (2, 300), None, (np.arange(300) < 280)[None, None, None]),
+    }[name]
 
 
-@pytest.mark.parametrize("case", list(_layer_cases()))
+@pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("techniques", [kernel.Techniques(), kernel.Techniques(layer_on_pool=False, threads=False)],
                          ids=["all", "no pool"])
 def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques, monkeypatch):
-    spec = _layer_cases()[case]
+    num_kv_heads, x_shape, kv_shape, mask = _layer_case(case)
     rng = np.random.default_rng(21)
-    layer = MultiHeadAttention(16, 4, num_kv_heads=spec["num_kv_heads"], seed=3).eval()
-    x = rng.normal(size=spec["x"] + (16,)).astype(np.float32)
-    kv = rng.normal(size=spec["kv"] + (16,)).astype(np.float32) if "kv" in spec else None
+    layer = MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, seed=3).eval()
+    x = rng.normal(size=x_shape + (16,)).astype(np.float32)
+    kv = None if kv_shape is None else rng.normal(size=kv_shape + (16,)).astype(np.float32)
     with attention_backend("math"):
-        expected, expected_weights = layer(x, kv, kv, mask=spec["mask"], return_attention_weights=True)
-    monkeypatch.setattr(kernel, "DEFAULT_TECHNIQUES", techniques)
+        expected, expected_weights = layer(x, kv, kv, mask=mask, return_attention_weights=True)
     multihead = kernel.multihead_attention
     monkeypatch.setattr(kernel, "multihead_attention", lambda *args: multihead(*args, techniques=techniques))
     with attention_backend("fast"):
-        output, weights = layer(x, kv, kv, mask=spec["mask"], return_attention_weights=True)
-        assert layer(x, kv, kv, mask=spec["mask"]).shape == output.shape
+        output, weights = layer(x, kv, kv, mask=mask, return_attention_weights=True)
+        assert layer(x, kv, kv, mask=mask).shape == output.shape
     np.testing.assert_allclose(output.data, expected.data, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(weights.data, expected_weights.data, rtol=RTOL, atol=ATOL)
 

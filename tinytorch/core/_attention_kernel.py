@@ -321,7 +321,7 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), techniques.threads)
     return output, weights
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #9db01bf6
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #851e31a3
 def _project(x2d, weights, outputs, techniques) -> None:
     """outputs[i] = x2d @ weights[i], in row blocks on the pool (or by BLAS's own threads without `layer_on_pool`)."""
     rows = x2d.shape[0]
@@ -343,10 +343,9 @@ def _append_to_cache(cache, k, v) -> tuple:
         cache.cached_keys[:B, :, s0:s0 + T] = k.transpose(0, 2, 1, 3)       # (B, Hkv, T, hd)
         cache.cached_values[:B, :, s0:s0 + T] = v.transpose(0, 2, 1, 3)
     else:
-        for b in range(B):
-            s0 = int(starts[b])
-            cache.cached_keys[b, :, s0:s0 + T] = k[b].transpose(1, 0, 2)
-            cache.cached_values[b, :, s0:s0 + T] = v[b].transpose(1, 0, 2)
+        for row, s0 in enumerate(starts.tolist()):                      # rows of different lengths
+            cache.cached_keys[row, :, s0:s0 + T] = k[row].transpose(1, 0, 2)
+            cache.cached_values[row, :, s0:s0 + T] = v[row].transpose(1, 0, 2)
     cache.cache_lengths[:B] = starts + T
     cache.is_active = True
     longest = int(starts.max()) + T if B else T
