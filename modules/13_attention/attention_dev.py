@@ -47,8 +47,8 @@
 # example and on larger ones. Each part ends with a short *Try it* exercise: change something,
 # run it, and see what happens. Those are not graded.
 #
-# The input checks, the thread pool and the tuned kernels are provided in
-# `_attention_runtime_dev.py` beside this notebook, and the figures in
+# The input checks are provided in `_attention_runtime_dev.py` beside this notebook, the tuned
+# kernel and its thread pool in `_attention_kernel_dev.py`, and the figures in
 # `_attention_figures_dev.py`. You never need to read them, but you may.
 
 # %%
@@ -1233,7 +1233,7 @@ with single_threaded_blas():                                    # one core for b
         print(f"{name:>16}: median {np.median(times) * 1e3:6.2f} ms over 7 runs (causal, T = S = 1024, one thread)")
 
 # %% [markdown]
-# The provided `fast_attention` (in `_attention_runtime_dev.py`) is the same idea, industrial:
+# The provided `fast_attention` (in `_attention_kernel_dev.py`) is the same idea, industrial:
 #
 # - it runs the tiles on a **thread pool**, one thread per core. NumPy releases Python's global
 #   interpreter lock inside `exp` and inside BLAS, so the threads really run in parallel, and
