@@ -496,7 +496,7 @@ GOAL_ROWS = {"sdpa": "SDPA", "sdpa_causal": "causal SDPA", "mha": "multi-head", 
              "generation": "cached generation"}
 
 
-def run_ablation(quick: bool = False, pairs: int = ABLATION_PAIRS) -> dict:
+def run_ablation(quick: bool = False, pairs: int = ABLATION_PAIRS, names=None, rows=None) -> dict:
     """Each technique of the tuned kernel switched off in turn: its gain on every goal row.
 
     The gain is the median, over `pairs` alternating runs, of (time without it) / (time with it) - 1.
@@ -506,10 +506,10 @@ def run_ablation(quick: bool = False, pairs: int = ABLATION_PAIRS) -> dict:
     s = QUICK if quick else Sizes()
     everything = _our_workloads(s, Techniques())
     table = {}
-    for name in Techniques.__dataclass_fields__:
+    for name in names or Techniques.__dataclass_fields__:
         without = _our_workloads(s, Techniques(**{name: False}))
         table[name] = {}
-        for row in GOAL_ROWS:
+        for row in rows or GOAL_ROWS:
             _, _, ratios = paired(without[row], everything[row], pairs)
             gains = [r - 1 for r in ratios]
             table[name][row] = {"gain": float(np.median(gains)), "low": float(min(gains)), "high": float(max(gains))}
@@ -523,7 +523,7 @@ def format_ablation(result: dict) -> str:
              + "  earns >= 5%"]
     for name, cells in result["techniques"].items():
         row = "".join(f"{cells[key]['gain']:>+9.1%} ({cells[key]['low']:+.0%}..{cells[key]['high']:+.0%})".rjust(width)
-                      for key in GOAL_ROWS)
+                      if key in cells else "".rjust(width) for key in GOAL_ROWS)
         lines.append(f"{name:<16}{row}  {'yes' if cells['kept'] else 'NO'}")
     load = result["load_1min"]
     lines.append(f"gain = time without the technique / time with it - 1, median of {result['pairs']} alternating runs "

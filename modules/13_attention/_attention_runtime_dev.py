@@ -427,7 +427,7 @@ def parallel_blocked_attention(blocked_attention, q, k, v, keep, offset: int | N
         return rows(0, T)
     output = np.empty(lead + (T, dv), dtype=np.float32)
 
-    def run(scratch, r0, r1):
+    def run(r0, r1):
         output[..., r0:r1, :] = rows(r0, r1)
 
     blocks = [(r0, min(r0 + block_size, T)) for r0 in range(0, T, block_size)]

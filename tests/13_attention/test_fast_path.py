@@ -97,8 +97,8 @@ def test_tiles_bounded_by_tile_scores(monkeypatch, causal):
     monkeypatch.setattr(kernel, "TILE_SCORES", 2 ** 12)
     tiles = []
     attend_tile = kernel.attend_tile
-    monkeypatch.setattr(kernel, "attend_tile", lambda scratch, q, k, *rest: tiles.append((q.shape, rest[-2])) or
-                        attend_tile(scratch, q, k, *rest))
+    monkeypatch.setattr(kernel, "attend_tile", lambda q, k, *rest: tiles.append((q.shape, rest[-2])) or
+                        attend_tile(q, k, *rest))
     with attention_backend("fast"):
         q, k, v = random_qkv(11, (2, 3), 200, 400)
         keep = np.tril(np.ones((200, 400)), 200) if causal else None

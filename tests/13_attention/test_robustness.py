@@ -97,7 +97,7 @@ def test_failed_cached_forwards_leave_the_cache_unchanged():
 def test_a_failing_tile_is_raised_only_after_every_tile_has_stopped():
     finished = []
 
-    def tile(scratch, index):
+    def tile(index):
         if index == 0:
             raise RuntimeError("tile 0 failed")
         threading.Event().wait(0.01)

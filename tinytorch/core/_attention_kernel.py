@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #006c682a
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #03a6c507
 @dataclass(frozen=True)
 class Techniques:
     """Which of the kernel's techniques a call uses; all on by default."""
@@ -30,7 +30,6 @@ class Techniques:
     base2: bool = True           # on that path: base-2 scores and exp2, about twice as fast as exp
     keys_first: bool = True      # tiles of few rows form Sᵀ = K·Qᵀ, K read as stored
     tuned_tiles: bool = True     # 512-row plain tiles, 32-row causal tiles spanning heads (off: 64 rows per head)
-    scratch: bool = True         # each worker reuses its tiles' memory from call to call
     layer_on_pool: bool = True   # a layer's projections run on the pool too, heads as strided views
     blas_row_sums: bool = True   # row sums as a matrix-vector product instead of sum(axis=-1)
 
@@ -46,22 +45,22 @@ SHIFT_FREE_BOUND = 86.0          # base-2 scores within +-86: 2^86 ~ 8e25 cannot
 LOG2_E = math.log2(math.e)       # e^x = 2^(x log2 e)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #3a3f7310
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #2f15d527
 def cores() -> int:
     """The cores this process may run on (its CPU affinity, where the system has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class WorkerPool:
-    """The caller plus cores() - 1 threads, their scratch memory, and BLAS held at one thread while they run."""
+    """The caller plus cores() - 1 threads, and BLAS held at one thread while they run."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._pid = None
 
     def _start(self) -> None:
-        """(Re)start in this process: threads, free scratch and the BLAS limit's bookkeeping."""
-        self._pid, self._executor, self._free_scratch = os.getpid(), None, []
+        """(Re)start in this process: threads and the BLAS limit's bookkeeping."""
+        self._pid, self._executor = os.getpid(), None
         self._blas_users, self._blas_limiter, self._blas_controller = 0, None, None
 
     def _check_process(self) -> None:
@@ -69,18 +68,6 @@ class WorkerPool:
             with self._lock:
                 if self._pid != os.getpid():
                     self._start()
-
-    @contextmanager
-    def scratch(self):
-        """A scratch dictionary that no other running worker holds."""
-        self._check_process()
-        with self._lock:
-            memory = self._free_scratch.pop() if self._free_scratch else {}
-        try:
-            yield memory
-        finally:
-            with self._lock:
-                self._free_scratch.append(memory)
 
     @contextmanager
     def blas_on_one_thread(self):
@@ -103,7 +90,7 @@ class WorkerPool:
                     self._blas_limiter = None
 
     def map(self, function, tasks, threads: bool = True) -> None:
-        """function(scratch, *task) for every task, on the caller and, when `threads`, the pool.
+        """function(*task) for every task, on the caller and, when `threads`, the pool.
 
         Every task runs even when one fails; the first failure is raised after all have stopped.
         Without `threads` the caller runs them alone, with BLAS as the caller left it.
@@ -111,23 +98,21 @@ class WorkerPool:
         queue, errors = list(tasks)[::-1], []             # pop() from the end takes tasks in order
         helpers = min(cores(), len(queue)) - 1 if threads else 0
         if helpers <= 0:
-            with self.scratch() as memory:
-                for task in queue[::-1]:
-                    function(memory, *task)
+            for task in queue[::-1]:
+                function(*task)
             return
         lock = threading.Lock()
 
         def take_tasks():
-            with self.scratch() as memory:
-                while True:
-                    with lock:
-                        if not queue:
-                            return
-                        task = queue.pop()
-                    try:
-                        function(memory, *task)
-                    except BaseException as error:      # noqa: B036 - re-raised by the caller
-                        errors.append(error)
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    task = queue.pop()
+                try:
+                    function(*task)
+                except BaseException as error:          # noqa: B036 - re-raised by the caller
+                    errors.append(error)
 
         self._check_process()
         with self._lock:
@@ -147,17 +132,7 @@ class WorkerPool:
 
 POOL = WorkerPool()
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #552f5205
-def _buffer(scratch, name: str, shape: tuple) -> np.ndarray:
-    """A float32 array of `shape`: from the worker's scratch (kept if within a tile's worth), or fresh."""
-    size = math.prod(shape)
-    if scratch is None or size > 2 * TILE_SCORES:
-        return np.empty(shape, dtype=np.float32)
-    if name not in scratch or scratch[name].size < size:
-        scratch[name] = np.empty(size, dtype=np.float32)
-    return scratch[name][:size].reshape(shape)
-
-
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #1bb6a9a6
 def _largest_row_norm(x: np.ndarray) -> float:
     with np.errstate(over="ignore", invalid="ignore"):
         return math.sqrt(float(np.einsum("...i,...i->...", x, x).max())) if x.size else 0.0
@@ -172,7 +147,7 @@ def shift_free(q, k, v, scale: float) -> bool:
     return bound <= SHIFT_FREE_BOUND and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * largest_value <= FLOAT32_MAX
 
 
-def attend_tile(scratch, q, k, v, hidden, output, weights, scale: float, keys_first: bool,
+def attend_tile(q, k, v, hidden, output, weights, scale: float, keys_first: bool,
                 techniques: Techniques) -> None:
     """Softmax attention of one tile, written into `output` (and `weights`) in place.
 
@@ -180,19 +155,15 @@ def attend_tile(scratch, q, k, v, hidden, output, weights, scale: float, keys_fi
     True = masked, covers the last w keys (all of them, or a causal tile's diagonal block), or
     None. keys_first: form Sᵀ = K·(Q·scale)ᵀ and read it transposed.
     """
-    if not techniques.scratch:
-        scratch = None
     (r, d), s = q.shape[-2:], k.shape[-2]
-    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     unshifted = techniques.shift_free and shift_free(q, k, v, scale)
     base2 = unshifted and techniques.base2
     q_scale = np.float32(scale * LOG2_E if base2 else scale)
     if keys_first:
-        q_t = np.multiply(np.swapaxes(q, -1, -2), q_scale, out=_buffer(scratch, "query", q.shape[:-2] + (d, r)))
-        scores = np.swapaxes(np.matmul(k, q_t, out=_buffer(scratch, "scores", lead + (s, r))), -1, -2)  # (..., r, s)
+        q_t = np.multiply(np.swapaxes(q, -1, -2), q_scale, out=np.empty(q.shape[:-2] + (d, r), dtype=np.float32))
+        scores = np.swapaxes(np.matmul(k, q_t), -1, -2)                                             # (..., r, s)
     else:
-        q = np.multiply(q, q_scale, out=_buffer(scratch, "query", q.shape))
-        scores = np.matmul(q, np.swapaxes(k, -1, -2), out=_buffer(scratch, "scores", lead + (r, s)))   # (..., r, s)
+        scores = np.matmul(q * q_scale, np.swapaxes(k, -1, -2))                                     # (..., r, s)
     masked = None if hidden is None else scores[..., s - hidden.shape[-1]:]
     if unshifted:
         (np.exp2 if base2 else np.exp)(scores, out=scores)
@@ -269,7 +240,7 @@ def _row_tasks(q, k, v, hidden, output, weights, scale, techniques) -> list:
                           keys_first, techniques))
     return tasks
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #2060c080
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #82891ec5
 def simplify_mask(keep, T: int, S: int):
     """(keep, offset): (None, None) for a mask that hides nothing, (None, offset) for a causal one."""
     if keep is None or keep.all():
@@ -310,9 +281,8 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
     if math.prod(lead) * T * S < PARALLEL_MIN_SCORES:           # one vectorised tile on the caller
         hidden = (None if keep is None else np.broadcast_to(~keep, lead + (T, S))) if offset is None \
             else ~np.tri(T, S, k=offset, dtype=bool)
-        with POOL.scratch() as scratch:
-            attend_tile(scratch, q, k, v, hidden, output, weights, scale, False,
-                        replace(techniques, shift_free=False))   # measuring the norms would cost more
+        attend_tile(q, k, v, hidden, output, weights, scale, False,
+                    replace(techniques, shift_free=False))       # measuring the norms would cost more
     elif offset is not None:
         POOL.map(attend_tile, _causal_tasks(q, k, v, offset, output, weights, scale, techniques),
                  techniques.threads)
@@ -321,7 +291,7 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), techniques.threads)
     return output, weights
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #851e31a3
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #e41aaebe
 def _project(x2d, weights, outputs, techniques) -> None:
     """outputs[i] = x2d @ weights[i], in row blocks on the pool (or by BLAS's own threads without `layer_on_pool`)."""
     rows = x2d.shape[0]
@@ -330,7 +300,7 @@ def _project(x2d, weights, outputs, techniques) -> None:
             np.matmul(x2d, w, out=out)
         return
     block = max(1, -(-rows // (2 * cores())))
-    POOL.map(lambda scratch, r0, w, out: np.matmul(x2d[r0:r0 + block], w, out=out[r0:r0 + block]),
+    POOL.map(lambda r0, w, out: np.matmul(x2d[r0:r0 + block], w, out=out[r0:r0 + block]),
              [(r0, w, out) for w, out in zip(weights, outputs) for r0 in range(0, rows, block)])
 
 

@@ -315,7 +315,7 @@ def tuned_multihead(layer, x_q, x_k, x_v, mask, kv_cache, return_attention_weigh
                                                  return_attention_weights)
     return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #c402bbfa
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #4a9817d7
 def parallel_blocked_attention(blocked_attention, q, k, v, keep, offset: int | None, scale: float,
                                block_size: int) -> np.ndarray:
     """`blocked_attention` on checked arrays, one block of query rows per task; returns the output.
@@ -342,7 +342,7 @@ def parallel_blocked_attention(blocked_attention, q, k, v, keep, offset: int | N
         return rows(0, T)
     output = np.empty(lead + (T, dv), dtype=np.float32)
 
-    def run(scratch, r0, r1):
+    def run(r0, r1):
         output[..., r0:r1, :] = rows(r0, r1)
 
     blocks = [(r0, min(r0 + block_size, T)) for r0 in range(0, T, block_size)]
