@@ -1,25 +1,29 @@
-"""`tito bench`: module 13's attention timed side by side with PyTorch on the CPU.
+"""`tito bench`: module 13's attention timed against PyTorch on the CPU, each in its own process.
 
-Every figure is measured in this process with time.perf_counter (memory with tracemalloc).
-Paired workloads alternate their two sides run by run and report the median of the per-run
-ratios (11 runs), which holds up on a noisy machine far better than a ratio of two separate
-medians. Every label names the sizes that were actually run.
+The honest mode. Every round starts two fresh worker processes, one for our kernel (switched on
+explicitly with `set_attention_backend("fast")`) and one for PyTorch, one after the other, and
+alternates which goes first. Each runs at its library's defaults: nothing here sets thread
+counts or OMP_WAIT_POLICY, so neither side's threads compete with the other's. A worker times
+each workload (time.perf_counter, memory with tracemalloc) and reports the median of its runs;
+a ratio is the median over the rounds of the per-round ratios, with the spread (lowest and
+highest) beside it. Every label names the sizes that were run.
 
-`tito bench --profiler-check` is a separate mode: it keeps one core busy with another process
-and checks that the lesson's AttentionProfiler still measures the math path's scaling well.
-PyTorch runs with the same number of threads as NumPy's kernels and with
-OMP_WAIT_POLICY=PASSIVE, which is faster for PyTorch on this kind of machine: its worker
-threads otherwise spin between operations and starve the thread that issues them.
+`tito bench --ablation` switches each technique of the tuned kernel off in turn, in one process
+(ours only), and reports the gain on the goal rows. `tito bench --profiler-check` keeps one
+core busy with another process and checks that the lesson's AttentionProfiler still measures the
+math path's scaling well.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -37,13 +41,16 @@ class Sizes:
     new_tokens: int = 384
     long_seq: int = 4096
     sweep: tuple = (128, 256, 512, 1024, 2048, 4096)
-    repeats: int = 11
+    repeats: int = 11        # timed runs per workload in a worker, after one warm-up
+    rounds: int = 5          # alternating pairs of worker processes
     peak_size: int = 2048
 
 
 QUICK = Sizes(batch=1, heads=2, seq=64, head_dim=16, embed=64, prompt=8, new_tokens=16, long_seq=256,
-              sweep=(32, 64, 128), repeats=3, peak_size=256)
+              sweep=(32, 64, 128), repeats=3, rounds=2, peak_size=256)
 FLOP_BOUND_SLACK = 1.05   # the causal/unmasked multi-head ratio may exceed its FLOP bound by 5%
+ABLATION_PAIRS = 7        # alternating runs with and without a technique, per goal row
+KEEP_THRESHOLD = 0.05     # a technique stays in the kernel if it gains at least 5% on some goal row
 
 
 @dataclass
@@ -52,38 +59,40 @@ class Row:
     ours_ms: float
     reference: str
     reference_ms: float | None
-    ratio: float | None              # median of per-run ours / reference
+    ratio: float | None              # median over rounds of the per-round ours / reference
     flops: float
     target: str = ""
     met: bool | None = None
+    spread: tuple | None = None      # the lowest and highest per-round ratio
     extra: dict = field(default_factory=dict)
-
-
-def _time(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
-def paired(ours, reference, repeats: int) -> tuple[float, float, float]:
-    """Median seconds of each side and the median per-run ratio, the two run alternately."""
-    ours(), reference()  # warm up: page faults, thread pools, lazy initialisation
-    ours_times, reference_times, ratios = [], [], []
-    for run in range(repeats):
-        pair = (ours, reference) if run % 2 == 0 else (reference, ours)
-        first, second = _time(pair[0]), _time(pair[1])
-        a, b = (first, second) if run % 2 == 0 else (second, first)
-        ours_times.append(a)
-        reference_times.append(b)
-        ratios.append(a / b)
-    return float(np.median(ours_times)), float(np.median(reference_times)), float(np.median(ratios))
 
 
 def median_time(function, repeats: int) -> float:
     """Median seconds of `function()` over `repeats` runs, after one warm-up run."""
-    from tinytorch.core.attention import AttentionProfiler
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
-    return AttentionProfiler(repeats=repeats, warmup=1).time_call(function)
+
+def paired(first, second, repeats: int) -> tuple[float, float, list[float]]:
+    """Median seconds of each of two functions run alternately in this process, and the per-run ratios."""
+    first(), second()
+    a_times, b_times, ratios = [], [], []
+    for run in range(repeats):
+        order = (0, 1) if run % 2 == 0 else (1, 0)
+        times = [0.0, 0.0]
+        for index in order:
+            start = time.perf_counter()
+            (first, second)[index]()
+            times[index] = time.perf_counter() - start
+        a_times.append(times[0])
+        b_times.append(times[1])
+        ratios.append(times[0] / times[1])
+    return float(np.median(a_times)), float(np.median(b_times)), ratios
 
 
 def peak_bytes(function) -> int:
@@ -93,72 +102,48 @@ def peak_bytes(function) -> int:
     return AttentionProfiler.peak_memory(function)
 
 
-def matmul_peak_gflops(size: int) -> float:
-    """The machine's float32 matmul throughput through NumPy's BLAS: the physical limit here."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    return 2 * size**3 / median_time(lambda: a @ b, 5) / 1e9
-
-
 def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def _machine(peak: float) -> dict:
-    from threadpoolctl import threadpool_info
+def load_average() -> float | None:
+    """The 1-minute load average (other processes' demand on the cores), where the system reports it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
+
+def _cpu_model() -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
     except OSError:
         pass
-    blas = [f"{info['internal_api']} {info['version']} ({info['num_threads']} threads)"
-            for info in threadpool_info() if info["user_api"] == "blas"]
-    info = {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "blas": ", ".join(blas), "matmul_gflops": peak,
-            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "")}
-    if torch_available():
-        import torch
-
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
-    return info
+    return model
 
 
 # ----------------------------------------------------------------------------- workloads
+def _qkv(s: Sizes, seq: int | None = None, batch: int | None = None, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shape = (s.batch if batch is None else batch, s.heads, s.seq if seq is None else seq, s.head_dim)
+    return tuple(rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+
+
 def _mha_input(s: Sizes) -> np.ndarray:
     return np.random.default_rng(1).standard_normal((s.batch, s.seq, s.embed), dtype=np.float32)
 
 
-def _our_mha(s: Sizes, causal: bool):
-    """A call of our MultiHeadAttention on the benchmark input, with or without a causal mask."""
-    from tinytorch.core.attention import MultiHeadAttention, create_causal_mask
-
-    layer, x = MultiHeadAttention(s.embed, s.heads, seed=0).eval(), _mha_input(s)
-    mask = create_causal_mask(s.seq) if causal else None
-    return lambda: layer(x, mask=mask)
+def _generation_input(s: Sizes) -> np.ndarray:
+    return np.random.default_rng(2).standard_normal((1, s.prompt + s.new_tokens, s.embed), dtype=np.float32)
 
 
-def _mha_pair(s: Sizes, causal: bool):
-    """Our MultiHeadAttention and PyTorch's, with the same weights, on the same input."""
-    import torch
-
+def _weights(s: Sizes) -> list[np.ndarray]:
+    """w_q, w_k, w_v, w_o (E, E), as `MultiHeadAttention(E, H, seed=0)` draws them, for x @ w."""
     from tinytorch.core.attention import MultiHeadAttention
 
-    weights = MultiHeadAttention(s.embed, s.heads, seed=0)       # the same seed as _our_mha's layer
-    theirs = torch.nn.MultiheadAttention(s.embed, s.heads, bias=False, batch_first=True).eval()
-    with torch.no_grad():
-        theirs.in_proj_weight.copy_(torch.from_numpy(np.concatenate([w.data.T for w in weights.parameters[:3]])))
-        theirs.out_proj.weight.copy_(torch.from_numpy(weights.w_o.data.T))
-    tx = torch.from_numpy(_mha_input(s))
-    hidden = torch.ones(s.seq, s.seq, dtype=torch.bool).triu(1) if causal else None   # PyTorch: True = may NOT attend
-
-    def run_theirs():
-        with torch.no_grad():
-            return theirs(tx, tx, tx, attn_mask=hidden, need_weights=False, is_causal=causal)[0]
-
-    return _our_mha(s, causal), run_theirs
+    return [w.data for w in MultiHeadAttention(s.embed, s.heads, seed=0).parameters]
 
 
 def _mha_flops(s: Sizes, causal: bool) -> float:
@@ -166,125 +151,129 @@ def _mha_flops(s: Sizes, causal: bool) -> float:
     return s.batch * (4 * 2 * s.seq * s.embed * s.embed + 2 * 2 * s.heads * pairs * (s.embed // s.heads))
 
 
-def _generation(s: Sizes):
-    """Three ways to generate: our cache, our recompute-everything, a PyTorch cache loop."""
-    from tinytorch.core.attention import KVCache, MultiHeadAttention, create_causal_mask
+def _generation_flops(s: Sizes) -> float:
+    return float(sum(4 * 2 * s.embed * s.embed + 2 * 2 * s.embed * (t + 1) for t in range(s.prompt, s.prompt + s.new_tokens)))
 
-    layer = MultiHeadAttention(s.embed, s.heads, seed=0).eval()
+
+def _our_workloads(s: Sizes, techniques=None) -> dict:
+    """Our side's calls: SDPA plain and causal, the layer plain and causal, cached generation.
+
+    With `techniques` (the ablation), the kernel is called directly with them, past the layers'
+    input checks; otherwise through the layers, as a user calls them.
+    """
+    from tinytorch.core import _attention_kernel as kernel
+    from tinytorch.core.attention import (KVCache, MultiHeadAttention, ScaledDotProductAttention,
+                                          create_causal_mask)
+
+    q, k, v = _qkv(s)
+    sdpa, causal = ScaledDotProductAttention().eval(), create_causal_mask(s.seq)
+    layer, x = MultiHeadAttention(s.embed, s.heads, seed=0).eval(), _mha_input(s)
     total, hd = s.prompt + s.new_tokens, s.embed // s.heads
-    x = np.random.default_rng(2).standard_normal((1, total, s.embed), dtype=np.float32)
+    tokens = _generation_input(s)
+    if techniques is None:
+        attend = {False: lambda: sdpa(q, k, v), True: lambda: sdpa(q, k, v, mask=causal)}
+        layer_call = {False: lambda: layer(x), True: lambda: layer(x, mask=causal)}
+        step = lambda chunk, cache: layer(chunk, kv_cache=cache)
+    else:
+        scale = 1.0 / np.sqrt(s.head_dim)
+        attend = {c: (lambda c=c: kernel.attention(q, k, v, None, scale, 0 if c else None, techniques=techniques))
+                  for c in (False, True)}
+        layer_call = {c: (lambda c=c: kernel.multihead_attention(layer, x, x, x, None, 0 if c else None, None, False,
+                                                                 techniques=techniques)) for c in (False, True)}
+        step = lambda chunk, cache: kernel.multihead_attention(layer, chunk, chunk, chunk, None, None, cache, False,
+                                                               techniques=techniques)
 
     def cached():
         cache = KVCache(1, total, s.heads, hd)
-        layer(x[:, :s.prompt], kv_cache=cache)
+        step(tokens[:, :s.prompt], cache)
         for t in range(s.prompt, total):
-            layer(x[:, t:t + 1], kv_cache=cache)
+            step(tokens[:, t:t + 1], cache)
+
+    return {"sdpa": attend[False], "sdpa_causal": attend[True], "mha": layer_call[False],
+            "mha_causal": layer_call[True], "generation": cached}
+
+
+def _torch_workloads(s: Sizes) -> dict:
+    """PyTorch's side, as a user writes it: F.scaled_dot_product_attention, nn.MultiheadAttention, and two
+    cached generation loops (one fused QKV projection, or three), each into a preallocated cache."""
+    import torch
+    import torch.nn.functional as F
+
+    tq, tk, tv = (torch.from_numpy(a) for a in _qkv(s))
+    w_q, w_k, w_v, w_o = _weights(s)
+    mha = torch.nn.MultiheadAttention(s.embed, s.heads, bias=False, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.from_numpy(np.concatenate([w_q.T, w_k.T, w_v.T])))
+        mha.out_proj.weight.copy_(torch.from_numpy(np.ascontiguousarray(w_o.T)))
+    tx = torch.from_numpy(_mha_input(s))
+    hidden = torch.ones(s.seq, s.seq, dtype=torch.bool).triu(1)       # PyTorch: True = may NOT attend
+    total, hd, E, H = s.prompt + s.new_tokens, s.embed // s.heads, s.embed, s.heads
+    tokens = torch.from_numpy(_generation_input(s))
+    lin = {name: torch.from_numpy(np.ascontiguousarray(w.T)) for name, w in zip("qkvo", (w_q, w_k, w_v, w_o))}
+    w_qkv = torch.cat([lin["q"], lin["k"], lin["v"]])                  # (3E, E): one projection for Q, K and V
+
+    def sdpa(causal):
+        def run():
+            with torch.inference_mode():
+                return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        return run
+
+    def layer(causal):
+        def run():
+            with torch.inference_mode():
+                return mha(tx, tx, tx, attn_mask=hidden if causal else None, need_weights=False, is_causal=causal)[0]
+        return run
+
+    def generate(fused: bool):
+        def project(chunk):                                            # (1, n, E) -> 3 x (1, H, n, hd)
+            n = chunk.shape[1]
+            if fused:
+                q, k, v = F.linear(chunk, w_qkv).view(1, n, 3, H, hd).permute(2, 0, 3, 1, 4)
+                return q, k, v
+            return tuple(F.linear(chunk, lin[name]).view(1, n, H, hd).transpose(1, 2) for name in "qkv")
+
+        def run():
+            with torch.inference_mode():
+                keys, values = torch.empty(1, H, total, hd), torch.empty(1, H, total, hd)
+                q, k, v = project(tokens[:, :s.prompt])
+                keys[:, :, :s.prompt], values[:, :, :s.prompt] = k, v
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                F.linear(out.transpose(1, 2).reshape(1, s.prompt, E), lin["o"])
+                for t in range(s.prompt, total):
+                    q, k, v = project(tokens[:, t:t + 1])
+                    keys[:, :, t:t + 1], values[:, :, t:t + 1] = k, v
+                    out = F.scaled_dot_product_attention(q, keys[:, :, :t + 1], values[:, :, :t + 1])
+                    F.linear(out.view(1, 1, E), lin["o"])
+        return run
+
+    return {"sdpa": sdpa(False), "sdpa_causal": sdpa(True), "mha": layer(False), "mha_causal": layer(True),
+            "generation_fused": generate(True), "generation_separate": generate(False)}
+
+
+def _our_extras(s: Sizes) -> dict:
+    """Ours only, once: cache against recompute, blocked against plain at a long sequence, the sweep, the peak."""
+    from tinytorch.core.attention import (KVCache, MultiHeadAttention, ScaledDotProductAttention, attention_backend,
+                                          create_causal_mask)
+
+    result = {}
+    layer, total = MultiHeadAttention(s.embed, s.heads, seed=0).eval(), s.prompt + s.new_tokens
+    tokens = _generation_input(s)
+
+    def cached():
+        cache = KVCache(1, total, s.heads, s.embed // s.heads)
+        layer(tokens[:, :s.prompt], kv_cache=cache)
+        for t in range(s.prompt, total):
+            layer(tokens[:, t:t + 1], kv_cache=cache)
 
     def recompute():
         for t in range(s.prompt, total):
-            layer(x[:, :t + 1], mask=create_causal_mask(t + 1))
+            layer(tokens[:, :t + 1], mask=create_causal_mask(t + 1))
 
-    theirs = None
-    if torch_available():
-        import torch
-        import torch.nn.functional as F
+    cached_s, recompute_s, ratios = paired(cached, recompute, 3)
+    result["recompute"] = {"cached_ms": cached_s * 1e3, "recompute_ms": recompute_s * 1e3, "ratios": ratios}
 
-        w_q, w_k, w_v, w_o = (torch.from_numpy(np.ascontiguousarray(w.data.T)) for w in layer.parameters)
-        tx = torch.from_numpy(x)
-
-        def heads(t, n):  # (1, n, E) -> (1, H, n, hd)
-            return t.view(1, n, s.heads, hd).transpose(1, 2)
-
-        def theirs():
-            with torch.no_grad():
-                keys, values = torch.zeros(1, s.heads, total, hd), torch.zeros(1, s.heads, total, hd)
-                prompt = tx[:, :s.prompt]
-                q, k, v = (heads(F.linear(prompt, w), s.prompt) for w in (w_q, w_k, w_v))
-                keys[:, :, :s.prompt], values[:, :, :s.prompt] = k, v
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                F.linear(out.transpose(1, 2).reshape(1, s.prompt, s.embed), w_o)
-                for t in range(s.prompt, total):
-                    token = tx[:, t:t + 1]
-                    q, k, v = (heads(F.linear(token, w), 1) for w in (w_q, w_k, w_v))
-                    keys[:, :, t:t + 1], values[:, :, t:t + 1] = k, v
-                    out = F.scaled_dot_product_attention(q, keys[:, :, :t + 1], values[:, :, :t + 1])
-                    F.linear(out.transpose(1, 2).reshape(1, 1, s.embed), w_o)
-
-    per_token = [4 * 2 * s.embed * s.embed + 2 * 2 * s.embed * (t + 1) for t in range(s.prompt, total)]
-    return cached, recompute, theirs, float(sum(per_token))
-
-
-def run_bench(quick: bool = False) -> dict:
-    if torch_available():
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import
-        import torch
-
-        torch.set_num_threads(os.cpu_count() or 1)
-    from tinytorch.core.attention import (ScaledDotProductAttention, attention_backend, create_causal_mask,
-                                          set_attention_backend)
-
-    set_attention_backend("fast")             # the benchmark measures the tuned kernel, switched on by choice
-    s = QUICK if quick else Sizes()
-    peak = matmul_peak_gflops(s.peak_size)
-    rows: list[Row] = []
-    have_torch = torch_available()
-    rng = np.random.default_rng(0)
-
-    # 1. scaled dot-product attention, plain and causal
-    shape = f"{s.batch} x {s.heads} heads x {s.seq} x {s.head_dim}"
-    q, k, v = (rng.standard_normal((s.batch, s.heads, s.seq, s.head_dim), dtype=np.float32) for _ in range(3))
-    sdpa = ScaledDotProductAttention().eval()
-    causal_mask = create_causal_mask(s.seq)
-    sdpa_flops = 4.0 * s.batch * s.heads * s.seq * s.seq * s.head_dim
-    causal_flops = sdpa_flops * (s.seq + 1) / (2 * s.seq)
-    if have_torch:
-        tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
-        for causal in (False, True):
-            theirs = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-            ours = (lambda: sdpa(q, k, v, mask=causal_mask)) if causal else (lambda: sdpa(q, k, v))
-            ours_s, ref_s, ratio = paired(ours, theirs, s.repeats)
-            rows.append(Row(f"{'causal ' if causal else ''}scaled dot-product attention, {shape}", ours_s * 1e3,
-                            "PyTorch, is_causal=True" if causal else "PyTorch", ref_s * 1e3, ratio,
-                            causal_flops if causal else sdpa_flops, "<= 1.0x PyTorch", ratio <= 1.0))
-    else:
-        rows.append(Row(f"scaled dot-product attention, {shape}", median_time(lambda: sdpa(q, k, v), s.repeats) * 1e3,
-                        "", None, None, sdpa_flops))
-    ours_s, ref_s, ratio = paired(lambda: sdpa(q, k, v, mask=causal_mask), lambda: sdpa(q, k, v), s.repeats)
-    rows.append(Row("causal vs unmasked attention core (ours)", ours_s * 1e3, "ours, no mask", ref_s * 1e3, ratio,
-                    causal_flops, "<= 0.65x unmasked", ratio <= 0.65))
-
-    # 2 and 3. multi-head attention, plain and causal
-    layer_shape = f"{s.batch} x {s.seq}, E = {s.embed}, {s.heads} heads"
-    if have_torch:
-        for causal in (False, True):
-            ours, theirs = _mha_pair(s, causal)
-            ours_s, ref_s, ratio = paired(ours, theirs, s.repeats)
-            name = f"{'causal ' if causal else ''}multi-head attention, {layer_shape}"
-            rows.append(Row(name, ours_s * 1e3, "PyTorch", ref_s * 1e3, ratio, _mha_flops(s, causal),
-                            "" if causal else "<= 0.8x PyTorch", None if causal else ratio <= 0.8))
-    plain, masked = _our_mha(s, causal=False), _our_mha(s, causal=True)
-    ours_s, ref_s, ratio = paired(masked, plain, s.repeats)
-    bound = _mha_flops(s, True) / _mha_flops(s, False)
-    rows.append(Row("causal vs unmasked multi-head (ours)", ours_s * 1e3, "ours, no mask", ref_s * 1e3, ratio,
-                    _mha_flops(s, True), f"<= {FLOP_BOUND_SLACK:.2f} x FLOP bound {bound:.3f}",
-                    ratio <= FLOP_BOUND_SLACK * bound, {"flop_bound": bound}))
-
-    # 4. generation
-    cached, recompute, theirs, generation_flops = _generation(s)
-    steps = f"{s.prompt}-token prefill + {s.new_tokens} tokens"
-    recompute_repeats = max(3, s.repeats // 2)
-    cached_s, recompute_s, ratio = paired(cached, recompute, recompute_repeats)
-    rows.append(Row(f"generation, KV cache, {steps}", cached_s * 1e3, "ours, recompute",
-                    recompute_s * 1e3, ratio, generation_flops, ">= 20x faster than recompute", 1 / ratio >= 20,
-                    {"speedup": 1 / ratio}))
-    if theirs is not None:
-        cached_s, ref_s, ratio = paired(cached, theirs, s.repeats)
-        rows.append(Row(f"generation, KV cache, {steps}", cached_s * 1e3, "PyTorch cache loop",
-                        ref_s * 1e3, ratio, generation_flops, "<= 1.0x PyTorch", ratio <= 1.0))
-
-    # 5. blocked against plain attention on a long sequence
-    lq, lk, lv = (rng.standard_normal((1, s.heads, s.long_seq, s.head_dim), dtype=np.float32) for _ in range(3))
-    blocked = ScaledDotProductAttention(block_size=256 if not quick else 64).eval()
+    lq, lk, lv = _qkv(s, seq=s.long_seq, batch=1, seed=3)
+    blocked = ScaledDotProductAttention(block_size=256 if s.seq >= 512 else 64).eval()
     plain = ScaledDotProductAttention().eval()
 
     def run_plain():
@@ -292,69 +281,254 @@ def run_bench(quick: bool = False) -> dict:
             plain(lq, lk, lv)
 
     run_blocked = lambda: blocked(lq, lk, lv)
-    long_flops = 4.0 * s.heads * s.long_seq * s.long_seq * s.head_dim
-    blocked_s, plain_s, ratio = paired(run_blocked, run_plain, max(3, s.repeats // 2))
-    blocked_peak, plain_peak = peak_bytes(run_blocked), peak_bytes(run_plain)
-    fast_peak = peak_bytes(lambda: plain(lq, lk, lv))
-    rows.append(Row(f"blocked attention, 1 x {s.heads} heads x {s.long_seq} x {s.head_dim}: time", blocked_s * 1e3, "plain (math) path",
-                    plain_s * 1e3, ratio, long_flops, "no slower than plain", ratio <= 1.0))
-    rows.append(Row(f"blocked attention, T = {s.long_seq}: peak MiB", blocked_peak / 2**20, "plain (math) path",
-                    plain_peak / 2**20, blocked_peak / plain_peak, 0.0, "<= 1/8 of plain",
-                    blocked_peak <= plain_peak / 8, {"fast_path_peak_mib": fast_peak / 2**20}))
+    blocked_s, plain_s, ratios = paired(run_blocked, run_plain, 3)
+    result["blocked"] = {"blocked_ms": blocked_s * 1e3, "plain_ms": plain_s * 1e3, "ratios": ratios,
+                         "blocked_peak_mib": peak_bytes(run_blocked) / 2**20,
+                         "plain_peak_mib": peak_bytes(run_plain) / 2**20,
+                         "fast_peak_mib": peak_bytes(lambda: plain(lq, lk, lv)) / 2**20}
 
-    # 6. the scaling sweep
     sweep = []
     for seq in s.sweep:
-        sq, sk, sv = (rng.standard_normal((1, s.heads, seq, s.head_dim), dtype=np.float32) for _ in range(3))
-        point = {"seq_len": seq}
-        repeats = 3
-        point["fast_ms"] = median_time(lambda: plain(sq, sk, sv), repeats) * 1e3
-        point["blocked_ms"] = median_time(lambda: blocked(sq, sk, sv), repeats) * 1e3
+        sq, sk, sv = _qkv(s, seq=seq, batch=1, seed=4)
+        point = {"seq_len": seq, "fast_ms": median_time(lambda: plain(sq, sk, sv), 3) * 1e3,
+                 "blocked_ms": median_time(lambda: blocked(sq, sk, sv), 3) * 1e3}
         with attention_backend("math"):
-            point["math_ms"] = median_time(lambda: plain(sq, sk, sv), repeats) * 1e3
+            point["math_ms"] = median_time(lambda: plain(sq, sk, sv), 3) * 1e3
             point["math_peak_mib"] = peak_bytes(lambda: plain(sq, sk, sv)) / 2**20
         point["fast_peak_mib"] = peak_bytes(lambda: plain(sq, sk, sv)) / 2**20
         point["blocked_peak_mib"] = peak_bytes(lambda: blocked(sq, sk, sv)) / 2**20
-        if have_torch:
-            tq, tk, tv = (torch.from_numpy(a) for a in (sq, sk, sv))
-            point["pytorch_ms"] = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv),
-                                              repeats) * 1e3
         sweep.append(point)
+    result["sweep"] = sweep
 
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((s.peak_size, s.peak_size), dtype=np.float32) for _ in range(2))
+    result["matmul_gflops"] = 2 * s.peak_size**3 / median_time(lambda: a @ b, 5) / 1e9
+    return result
+
+
+def _torch_sweep(s: Sizes) -> list[float]:
+    import torch
+    import torch.nn.functional as F
+
+    times = []
+    for seq in s.sweep:
+        tq, tk, tv = (torch.from_numpy(a) for a in _qkv(s, seq=seq, batch=1, seed=4))
+
+        def run():
+            with torch.inference_mode():
+                F.scaled_dot_product_attention(tq, tk, tv)
+        times.append(median_time(run, 3) * 1e3)
+    return times
+
+
+def worker(side: str, quick: bool, extras: bool) -> dict:
+    """One side's measurements in this (fresh) process: the median ms of every workload, and its library."""
+    s = QUICK if quick else Sizes()
+    result = {"side": side, "load_before": load_average()}
+    if side == "ours":
+        from threadpoolctl import threadpool_info
+
+        from tinytorch.core.attention import set_attention_backend
+
+        set_attention_backend("fast")                     # the tuned kernel, switched on by choice
+        workloads = _our_workloads(s)
+        result["ms"] = {name: median_time(call, s.repeats) * 1e3 for name, call in workloads.items()}
+        plain_s, causal_s, ratios = paired(workloads["sdpa"], workloads["sdpa_causal"], s.repeats)
+        result["core_causal_ratios"] = [1 / r for r in ratios]
+        plain_s, causal_s, ratios = paired(workloads["mha"], workloads["mha_causal"], s.repeats)
+        result["layer_causal_ratios"] = [1 / r for r in ratios]
+        result["library"] = {"numpy": np.__version__, "blas": ", ".join(
+            f"{info['internal_api']} {info['version']} ({info['num_threads']} threads)"
+            for info in threadpool_info() if info["user_api"] == "blas")}
+        if extras:
+            result["extras"] = _our_extras(s)
+    else:
+        import torch
+
+        workloads = _torch_workloads(s)
+        result["ms"] = {name: median_time(call, s.repeats) * 1e3 for name, call in workloads.items()}
+        result["library"] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
+        if extras:
+            result["sweep_ms"] = _torch_sweep(s)
+    result["load_after"] = load_average()
+    return result
+
+
+def _run_worker(side: str, quick: bool, extras: bool) -> dict:
+    """`worker(side)` in a fresh Python process with this one's environment, untouched."""
+    command = [sys.executable, "-m", "tito.bench", "--worker", side] + (["--quick"] if quick else []) \
+        + (["--extras"] if extras else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {side} worker failed ({done.returncode}):\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _spread(values) -> tuple[float, float, float]:
+    return float(np.median(values)), float(min(values)), float(max(values))
+
+
+def run_bench(quick: bool = False, rounds: int | None = None) -> dict:
+    """The honest mode: `rounds` alternating pairs of fresh worker processes, ours and PyTorch's."""
+    s = QUICK if quick else Sizes()
+    rounds = s.rounds if rounds is None else rounds
+    have_torch = torch_available()
+    sides = ["ours", "torch"] if have_torch else ["ours"]
+    results = {"ours": [], "torch": []}
+    for number in range(rounds):
+        for side in (sides if number % 2 == 0 else sides[::-1]):
+            results[side].append(_run_worker(side, quick, extras=number == 0))
+    ours, theirs = results["ours"], results["torch"]
+
+    def ours_ms(name):
+        return float(np.median([r["ms"][name] for r in ours]))
+
+    rows: list[Row] = []
+    shape = f"{s.batch} x {s.heads} heads x {s.seq} x {s.head_dim}"
+    layer_shape = f"{s.batch} x {s.seq}, E = {s.embed}, {s.heads} heads"
+    sdpa_flops = 4.0 * s.batch * s.heads * s.seq * s.seq * s.head_dim
+    causal_flops = sdpa_flops * (s.seq + 1) / (2 * s.seq)
+    steps = f"{s.prompt}-token prefill + {s.new_tokens} tokens"
+    versus = []          # (row name, our workload, their workload(s), reference label, flops, target, limit)
+    versus.append((f"scaled dot-product attention, {shape}", "sdpa", ["sdpa"], "PyTorch", sdpa_flops,
+                   "<= 1.0x PyTorch", 1.0))
+    versus.append((f"causal scaled dot-product attention, {shape}", "sdpa_causal", ["sdpa_causal"],
+                   "PyTorch, is_causal=True", causal_flops, "<= 0.9x PyTorch", 0.9))
+    versus.append((f"multi-head attention, {layer_shape}", "mha", ["mha"], "PyTorch nn.MultiheadAttention",
+                   _mha_flops(s, False), "<= 0.9x PyTorch", 0.9))
+    versus.append((f"causal multi-head attention, {layer_shape}", "mha_causal", ["mha_causal"],
+                   "PyTorch nn.MultiheadAttention", _mha_flops(s, True), "", None))
+    versus.append((f"generation, KV cache, {steps}", "generation", ["generation_fused", "generation_separate"],
+                   "PyTorch's faster cache loop", _generation_flops(s), "<= 1.0x PyTorch", 1.0))
+    for name, mine, refs, label, flops, target, limit in versus:
+        if not have_torch:
+            rows.append(Row(name, ours_ms(mine), "", None, None, flops))
+            continue
+        per_round = [(o["ms"][mine], min(t["ms"][ref] for ref in refs)) for o, t in zip(ours, theirs)]
+        median, low, high = _spread([a / b for a, b in per_round])
+        extra = {ref: float(np.median([t["ms"][ref] for t in theirs])) for ref in refs} if len(refs) > 1 else {}
+        rows.append(Row(name, ours_ms(mine), label, float(np.median([b for _, b in per_round])), median, flops,
+                        target, None if limit is None else median <= limit, (low, high), extra))
+    ordered = rows[:2]
+    median, low, high = _spread([float(np.median(r["core_causal_ratios"])) for r in ours])
+    ordered.append(Row("causal vs unmasked attention core (ours)", ours_ms("sdpa_causal"), "ours, no mask",
+                       ours_ms("sdpa"), median, causal_flops, "<= 0.65x unmasked", median <= 0.65, (low, high)))
+    ordered += rows[2:4]
+    bound = _mha_flops(s, True) / _mha_flops(s, False)
+    median, low, high = _spread([float(np.median(r["layer_causal_ratios"])) for r in ours])
+    ordered.append(Row("causal vs unmasked multi-head (ours)", ours_ms("mha_causal"), "ours, no mask", ours_ms("mha"),
+                       median, _mha_flops(s, True), f"<= {FLOP_BOUND_SLACK:.2f} x FLOP bound {bound:.3f}",
+                       median <= FLOP_BOUND_SLACK * bound, (low, high), {"flop_bound": bound}))
+    extras = ours[0]["extras"]
+    recompute = extras["recompute"]
+    median, low, high = _spread(recompute["ratios"])
+    ordered.append(Row(f"generation, KV cache, {steps}", recompute["cached_ms"], "ours, recompute",
+                       recompute["recompute_ms"], median, _generation_flops(s), ">= 20x faster than recompute",
+                       1 / median >= 20, (low, high), {"speedup": 1 / median}))
+    ordered += rows[4:]
+    blocked = extras["blocked"]
+    median, low, high = _spread(blocked["ratios"])
+    ordered.append(Row(f"blocked attention, 1 x {s.heads} heads x {s.long_seq} x {s.head_dim}: time",
+                       blocked["blocked_ms"], "plain (math) path", blocked["plain_ms"], median,
+                       4.0 * s.heads * s.long_seq**2 * s.head_dim, "no slower than plain", median <= 1.0, (low, high)))
+    ordered.append(Row(f"blocked attention, T = {s.long_seq}: peak MiB", blocked["blocked_peak_mib"],
+                       "plain (math) path", blocked["plain_peak_mib"],
+                       blocked["blocked_peak_mib"] / blocked["plain_peak_mib"], 0.0, "<= 1/8 of plain",
+                       blocked["blocked_peak_mib"] <= blocked["plain_peak_mib"] / 8,
+                       extra={"fast_path_peak_mib": blocked["fast_peak_mib"]}))
+    sweep = extras["sweep"]
+    if have_torch:
+        for point, ms in zip(sweep, theirs[0]["sweep_ms"]):
+            point["pytorch_ms"] = ms
     if quick:  # the targets are set for the full sizes; at smoke-test sizes they mean nothing
-        for row in rows:
+        for row in ordered:
             row.met = None
-    return {"quick": quick, "machine": _machine(peak), "sweep_heads": s.heads, "sweep_head_dim": s.head_dim,
-            "rows": [row.__dict__ for row in rows], "sweep": sweep}
+    loads = [value for r in ours + theirs for value in (r["load_before"], r["load_after"]) if value is not None]
+    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+               **ours[0]["library"], **(theirs[0]["library"] if theirs else {}),
+               "matmul_gflops": extras["matmul_gflops"], "load_1min": (min(loads), max(loads)) if loads else None}
+    return {"mode": "separate processes", "quick": quick, "rounds": rounds, "machine": machine,
+            "sweep_heads": s.heads, "sweep_head_dim": s.head_dim, "rows": [asdict(row) for row in ordered],
+            "sweep": sweep, "workers": results}
 
 
 def format_table(result: dict) -> str:
     peak = result["machine"]["matmul_gflops"]
-    header = (f"{'workload':<60} {'ours ms':>9} {'ref ms':>9} {'ratio':>6} {'GFLOP/s':>8} {'of peak':>8}  "
+    header = (f"{'workload':<60} {'ours ms':>9} {'ref ms':>9} {'ratio':>6} {'spread':>11} {'of peak':>8}  "
               f"{'target':<32} {'met':<3}  reference")
     lines = [header, "-" * len(header)]
     for row in result["rows"]:
         is_memory = "MiB" in row["workload"]
-        gflops = "" if is_memory else f"{row['flops'] / (row['ours_ms'] / 1e3) / 1e9:8.1f}"
         fraction = "" if is_memory else f"{row['flops'] / (row['ours_ms'] / 1e3) / 1e9 / peak:8.0%}"
         reference = "" if row["reference_ms"] is None else f"{row['reference_ms']:9.2f}"
-        ratio = "" if row["ratio"] is None else f"{row['ratio']:6.2f}"
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:6.3f}"
+        spread = "" if not row["spread"] else f"{row['spread'][0]:.2f}-{row['spread'][1]:.2f}"
         met = {True: "yes", False: "NO", None: ""}[row["met"]]
-        lines.append(f"{row['workload']:<60} {row['ours_ms']:9.2f} {reference:>9} {ratio:>6} {gflops:>8} "
+        lines.append(f"{row['workload']:<60} {row['ours_ms']:9.2f} {reference:>9} {ratio:>6} {spread:>11} "
                      f"{fraction:>8}  {row['target']:<32} {met:<3}  {row['reference']}")
+        if len(row["extra"]) == 2 and "generation_fused" in row["extra"]:
+            lines.append(f"{'':<60} {'':>9} {'':>9}        PyTorch loops: fused QKV "
+                         f"{row['extra']['generation_fused']:.1f} ms, separate {row['extra']['generation_separate']:.1f} ms")
     machine = result["machine"]
+    load = machine.get("load_1min")
     lines.append("")
     lines.append(f"machine: {machine['cpu']}, {machine['cores']} cores, numpy {machine['numpy']} ({machine['blas']}), "
-                 + (f"PyTorch {machine['torch']} ({machine['torch_threads']} threads), " if "torch" in machine
-                    else "PyTorch not installed, ")
-                 + f"float32 matmul peak {peak:.0f} GFLOP/s")
-    lines.append("ratios are medians of per-run ratios, the two sides run alternately; memory from tracemalloc")
+                 + (f"PyTorch {machine['torch']} ({machine['torch_threads']} threads, OMP_WAIT_POLICY "
+                    f"{machine['omp_wait_policy']}), " if "torch" in machine else "PyTorch not installed, ")
+                 + f"float32 matmul peak {peak:.0f} GFLOP/s"
+                 + (f", 1-minute load {load[0]:.2f}-{load[1]:.2f} during the run" if load else ""))
+    lines.append(f"mode: each side in its own fresh process at its library's defaults, {result['rounds']} alternating "
+                 "rounds; a ratio is the median of the per-round ratios, spread = lowest-highest round; "
+                 "memory from tracemalloc")
     lines.append("")
     columns = [key for key in result["sweep"][0] if key != "seq_len"]
-    lines.append(f"sweep, T = sequence length, 1 x {result['sweep_heads']} heads x T x {result['sweep_head_dim']}")
+    lines.append(f"sweep (ours: one process, medians of 3 calls), 1 x {result['sweep_heads']} heads x T x "
+                 f"{result['sweep_head_dim']}")
     lines.append(f"{'T':>6} " + " ".join(f"{key:>16}" for key in columns))
     for point in result["sweep"]:
         lines.append(f"{point['seq_len']:>6} " + " ".join(f"{point[key]:16.2f}" for key in columns))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- ablation
+GOAL_ROWS = {"sdpa": "SDPA", "sdpa_causal": "causal SDPA", "mha": "multi-head", "mha_causal": "causal multi-head",
+             "generation": "cached generation"}
+
+
+def run_ablation(quick: bool = False, pairs: int = ABLATION_PAIRS, names=None, rows=None) -> dict:
+    """Each technique of the tuned kernel switched off in turn: its gain on every goal row.
+
+    The gain is the median, over `pairs` alternating runs, of (time without it) / (time with it) - 1.
+    """
+    from tinytorch.core._attention_kernel import Techniques
+
+    s = QUICK if quick else Sizes()
+    everything = _our_workloads(s, Techniques())
+    table = {}
+    for name in names or Techniques.__dataclass_fields__:
+        without = _our_workloads(s, Techniques(**{name: False}))
+        table[name] = {}
+        for row in rows or GOAL_ROWS:
+            _, _, ratios = paired(without[row], everything[row], pairs)
+            gains = [r - 1 for r in ratios]
+            table[name][row] = {"gain": float(np.median(gains)), "low": float(min(gains)), "high": float(max(gains))}
+        table[name]["kept"] = max(cell["gain"] for cell in table[name].values()) >= KEEP_THRESHOLD
+    return {"quick": quick, "pairs": pairs, "load_1min": load_average(), "techniques": table}
+
+
+def format_ablation(result: dict) -> str:
+    width = 22
+    lines = [f"{'technique switched off':<16}" + "".join(f"{label:>{width}}" for label in GOAL_ROWS.values())
+             + "  earns >= 5%"]
+    for name, cells in result["techniques"].items():
+        row = "".join(f"{cells[key]['gain']:>+9.1%} ({cells[key]['low']:+.0%}..{cells[key]['high']:+.0%})".rjust(width)
+                      if key in cells else "".rjust(width) for key in GOAL_ROWS)
+        lines.append(f"{name:<16}{row}  {'yes' if cells['kept'] else 'NO'}")
+    load = result["load_1min"]
+    lines.append(f"gain = time without the technique / time with it - 1, median of {result['pairs']} alternating runs "
+                 f"(lowest..highest); kernel called directly, past the layers' input checks"
+                 + (f"; 1-minute load {load:.2f} at the end" if load is not None else ""))
     return "\n".join(lines)
 
 
@@ -441,7 +615,7 @@ def profiler_check(runs: int = 3, load: bool = True) -> dict:
                 long, _ = profiler._workload(layer, 512, 1, 8, 64, False)
                 with attention_backend(backend), single_threaded_blas():   # as the profiler holds BLAS
                     # one T=512 call has 4x the scores of a T=256 one: alternate it with 4 of those
-                    run["cliff_ratio"][name] = paired(long, lambda: [short() for _ in range(4)], 11)[2]
+                    run["cliff_ratio"][name] = float(np.median(paired(long, lambda: [short() for _ in range(4)], 11)[2]))
             run["passed"] = (TIME_EXPONENT_RANGE[0] <= run["time_exponent"] <= TIME_EXPONENT_RANGE[1]
                              and MEMORY_EXPONENT_RANGE[0] <= run["memory_exponent"] <= MEMORY_EXPONENT_RANGE[1]
                              and max(run["cliff_ratio"].values()) <= CLIFF_RATIO)
@@ -467,3 +641,17 @@ def format_profiler_check(result: dict) -> str:
     lines.append(f"targets: time exponent in {list(TIME_EXPONENT_RANGE)}, memory exponent in "
                  f"{list(MEMORY_EXPONENT_RANGE)}, time per score ratio <= {CLIFF_RATIO}")
     return "\n".join(lines)
+
+
+def _worker_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tito.bench")
+    parser.add_argument("--worker", choices=["ours", "torch"], required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--extras", action="store_true")
+    args = parser.parse_args(argv)
+    print(json.dumps(worker(args.worker, args.quick, args.extras)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -142,15 +142,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("tito.bench") is None:
         raise TitoError("tito bench is a course tool: it is not part of a student workspace")
-    from tito.bench import format_profiler_check, format_table, plot_sweep, profiler_check, run_bench
+    from tito.bench import (format_ablation, format_profiler_check, format_table, plot_sweep, profiler_check,
+                            run_ablation, run_bench)
 
+    if args.ablation:
+        result = run_ablation(quick=args.quick)
+        print(format_ablation(result))
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return 0
     if args.profiler_check:
         check = profiler_check(load=not args.no_load)
         print(format_profiler_check(check))
         if args.json is not None:
             args.json.write_text(json.dumps(check, indent=2) + "\n", encoding="utf-8")
         return 0 if check["passed"] else 1
-    result = run_bench(quick=args.quick)
+    result = run_bench(quick=args.quick, rounds=args.rounds)
     print(format_table(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -247,12 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     grade.set_defaults(handler=cmd_grade)
 
     bench = commands.add_parser(
-        "bench", help="time attention side by side with PyTorch on the CPU",
+        "bench", help="time attention against PyTorch on the CPU, each in its own process",
         description="Run the attention workloads (SDPA, multi-head, causal, generation with and "
-        "without the KV cache, blocked vs plain, a sequence-length sweep) beside PyTorch when it "
-        "is installed, and print medians, ratios and the fraction of the machine's matmul peak.",
+        "without the KV cache, blocked vs plain, a sequence-length sweep) with the tuned kernel switched "
+        "on, and PyTorch's when it is installed, each side in fresh worker processes at its library's "
+        "defaults, alternating rounds; print medians, ratios with their spread and the fraction of the "
+        "machine's matmul peak.",
     )
     bench.add_argument("--quick", action="store_true", help="small sizes that run in seconds (a smoke test)")
+    bench.add_argument("--rounds", type=int, default=None, metavar="N",
+                       help="alternating rounds of worker processes (default 5, 2 with --quick)")
+    bench.add_argument("--ablation", action="store_true",
+                       help="instead: switch each technique of the tuned kernel off in turn and print its gain "
+                       "on the goal rows")
     bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--plot", type=Path, default=None, metavar="PATH",
                        help="also save the sweep's log-log plot as a PNG (needs matplotlib)")

@@ -28,9 +28,9 @@
 #    user mask to one boolean "may attend" array.
 # 3. **The kernel switch**: which implementation the attention layers run: the student's
 #    `"math"` path by default, the tuned `"fast"` kernel when switched on.
-# 4. **The thread policy**: how many threads the tuned kernels use, chosen in one place.
-# 5. **The tuned kernels**: tiled, threaded attention (`fast_attention`) and the parallel driver
-#    of blocked attention.
+# 4. **The tuned kernel's entry points**: `fast_attention` and the adapters the layers call; the
+#    kernel itself, its techniques and its worker pool are in `_attention_kernel_dev.py`.
+# 5. **Blocked attention on every core**: the parallel driver of the lesson's blocked attention.
 #
 # `tinytorch/core/_attention_runtime.py` is generated from this file; `tinytorch.core.attention`
 # re-exports the public names.
@@ -41,16 +41,13 @@
 # %%
 #| export
 import math
-import os
-import threading
 import time
-import weakref
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 import numpy as np
 
+from tinytorch.core import _attention_kernel as kernel
 from tinytorch.core.tensor import Tensor
 
 # %% [markdown]
@@ -64,13 +61,6 @@ from tinytorch.core.tensor import Tensor
 # A layer checks what its caller gave it once. Inside `with inputs_checked():` the functions it
 # calls on arrays derived from those inputs skip the scan for NaN and inf, which would otherwise
 # read a whole KV cache again at every decoding step; they still check shapes and types.
-#
-# The scan of an attention's query, key and value measures their norms on the way: an array
-# holding NaN or inf has a NaN or inf norm. The tuned kernel's test for skipping the softmax's
-# max-subtraction (section 5) needs exactly those norms, so `check_attention_inputs` leaves them
-# with the calling thread, beside weak references to the arrays it returned. The kernel uses
-# them only when it is handed those very arrays, and measures them itself otherwise. Q, K and V
-# are then read once before the tiles instead of twice, about 3% of a call at B=4, H=8, T=512.
 
 # %%
 #| export
@@ -141,38 +131,6 @@ def as_float32(x, name: str, finite: bool = True) -> np.ndarray:
     if finite and not _inputs_checked.get() and not all_finite(array):
         raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
     return array
-
-
-def largest_row_norm(array: np.ndarray) -> float:
-    """The largest Euclidean norm of a row (along the last axis) of a float array; NaN or inf if it holds them."""
-    if array.size == 0:
-        return 0.0
-    with np.errstate(over="ignore", invalid="ignore"):
-        return math.sqrt(np.einsum("...i,...i->...", array, array).max())
-
-
-_last_scan = threading.local()      # .value: (weak references to query, key, value; their norms)
-
-
-def scan_attention_inputs(q, k, v) -> None:
-    """The NaN/inf check of an attention's query, key and value, which measures their norms on the way.
-
-    The largest row norms of q and k and the norm of v are what the tuned kernel's shift-free test
-    needs (section 5); this thread remembers them beside weak references to the arrays.
-    """
-    norms = (largest_row_norm(q), largest_row_norm(k), array_norm(v))
-    for name, array, measured in zip(("query", "key", "value"), (q, k, v), norms):
-        if not math.isfinite(measured) and not all_finite(array):     # inf alone may be an overflow
-            raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
-    _last_scan.value = (weakref.ref(q), weakref.ref(k), weakref.ref(v), norms)
-
-
-def scanned_norms(q, k, v) -> tuple | None:
-    """The norms `scan_attention_inputs` measured, if this thread's last scan was of these very arrays."""
-    scan = getattr(_last_scan, "value", None)
-    if scan is not None and scan[0]() is q and scan[1]() is k and scan[2]() is v:
-        return scan[3]
-    return None
 
 
 def is_number(value) -> bool:
@@ -303,10 +261,10 @@ def check_attention_inputs(query, key, value, mask=None, scale=None):
     except ValueError:
         raise ValueError(f"the leading axes of query {q.shape[:-2]}, key {k.shape[:-2]} and "
                          f"value {v.shape[:-2]} do not broadcast together") from None
-    if _inputs_checked.get():
-        _last_scan.value = None
-    else:
-        scan_attention_inputs(q, k, v)
+    if not _inputs_checked.get():
+        for name, array in (("query", q), ("key", k), ("value", v)):
+            if not all_finite(array):
+                raise ValueError(f"{name} holds NaN or inf; attention needs finite numbers")
     keep = as_keep_mask(mask, lead + (q.shape[-2], k.shape[-2]))
     scale = check_scale(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     return q, k, v, keep, scale
@@ -376,369 +334,36 @@ def attention_backend(name: str):
         _backend_in_block.reset(token)
 
 
-_kernels_refused: ContextVar = ContextVar("tinytorch_provided_kernels_refused", default=False)
-
-
-@contextmanager
-def provided_kernels_refused():
-    """Inside this block the tuned kernel raises instead of running (in the current thread).
-
-    Graded tests run in it: a student function that hands its work to the provided kernel then
-    fails its tests instead of earning their points.
-    """
-    token = _kernels_refused.set(True)
-    try:
-        yield
-    finally:
-        _kernels_refused.reset(token)
-
-
-def refuse_while_grading(kernel: str) -> None:
-    if _kernels_refused.get():
-        raise RuntimeError(f"the provided {kernel} is switched off while grading: every graded function must "
-                           "compute its result with the student's own code")
+provided_kernels_refused = kernel.provided_kernels_refused   # graded tests run inside it
 
 # %% [markdown]
-# ## 4. The thread policy
+# ## 4. The tuned kernel's entry points
 #
-# Threads are chosen here and nowhere else:
+# The kernel, its techniques and its worker pool live in `_attention_kernel_dev.py`, which takes
+# everything it needs as arguments. These are the entry points the layers call: they turn a
+# `CausalMask` into its offset and arrays into Tensors.
 #
-# - The tuned kernels split their work into tiles. `parallel_map` runs them on the **calling
-#   thread plus `cores() - 1` pool threads**, which take tiles from one shared queue. The caller
-#   always works, so a call never waits for a pool thread to be scheduled: on a loaded machine,
-#   or when another caller is using the pool, the caller simply does more of the tiles itself.
-#   NumPy releases Python's global interpreter lock inside BLAS and `exp`, so the tiles really
-#   run in parallel.
-# - While the tiles run, BLAS is held at one thread, so that BLAS threads and tile threads do
-#   not fight over the same cores (two tiles each asking OpenBLAS for two threads would also
-#   queue on OpenBLAS's lock for its multithreaded level-3 calls).
-# - **Why the limit is process-wide during the call.** NumPy's OpenBLAS is the pthreads build,
-#   whose thread count is one global variable: `openblas_set_num_threads` sets it, and so does
-#   `openblas_set_num_threads_local`, which is per-thread only in OpenMP builds (checked on
-#   this machine: calling it from one thread changes what every thread reads). No call can
-#   give one thread one BLAS thread and leave the others alone. So `single_threaded_blas` sets
-#   the limit when the first caller (in any thread) enters and restores the previous value
-#   when the last one leaves; after a call nothing is changed. While a call runs, other code in
-#   the same process that multiplies matrices sees one BLAS thread, for the few milliseconds
-#   the call lasts. (Code that sets its own limit in another thread during a call has it
-#   overwritten when the call ends: set limits from the thread that calls the layers.)
-# - Work too small to share (`PARALLEL_MIN_SCORES`) runs on the caller alone, with BLAS as the
-#   caller left it.
+# **Threads.** The kernel's `WorkerPool` runs tiles on the calling thread plus one pool thread
+# per further core, and holds BLAS at one thread while they run (see the kernel's section 2).
+# `single_threaded_blas` is that hold, for the profiler's sweeps too.
 
 # %%
 #| export
-_blas_controller = None
-_blas_lock = threading.Lock()
-_blas_single_users = 0
-_blas_limiter = None
+cores = kernel.cores
 
 
-def cores() -> int:
-    """The cores this process may run on (its CPU affinity, where the system has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _blas():
-    """The threadpoolctl controller of the BLAS library NumPy uses (found once, on first use)."""
-    global _blas_controller
-    if _blas_controller is None:
-        from threadpoolctl import ThreadpoolController
-        _blas_controller = ThreadpoolController()
-    return _blas_controller
-
-
-@contextmanager
 def single_threaded_blas():
-    """BLAS on one thread while any caller, in any thread, needs it: the first in limits, the last out restores."""
-    global _blas_single_users, _blas_limiter
-    with _blas_lock:
-        if _blas_single_users == 0:
-            _blas_limiter = _blas().limit(limits=1, user_api="blas")
-        _blas_single_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_single_users -= 1
-            if _blas_single_users == 0:
-                _blas_limiter.restore_original_limits()
-                _blas_limiter = None
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _forget_pool_after_fork() -> None:
-    """A forked child has none of the parent's threads: start its own pool and locks when needed."""
-    global _pool, _pool_lock, _blas_lock, _blas_single_users, _blas_limiter
-    _pool, _pool_lock, _blas_lock, _blas_single_users, _blas_limiter = None, threading.Lock(), threading.Lock(), 0, None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-
-def parallel_map(function, tasks) -> None:
-    """Run function(*task) for every task on the calling thread and up to cores() - 1 pool threads.
-
-    Every task runs even when one fails; the first failure is raised after all have stopped.
-    """
-    global _pool
-    queue, errors = list(tasks)[::-1], []              # pop() from the end takes tasks in order
-    helpers = min(cores(), len(queue)) - 1
-    if helpers <= 0:
-        for task in queue[::-1]:
-            function(*task)
-        return
-    lock = threading.Lock()
-
-    def take_tasks():
-        while True:
-            with lock:
-                if not queue:
-                    return
-                task = queue.pop()
-            try:
-                function(*task)
-            except BaseException as error:                # noqa: B036 - re-raised by the caller
-                errors.append(error)
-
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, cores() - 1), thread_name_prefix="tinytorch-attention")
-        pool = _pool
-    with single_threaded_blas():
-        futures = [pool.submit(take_tasks) for _ in range(helpers)]
-        take_tasks()                                     # the caller works too, never idle waiting
-        for future in futures:
-            future.cancel()                              # a helper that has not started is not needed
-        wait(futures)                                    # every task has stopped writing
-    if errors:
-        raise errors[0]
-
-# %% [markdown]
-# ## 5. The tuned kernel
-#
-# `fast_attention` computes exactly what `math_attention` computes, and changes only how:
-#
-# - It works on **tiles**: one batch-and-head at a time, a block of up to 512 query rows at a
-#   time, and no more rows than keep a tile within `TILE_SCORES` scores (4 MiB) while it has at
-#   least one. At S = 512 a tile's scores (1 MiB) stay in the core's cache while they are
-#   exponentiated in place (`out=`), summed and multiplied by V.
-# - Each thread keeps its tiles' scores in **scratch memory it reuses from call to call**. Fresh
-#   memory costs a page fault for every 4 KiB the first time it is written: at B=4, H=8,
-#   T=S=512 that was about 1,300 faults, a tenth of the call. Arrays above `SCRATCH_KEPT`
-#   floats are not kept, so a thread holds at most a few tiles' worth between calls.
-# - It usually skips the softmax's max-subtraction. Every score is at most |q_i|·|k_j| in size
-#   (Cauchy–Schwarz), so when the largest query norm times the largest key norm is small enough
-#   (`SHIFT_FREE_BOUND`), the exponentials can neither overflow nor fall below float32's normal
-#   range, and exp(s) / Σ exp(s) is the same softmax as exp(s − max) / Σ exp(s − max). That saves
-#   two of the four passes over the scores. The output before it is normalised must not
-#   overflow either, so V's norm is bounded too; larger inputs take the max-subtracting path.
-# - On that path it computes the scores **in base 2**: it scales Q (r·d multiplies, not r·S) by
-#   the score scale times log2(e), so that 2^score₂ = e^score, because NumPy's `exp2` is about
-#   twice as fast as its `exp` in float32. `exp2` is slow on -inf and wherever it underflows, so
-#   masked scores are zeroed *after* it, and the max-subtracting path uses `exp`.
-# - It sums each row with a matrix-vector product (BLAS) instead of `sum(axis=-1)`, which is
-#   about three times slower on rows this long.
-# - It normalises *after* multiplying by V: scaling the (T, d_v) output by the inverse row sums
-#   is S / d_v times cheaper than dividing the (T, S) weights.
-# - It runs the tiles with `parallel_map`, on every core.
-# - With a `CausalMask` it reads the offset and skips every key block that lies wholly in the
-#   future. Its tiles are then smaller (32 rows) but span every head at once (a group of heads
-#   when S is so long that all of them would exceed `TILE_SCORES`), so that one batched call
-#   replaces many small ones, and only the block on the diagonal is masked.
-# - For so few rows OpenBLAS is slow on Q·Kᵀ, which must read K transposed, and fast on its
-#   transpose, Sᵀ = K·Qᵀ: K is used as stored, and only the tile's rows of Q are transposed, in
-#   the same pass that scales them. The softmax then reads Sᵀ through a transposed view. Causal
-#   tiles do this, and so do plain ones when S is so long that a tile holds fewer than 512 rows.
-# - A boolean mask that *is* causal (what `KVCache.append` returns for a prefill) is recognised
-#   and takes the same path; a mask that hides nothing (a decoding step's) is dropped.
-
-# %%
-#| export
-TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32 (measured faster than 1 MiB at S = 4096)
-QUERY_ROWS = 512                 # at most this many query rows per tile (all 512 at S = 512: measured fastest)
-CAUSAL_QUERY_ROWS = 32           # smaller tiles skip more of a causal mask's future
-PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores per call, thread hand-offs cost more than they save
-SCRATCH_KEPT = 2 * TILE_SCORES  # a thread keeps scratch arrays of up to 8 MiB each between calls
-SHIFT_FREE_BOUND = 86.0          # base-2 scores within +-86: 2^86 ~ 8e25 is far from overflow, 2^-86 ~ 1e-26 is normal
-LOG2_E = math.log2(math.e)       # e^x = 2^(x log2 e)
-
-_scratch_memory = threading.local()
-
-
-def _scratch(name: str, shape: tuple) -> np.ndarray:
-    """A float32 array of `shape` for `name` that this thread reuses from call to call.
-
-    An array larger than SCRATCH_KEPT floats is allocated afresh and not kept, so that a thread
-    never holds more than a few tiles' worth of memory between calls.
-    """
-    size = math.prod(shape)
-    if size > SCRATCH_KEPT:
-        return np.empty(shape, dtype=np.float32)
-    buffers = _scratch_memory.__dict__
-    if name not in buffers or buffers[name].size < size:
-        buffers[name] = np.empty(size, dtype=np.float32)
-    return buffers[name][:size].reshape(shape)
-
-
-def _attend_tile(q, k, v, hidden, output, weights, q_scale: float, shift_free: bool, keys_first: bool) -> None:
-    """Softmax attention for one tile, written into `output` (and `weights`) in place.
-
-    q (..., r, d), k (..., s, d), v (..., s, dv); the scores are (q * q_scale) @ kᵀ. hidden
-    (..., r, w), True = masked, covers the last w keys (all of them for a general mask, the
-    diagonal block for a causal one). shift_free: the scores are in base 2 (the score times
-    log2 e) and lie within +-SHIFT_FREE_BOUND, so the row maxima need not be subtracted;
-    otherwise they are the scores themselves. keys_first: form Sᵀ = k (q q_scale)ᵀ instead, which
-    is faster for a few query rows; the steps after it read Sᵀ through a transposed view.
-    """
-    lead = output.shape[:-2]
-    (r, d), s = q.shape[-2:], k.shape[-2]
-    if keys_first:
-        q_t = np.multiply(np.swapaxes(q, -1, -2), np.float32(q_scale), out=_scratch("query", lead + (d, r)))
-        scores = np.swapaxes(np.matmul(k, q_t, out=_scratch("scores", lead + (s, r))), -1, -2)   # (..., r, s)
-    else:
-        if q_scale != 1.0:
-            q = np.multiply(q, np.float32(q_scale), out=_scratch("query", lead + (r, d)))
-        scores = np.matmul(q, np.swapaxes(k, -1, -2), out=_scratch("scores", lead + (r, s)))     # (..., r, s)
-    masked = None if hidden is None else scores[..., s - hidden.shape[-1]:]
-    if shift_free:
-        np.exp2(scores, out=scores)                              # 2^(score log2 e) = e^score
-        if hidden is not None:
-            np.copyto(masked, 0.0, where=hidden)                 # after exp2, which is slow on -inf
-    else:
-        if hidden is not None:
-            np.copyto(masked, -np.inf, where=hidden)
-        row_max = scores.max(axis=-1, keepdims=True)             # (..., r, 1)
-        if hidden is not None:
-            np.copyto(row_max, 0.0, where=np.isneginf(row_max))  # fully masked rows
-        np.subtract(scores, row_max, out=scores)
-        np.exp(scores, out=scores)                               # exp2 would be slow where it underflows
-    totals = scores @ np.ones((s, 1), dtype=np.float32)          # (..., r, 1) row sums
-    if hidden is not None:
-        np.copyto(totals, 1.0, where=totals == 0.0)              # fully masked rows stay 0
-    np.matmul(scores, v, out=output)                             # (..., r, dv)
-    inverse = np.divide(1.0, totals, dtype=np.float32)
-    np.multiply(output, inverse, out=output)
-    if weights is not None:
-        np.multiply(scores, inverse, out=weights)
-
-
-def _shift_free(q, k, v, scale: float) -> bool:
-    """Whether the max-subtraction may be skipped, so that the exponentials are 2^(base-2 score).
-
-    Every base-2 score, scale * log2(e) * q_i . k_j, must lie within +-SHIFT_FREE_BOUND: the
-    largest query norm times the largest key norm bounds them (Cauchy-Schwarz). And the output
-    before it is normalised, at most S * 2^SHIFT_FREE_BOUND * max|v|, must stay within float32:
-    the norm of all of v bounds max|v|. The input check measured these norms when it scanned
-    q, k and v for NaN (section 1); other arrays are measured here.
-    """
-    if scale * LOG2_E > FLOAT32_MAX:                                      # the base-2 scale itself overflows
-        return False
-    q_norm, k_norm, v_norm = scanned_norms(q, k, v) or (largest_row_norm(q), largest_row_norm(k), array_norm(v))
-    return (q_norm * k_norm * scale * LOG2_E <= SHIFT_FREE_BOUND          # an inf norm gives False
-            and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * v_norm <= FLOAT32_MAX)
-
-
-def _simplify_mask(keep, T: int, S: int):
-    """(keep, offset): None for a mask that hides nothing; an offset for a boolean causal mask."""
-    if keep is None:
-        return None, None
-    if keep.all():
-        return None, None
-    if T > 1 and keep.shape[-2:] == (T, S) and np.array_equal(keep, np.broadcast_to(
-            np.tri(T, S, k=S - T, dtype=bool), keep.shape)):
-        return None, S - T
-    return keep, None
-
-
-def _causal_tile(r0: int, r1: int, S: int, offset: int):
-    """Keys [0, seen) that query rows r0..r1-1 may see, and the future among keys [first, seen), or None."""
-    seen = min(S, max(0, r1 + offset))            # what the tile's last row sees
-    first = min(S, max(0, r0 + 1 + offset))       # what its first row sees
-    if first == seen:
-        return seen, None                         # every row sees all `seen` keys
-    return seen, np.arange(first, seen)[None, :] > (np.arange(r0, r1)[:, None] + offset)   # (r, seen - first)
-
-
-def _causal_tasks(q, k, v, offset, output, weights, score_scale, shift_free) -> list:
-    """Tiles of a causal attention: a block of rows across the heads, over the keys it may see.
-
-    Keys past a tile's horizon are never touched. A tile spans every head, so that one batched
-    call does the work of many small ones, unless that would hold more than TILE_SCORES scores
-    (long sequences): then it spans a group of heads.
-    """
-    T, S = q.shape[-2], k.shape[-2]
-    heads = math.prod(output.shape[:-2])
-    group = max(1, TILE_SCORES // (CAUSAL_QUERY_ROWS * S))
-    head_groups = [Ellipsis]
-    if group < heads:                                            # heads on one axis, taken a group at a time
-        q, k, v, output = (x.reshape((heads,) + x.shape[-2:]) for x in (q, k, v, output))
-        weights = None if weights is None else weights.reshape((heads, T, S))
-        head_groups = [slice(h, h + group) for h in range(0, heads, group)]
-    tasks = []
-    for r0 in range(0, T, CAUSAL_QUERY_ROWS):
-        r1 = min(r0 + CAUSAL_QUERY_ROWS, T)
-        seen, triangle = _causal_tile(r0, r1, S, offset)
-        if seen == 0:                                            # every row of the tile is masked
-            output[..., r0:r1, :] = 0.0
-            continue
-        for g in head_groups:
-            tasks.append((q[g, r0:r1, :], k[g, :seen, :], v[g, :seen, :], triangle, output[g, r0:r1, :],
-                          None if weights is None else weights[g, r0:r1, :seen], score_scale, shift_free, True))
-    return tasks[::-1]                                           # largest first: the threads finish together
-
-
-def _row_tasks(q, k, v, hidden, output, weights, score_scale, shift_free) -> list:
-    """Tiles of a general attention: one head and a block of query rows each, within TILE_SCORES scores.
-
-    When S is so long that a tile holds fewer than QUERY_ROWS rows, it forms Sᵀ = K·Qᵀ (faster for few rows).
-    """
-    lead, T, S = output.shape[:-2], q.shape[-2], k.shape[-2]
-    rows = max(1, min(QUERY_ROWS, TILE_SCORES // max(S, 1)))
-    tasks = []
-    for r0 in range(0, T, rows):
-        r1 = min(r0 + rows, T)
-        for index in np.ndindex(*lead):
-            tasks.append((q[index][r0:r1], k[index], v[index], None if hidden is None else hidden[index][r0:r1],
-                          output[index][r0:r1], None if weights is None else weights[index][r0:r1], score_scale,
-                          shift_free, rows < QUERY_ROWS))
-    return tasks
+    """BLAS on one thread while any caller, in any thread, is inside: the first in limits, the last out restores."""
+    return kernel.POOL.blas_on_one_thread()
 
 
 def tuned_attention(q, k, v, keep, scale: float, offset: int | None, need_weights: bool):
-    """The tiled, threaded kernel on checked arrays; returns (output, weights or None) arrays.
+    """The tuned kernel on checked arrays; returns (output, weights or None) arrays.
 
     keep is the boolean mask (or None); offset is a CausalMask's offset when it covers the
-    scores exactly, which lets the kernel skip the future instead of reading `keep`. A boolean
-    `keep` that is causal is treated as such, and one that hides nothing as no mask.
+    scores exactly, which lets the kernel skip the future instead of reading `keep`.
     """
-    refuse_while_grading("tuned attention kernel")
-    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
-    if offset is None:
-        keep, offset = _simplify_mask(keep, T, S)
-    empty = S == 0 or T == 0 or math.prod(lead) == 0
-    output = (np.zeros if empty else np.empty)(lead + (T, dv), dtype=np.float32)   # the tiles write every row
-    weights = np.zeros(lead + (T, S), dtype=np.float32) if need_weights else None
-    if empty:
-        return output, weights                                   # nothing to attend to: zeros
-    small = math.prod(lead) * T * S < PARALLEL_MIN_SCORES
-    shift_free = not small and _shift_free(q, k, v, scale)       # small calls: the check would cost more
-    score_scale = scale * LOG2_E if shift_free else scale       # base-2 scores where exp2 is safe
-    q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
-    hidden = None if keep is None or offset is not None else np.broadcast_to(~keep, lead + (T, S))
-    if small:                                                    # one vectorised call
-        if offset is not None:
-            hidden = ~np.tri(T, S, k=offset, dtype=bool)         # (T, S), True = future
-        _attend_tile(q, k, v, hidden, output, weights, score_scale, shift_free, False)
-    elif offset is not None:
-        parallel_map(_attend_tile, _causal_tasks(q, k, v, offset, output, weights, score_scale, shift_free))
-    else:
-        parallel_map(_attend_tile, _row_tasks(q, k, v, hidden, output, weights, score_scale, shift_free))
-    return output, weights
+    return kernel.attention(q, k, v, keep, scale, offset, need_weights)
 
 
 def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool = True):
@@ -755,8 +380,23 @@ def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool 
     output, weights = tuned_attention(q, k, v, keep, scale, offset, need_weights)
     return Tensor(output), None if weights is None else Tensor(weights)
 
+
+def runs_tuned_layer(layer) -> bool:
+    """Whether a MultiHeadAttention runs whole in the tuned kernel: switched on, no blocks, no dropout."""
+    return (get_attention_backend() == "fast" and layer.attention.block_size is None
+            and not (layer.training and layer.dropout > 0))
+
+
+def tuned_multihead(layer, x_q, x_k, x_v, mask, kv_cache, return_attention_weights: bool):
+    """A MultiHeadAttention's forward in the tuned kernel, from its checked inputs and mask."""
+    offset = None if kv_cache is not None else causal_offset(mask, x_q.shape[1], x_k.shape[1])
+    keep = None if offset is not None or mask is None else mask
+    output, weights = kernel.multihead_attention(layer, x_q, x_k, x_v, keep, offset, kv_cache,
+                                                 return_attention_weights)
+    return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
+
 # %% [markdown]
-# ## 6. Blocked attention on every core
+# ## 5. Blocked attention on every core
 #
 # Query blocks are independent: block i needs only its own rows of Q and of the mask, and all of
 # K and V. So the layer (`ScaledDotProductAttention(block_size=...)`) hands one query block at a
@@ -795,11 +435,11 @@ def parallel_blocked_attention(blocked_attention, q, k, v, keep, offset: int | N
         output[..., r0:r1, :] = rows(r0, r1)
 
     blocks = [(r0, min(r0 + block_size, T)) for r0 in range(0, T, block_size)]
-    parallel_map(run, blocks[::-1])                                      # largest causal blocks first
+    kernel.POOL.map(run, blocks[::-1])                                   # largest causal blocks first
     return output
 
 # %% [markdown]
-# ## 7. The layers' input checks
+# ## 6. The layers' input checks
 #
 # `KVCacheChecks` is the part of `KVCache` that is not the lesson: which row an index names,
 # whether new positions fit, and a readable `repr`. `check_multihead_inputs` checks a
@@ -875,7 +515,7 @@ def check_multihead_inputs(layer, query, key, value, mask, kv_cache, return_atte
     return x_q, x_k, x_v, mask
 
 # %% [markdown]
-# ## 8. The profiler's sweeps
+# ## 7. The profiler's sweeps
 #
 # `AttentionProfiler` in the lesson measures one call (`measure_time`, `peak_memory`) and fits an
 # exponent (`fit_exponent`). `ProfilerSweeps` runs those measurements over a range of sequence

@@ -65,8 +65,8 @@
 # example and on larger ones. Each part ends with a short *Try it* exercise: change something,
 # run it, and see what happens. Those are not graded.
 #
-# The input checks, the thread pool and the tuned kernels are provided in
-# `_attention_runtime_dev.py` beside this notebook, and the figures in
+# The input checks are provided in `_attention_runtime_dev.py` beside this notebook, the tuned
+# kernel and its thread pool in `_attention_kernel_dev.py`, and the figures in
 # `_attention_figures_dev.py`. You never need to read them, but you may.
 
 # %%
@@ -85,7 +85,7 @@ from tinytorch.core._attention_runtime import (
     ATTENTION_BACKENDS, FLOAT32_MAX, FLOAT32_TINY, CausalMask, KVCacheChecks, Layer, ProfilerSweeps, as_float32,
     as_keep_mask, attention_backend, causal_offset, check_attention_inputs, check_int, check_multihead_inputs,
     check_probability, fast_attention, get_attention_backend, inputs_checked, is_number, parallel_blocked_attention,
-    set_attention_backend, single_threaded_blas, tuned_attention,
+    runs_tuned_layer, set_attention_backend, single_threaded_blas, tuned_attention, tuned_multihead,
 )
 
 # %%
@@ -814,6 +814,8 @@ class MultiHeadAttention(Layer):
             output Tensor (B, T, E), or (output, weights).
         """
         x_q, x_k, x_v, mask = check_multihead_inputs(self, query, key, value, mask, kv_cache, return_attention_weights)
+        if runs_tuned_layer(self):       # provided: the tuned kernel, when switched on, runs the whole layer
+            return tuned_multihead(self, x_q, x_k, x_v, mask, kv_cache, return_attention_weights)
         with inputs_checked():           # what forward derives from checked inputs is not checked again
             ### BEGIN SOLUTION
             q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
@@ -1274,7 +1276,7 @@ with single_threaded_blas():                                    # one core for b
         print(f"{name:>16}: median {np.median(times) * 1e3:6.2f} ms over 7 runs (causal, T = S = 1024, one thread)")
 
 # %% [markdown]
-# The provided `fast_attention` (in `_attention_runtime_dev.py`) is the same idea, industrial:
+# The provided `fast_attention` (in `_attention_kernel_dev.py`) is the same idea, industrial:
 #
 # - it runs the tiles on a **thread pool**, one thread per core. NumPy releases Python's global
 #   interpreter lock inside `exp` and inside BLAS, so the threads really run in parallel, and

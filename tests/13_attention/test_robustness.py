@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
+from tinytorch.core import _attention_kernel as kernel
 from tinytorch.core import _attention_runtime as runtime
 from tinytorch.core.attention import (KVCache, MultiHeadAttention, ScaledDotProductAttention, attention_backend,
                                       create_causal_mask, get_attention_backend)
@@ -103,5 +104,5 @@ def test_a_failing_tile_is_raised_only_after_every_tile_has_stopped():
         finished.append(index)
 
     with pytest.raises(RuntimeError, match="tile 0 failed"):
-        runtime.parallel_map(tile, [(index,) for index in range(8)])
+        kernel.POOL.map(tile, [(index,) for index in range(8)])
     assert sorted(finished) == list(range(1, 8))

@@ -1,0 +1,512 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Module 13, provided: the tuned attention kernel
+#
+# > The tiled, threaded attention that runs when `set_attention_backend("fast")` switches it on.
+# > Provided complete; it computes what the lesson's `math_attention` and `MultiHeadAttention`
+# > compute, and the tests hold it to a float64 reference.
+#
+# Everything the kernel needs comes in as arguments: checked float32 arrays, the boolean mask or
+# a causal offset, the scale, and `techniques`, which says which of its techniques to use. Nothing
+# is carried from one call to the next except the worker pool and its threads. `tito bench
+# --ablation` switches each technique off in turn and measures what it buys.
+#
+# ## Design note: what each technique buys and what it guards against
+#
+# The gain is the time without the technique over the time with it, minus 1, as measured by
+# `tito bench --ablation` (the median of alternating runs, kernel called directly) on the goal
+# row where it helps most. Measured on a shared 2-core machine with a 1-minute load of 4 to 5
+# from other jobs, so each figure moves by several percent between runs; the README holds the
+# full table. A technique stays only where it gains at least 5% on some goal row.
+#
+# | technique | switch | gain (best row) | numerical hazard it guards against |
+# |---|---|---|---|
+# | worker pool: the caller plus one thread per further core, BLAS held at one thread | `threads` | +397% SDPA | none: each tile is computed by one thread, so results do not depend on scheduling |
+# | tile sizes: 512-row plain tiles; 32-row causal tiles across heads, within `TILE_SCORES` | `tuned_tiles` | +64% SDPA | none; a tile holds at most `TILE_SCORES` scores, so memory stays bounded at long S |
+# | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +61% causal SDPA | rows that see no key at all are written as zeros, as the formula's fully masked rows |
+# | Sᵀ = K·Qᵀ for tiles of few query rows | `keys_first` | +20 to +30% causal SDPA | none: the same products, read transposed |
+# | shift-free softmax: row maxima not subtracted where norms prove it safe | `shift_free` | +19% SDPA | overflow and underflow of exp: taken only when max‖q‖·max‖k‖·scale·log2 e ≤ 86, S·2^86·max\|v\| fits float32, and the base-2 scale itself fits float32; each tile measures its own rows |
+# | the layer's projections as row blocks on the pool, heads as strided views | `layer_on_pool` | +12 to +22% (causal) multi-head | none: the same products; BLAS's own threads no longer wake against the pool's |
+# | row sums as a matrix-vector product | `blas_row_sums` | +9 to +11% causal SDPA | none: on a transposed view of Sᵀ, `sum(axis=-1)` walks columns |
+# | base-2 exponentials: Q scaled by scale·log2 e, then `exp2` | `base2` | +2 to +10% SDPA (noisy); `exp2` takes 57 µs against `exp`'s 119 µs on one 512 × 512 tile, about 8% of the tile | `exp2` is slow on -inf and on underflow: masked scores are zeroed after it, and only the shift-free path uses it |
+#
+# Removed: each worker's scratch memory reused from call to call (−7% to +2% on every goal row:
+# freed tiles come back from the heap without fresh page faults), the norms handed from the
+# input check to the kernel through weak references (each tile now measures its own rows), and
+# the fork hook (the pool remembers the process that made it).
+
+# %%
+#| default_exp core._attention_kernel
+
+# %%
+#| export
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+# %% [markdown]
+# ## 0. Switched off while grading
+#
+# Graded tests run inside `provided_kernels_refused()`: there the kernel raises instead of
+# running, so a student function that hands its work to the kernel fails its tests instead of
+# earning their points.
+
+# %%
+#| export
+_refused: ContextVar = ContextVar("tinytorch_provided_kernels_refused", default=False)
+
+
+@contextmanager
+def provided_kernels_refused():
+    """Inside this block the tuned kernel raises instead of running (in the current thread)."""
+    token = _refused.set(True)
+    try:
+        yield
+    finally:
+        _refused.reset(token)
+
+
+def _refuse_while_grading() -> None:
+    if _refused.get():
+        raise RuntimeError("the provided tuned attention kernel is switched off while grading: every graded "
+                           "function must compute its result with the student's own code")
+
+# %% [markdown]
+# ## 1. The techniques, as explicit options
+#
+# `Techniques()` is every technique on; `Techniques(base2=False)` is the kernel without base-2
+# exponentials, and so on. The layers pass `DEFAULT_TECHNIQUES`; the ablation passes the others.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class Techniques:
+    """Which of the kernel's techniques a call uses; all on by default."""
+
+    threads: bool = True         # tiles on the caller plus a pool thread per further core, BLAS on one thread
+    causal_tiles: bool = True    # skip key blocks in a row block's future instead of masking them
+    shift_free: bool = True      # skip the softmax's max-subtraction where norms prove it safe
+    base2: bool = True           # on that path: base-2 scores and exp2, about twice as fast as exp
+    keys_first: bool = True      # tiles of few rows form Sᵀ = K·Qᵀ, K read as stored
+    tuned_tiles: bool = True     # 512-row plain tiles, 32-row causal tiles spanning heads (off: 64 rows per head)
+    layer_on_pool: bool = True   # a layer's projections run on the pool too, heads as strided views
+    blas_row_sums: bool = True   # row sums as a matrix-vector product instead of sum(axis=-1)
+
+
+DEFAULT_TECHNIQUES = Techniques()
+
+TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32, within a core's share of cache
+QUERY_ROWS = 512                 # plain tiles: up to 512 query rows (all of T = 512: measured fastest)
+CAUSAL_QUERY_ROWS = 32           # causal tiles: few rows, so that little of the future is computed
+UNTUNED_ROWS = 64                # Part 7's tile height, what `tuned_tiles=False` uses
+PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores a call runs on the caller alone: hand-offs cost more
+SHIFT_FREE_BOUND = 86.0          # base-2 scores within +-86: 2^86 ~ 8e25 cannot overflow, 2^-86 is normal
+LOG2_E = math.log2(math.e)       # e^x = 2^(x log2 e)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# %% [markdown]
+# ## 2. The worker pool
+#
+# `WorkerPool.map` runs `function(*task)` for every task on the calling thread and on
+# `cores() - 1` pool threads, all taking tasks from one queue. The caller always works, so a
+# call never waits for a pool thread to be scheduled.
+#
+# While tasks run, BLAS is held at one thread (`blas_on_one_thread`): NumPy's OpenBLAS is the
+# pthreads build, whose thread count is one process-wide variable, so the limit is set by the
+# first concurrent caller and restored by the last, and nothing is changed after a call. The
+# pool remembers the process that made it: a forked child, which has none of its threads,
+# makes its own.
+
+# %%
+#| export
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class WorkerPool:
+    """The caller plus cores() - 1 threads, and BLAS held at one thread while they run."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pid = None
+
+    def _start(self) -> None:
+        """(Re)start in this process: threads and the BLAS limit's bookkeeping."""
+        self._pid, self._executor = os.getpid(), None
+        self._blas_users, self._blas_limiter, self._blas_controller = 0, None, None
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._start()
+
+    @contextmanager
+    def blas_on_one_thread(self):
+        """BLAS on one thread while any caller, in any thread, is inside: the first in limits, the last out restores."""
+        self._check_process()
+        with self._lock:
+            if self._blas_users == 0:
+                if self._blas_controller is None:
+                    from threadpoolctl import ThreadpoolController
+                    self._blas_controller = ThreadpoolController()
+                self._blas_limiter = self._blas_controller.limit(limits=1, user_api="blas")
+            self._blas_users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._blas_users -= 1
+                if self._blas_users == 0:
+                    self._blas_limiter.restore_original_limits()
+                    self._blas_limiter = None
+
+    def map(self, function, tasks, threads: bool = True) -> None:
+        """function(*task) for every task, on the caller and, when `threads`, the pool.
+
+        Every task runs even when one fails; the first failure is raised after all have stopped.
+        Without `threads` the caller runs them alone, with BLAS as the caller left it.
+        """
+        queue, errors = list(tasks)[::-1], []             # pop() from the end takes tasks in order
+        helpers = min(cores(), len(queue)) - 1 if threads else 0
+        if helpers <= 0:
+            for task in queue[::-1]:
+                function(*task)
+            return
+        lock = threading.Lock()
+
+        def take_tasks():
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    task = queue.pop()
+                try:
+                    function(*task)
+                except BaseException as error:          # noqa: B036 - re-raised by the caller
+                    errors.append(error)
+
+        self._check_process()
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=max(1, cores() - 1),
+                                                    thread_name_prefix="tinytorch-attention")
+            executor = self._executor
+        with self.blas_on_one_thread():
+            futures = [executor.submit(take_tasks) for _ in range(helpers)]
+            take_tasks()                                  # the caller works too, never idle waiting
+            for future in futures:
+                future.cancel()                           # a helper that has not started is not needed
+            wait(futures)                                 # every task has stopped writing
+        if errors:
+            raise errors[0]
+
+
+POOL = WorkerPool()
+
+# %% [markdown]
+# ## 3. One tile
+#
+# A tile is a block of query rows (of one head, or of several heads at once) against the keys
+# they may see. Its scores are formed, exponentiated in place, summed and multiplied by V while
+# they are in the core's cache, and the output is normalised after the product with V, which
+# scales (r, d_v) numbers instead of (r, s).
+#
+# **Shift-free.** Every score is at most ‖q_i‖·‖k_j‖·scale in size (Cauchy–Schwarz). When that
+# bound, in base 2, is within `SHIFT_FREE_BOUND`, exp(s) / Σ exp(s) is computed without
+# subtracting the row maxima, which saves two passes over the scores; the output before it is
+# normalised, at most S·2^86·max|v|, must fit float32 too. Each tile measures the norms of the
+# rows it reads, so the decision needs nothing from outside the call.
+
+# %%
+#| export
+def _largest_row_norm(x: np.ndarray) -> float:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.sqrt(float(np.einsum("...i,...i->...", x, x).max())) if x.size else 0.0
+
+
+def shift_free(q, k, v, scale: float) -> bool:
+    """Whether every base-2 score lies within +-SHIFT_FREE_BOUND and the unnormalised output fits float32."""
+    if q.size == 0 or k.size == 0 or scale * LOG2_E > FLOAT32_MAX:    # the base-2 scale itself must fit float32
+        return False
+    bound = _largest_row_norm(q) * _largest_row_norm(k) * scale * LOG2_E       # an inf or nan norm gives False
+    largest_value = max(abs(float(v.max())), abs(float(v.min()))) if v.size else 0.0
+    return bound <= SHIFT_FREE_BOUND and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * largest_value <= FLOAT32_MAX
+
+
+def attend_tile(q, k, v, hidden, output, weights, scale: float, keys_first: bool,
+                techniques: Techniques) -> None:
+    """Softmax attention of one tile, written into `output` (and `weights`) in place.
+
+    q (..., r, d), k (..., s, d), v (..., s, dv), leading axes broadcasting; hidden (..., r, w),
+    True = masked, covers the last w keys (all of them, or a causal tile's diagonal block), or
+    None. keys_first: form Sᵀ = K·(Q·scale)ᵀ and read it transposed.
+    """
+    (r, d), s = q.shape[-2:], k.shape[-2]
+    unshifted = techniques.shift_free and shift_free(q, k, v, scale)
+    base2 = unshifted and techniques.base2
+    q_scale = np.float32(scale * LOG2_E if base2 else scale)
+    if keys_first:
+        q_t = np.multiply(np.swapaxes(q, -1, -2), q_scale, out=np.empty(q.shape[:-2] + (d, r), dtype=np.float32))
+        scores = np.swapaxes(np.matmul(k, q_t), -1, -2)                                             # (..., r, s)
+    else:
+        scores = np.matmul(q * q_scale, np.swapaxes(k, -1, -2))                                     # (..., r, s)
+    masked = None if hidden is None else scores[..., s - hidden.shape[-1]:]
+    if unshifted:
+        (np.exp2 if base2 else np.exp)(scores, out=scores)
+        if hidden is not None:
+            np.copyto(masked, 0.0, where=hidden)                  # after exp2, which is slow on -inf
+    else:
+        if hidden is not None:
+            np.copyto(masked, -np.inf, where=hidden)
+        row_max = scores.max(axis=-1, keepdims=True)              # (..., r, 1)
+        if hidden is not None:
+            np.copyto(row_max, 0.0, where=np.isneginf(row_max))   # fully masked rows
+        np.subtract(scores, row_max, out=scores)
+        np.exp(scores, out=scores)
+    if techniques.blas_row_sums:
+        totals = scores @ np.ones((s, 1), dtype=np.float32)       # (..., r, 1)
+    else:
+        totals = scores.sum(axis=-1, keepdims=True)               # (..., r, 1)
+    if hidden is not None:
+        np.copyto(totals, 1.0, where=totals == 0.0)               # fully masked rows stay 0
+    np.matmul(scores, v, out=output)                              # (..., r, dv)
+    inverse = np.divide(1.0, totals, dtype=np.float32)
+    np.multiply(output, inverse, out=output)
+    if weights is not None:
+        np.multiply(scores, inverse, out=weights)
+
+# %% [markdown]
+# ## 4. Cutting a call into tiles
+#
+# **Plain tiles** are one head and up to `QUERY_ROWS` query rows each, within `TILE_SCORES`
+# scores. **Causal tiles** (a causal offset instead of a boolean mask) are `CAUSAL_QUERY_ROWS`
+# rows across every head at once (a group of heads when that would exceed `TILE_SCORES`), over
+# only the keys their last row may see; only the block on the diagonal is masked. Tiles of few
+# rows form the scores transposed, Sᵀ = K·Qᵀ: for so few rows OpenBLAS is about twice as fast on
+# that product, which reads K as stored, as on Q·Kᵀ.
+
+# %%
+#| export
+def _causal_tile(r0: int, r1: int, S: int, offset: int):
+    """Keys [0, seen) that query rows r0..r1-1 may see, and the future among keys [first, seen), or None."""
+    seen = min(S, max(0, r1 + offset))            # what the tile's last row sees
+    first = min(S, max(0, r0 + 1 + offset))       # what its first row sees
+    if first == seen:
+        return seen, None                         # every row sees all `seen` keys
+    return seen, np.arange(first, seen)[None, :] > (np.arange(r0, r1)[:, None] + offset)   # (r, seen - first)
+
+
+def _causal_tasks(q, k, v, offset, output, weights, scale, techniques) -> list:
+    """Tiles of a causal attention: a block of rows across a group of heads, over the keys it may see."""
+    T, S = q.shape[-2], k.shape[-2]
+    lead = output.shape[:-2]
+    rows = CAUSAL_QUERY_ROWS if techniques.tuned_tiles else UNTUNED_ROWS
+    if not lead or (techniques.tuned_tiles and math.prod(lead) * rows * S <= TILE_SCORES):
+        groups = [()]                                            # every head in one tile
+    elif techniques.tuned_tiles:                                 # heads of the last leading axis in groups
+        per = max(1, TILE_SCORES // (rows * S))
+        groups = [index + (slice(h, h + per),) for index in np.ndindex(*lead[:-1]) for h in range(0, lead[-1], per)]
+    else:
+        groups = list(np.ndindex(*lead))                         # one head per tile
+    keys_first = techniques.keys_first
+    tasks = []
+    for r0 in range(0, T, rows):
+        r1 = min(r0 + rows, T)
+        seen, triangle = _causal_tile(r0, r1, S, offset)
+        if seen == 0:                            # every row of the tile is masked
+            output[..., r0:r1, :] = 0.0
+            continue
+        for g in groups:
+            tasks.append((q[g][..., r0:r1, :], k[g][..., :seen, :], v[g][..., :seen, :], triangle,
+                          output[g][..., r0:r1, :], None if weights is None else weights[g][..., r0:r1, :seen],
+                          scale, keys_first, techniques))
+    return tasks[::-1]                           # largest first: the workers finish together
+
+
+def _row_tasks(q, k, v, hidden, output, weights, scale, techniques) -> list:
+    """Tiles of a general attention: one head and a block of query rows each, within TILE_SCORES scores."""
+    lead, T, S = output.shape[:-2], q.shape[-2], k.shape[-2]
+    rows = max(1, min(QUERY_ROWS, TILE_SCORES // max(S, 1))) if techniques.tuned_tiles else UNTUNED_ROWS
+    keys_first = techniques.keys_first and rows < QUERY_ROWS and techniques.tuned_tiles
+    tasks = []
+    for r0 in range(0, T, rows):
+        r1 = min(r0 + rows, T)
+        for index in np.ndindex(*lead):
+            tasks.append((q[index][r0:r1], k[index], v[index], None if hidden is None else hidden[index][r0:r1],
+                          output[index][r0:r1], None if weights is None else weights[index][r0:r1], scale,
+                          keys_first, techniques))
+    return tasks
+
+# %% [markdown]
+# ## 5. Attention
+#
+# `attention` is `math_attention`'s result on checked arrays. Small calls run as one vectorised
+# tile on the caller. A boolean mask that is exactly causal (a prefill through a `KVCache`) is
+# read as an offset, and one that hides nothing (a decoding step's) as no mask.
+
+# %%
+#| export
+def simplify_mask(keep, T: int, S: int):
+    """(keep, offset): (None, None) for a mask that hides nothing, (None, offset) for a causal one."""
+    if keep is None or keep.all():
+        return None, None
+    if T > 1 and keep.shape[-2:] == (T, S) and np.array_equal(keep, np.broadcast_to(
+            np.tri(T, S, k=S - T, dtype=bool), keep.shape)):
+        return None, S - T
+    return keep, None
+
+
+def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weights: bool = False, out=None,
+              techniques: Techniques = DEFAULT_TECHNIQUES):
+    """Softmax attention on checked float32 arrays; returns (output, weights or None).
+
+    Args:
+        q: (..., T, d); k: (..., S, d); v: (..., S, dv); leading axes broadcast.
+        keep: boolean mask broadcasting to (..., T, S), True = may attend, or None.
+        scale: multiplies the scores.
+        offset: the diagonal offset of a causal mask covering the (T, S) scores; replaces `keep`.
+        need_weights: also return the (..., T, S) weights.
+        out: an array (any strides) of shape (..., T, dv) to write the output into.
+        techniques: which techniques to use.
+    """
+    _refuse_while_grading()
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    if offset is None:
+        keep, offset = simplify_mask(keep, T, S)
+    if offset is not None and offset >= S - 1:
+        offset = None                                            # the first row already sees every key
+    output = np.empty(lead + (T, dv), dtype=np.float32) if out is None else out
+    weights = np.zeros(lead + (T, S), dtype=np.float32) if need_weights else None
+    if S == 0 or T == 0 or math.prod(lead) == 0:
+        output[...] = 0.0
+        return output, weights                                   # nothing to attend to: zeros
+    if offset is not None and not techniques.causal_tiles:
+        keep, offset = np.tri(T, S, k=offset, dtype=bool), None
+    q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
+    if math.prod(lead) * T * S < PARALLEL_MIN_SCORES:           # one vectorised tile on the caller
+        hidden = (None if keep is None else np.broadcast_to(~keep, lead + (T, S))) if offset is None \
+            else ~np.tri(T, S, k=offset, dtype=bool)
+        attend_tile(q, k, v, hidden, output, weights, scale, False,
+                    replace(techniques, shift_free=False))       # measuring the norms would cost more
+    elif offset is not None:
+        POOL.map(attend_tile, _causal_tasks(q, k, v, offset, output, weights, scale, techniques),
+                 techniques.threads)
+    else:
+        hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
+        POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), techniques.threads)
+    return output, weights
+
+# %% [markdown]
+# ## 6. The multi-head layer
+#
+# `multihead_attention` computes `MultiHeadAttention.forward` from the layer's weights, heads and
+# cache. Its projections are row blocks on the pool, so that BLAS never wakes its own threads
+# against the pool's; the heads are strided views of the projections, (B, T, Hkv, G, hd) read as
+# (B, Hkv, G, T, hd), so the split, the grouped key/value heads and the merge copy nothing; and
+# the kv cache is written at `[length : length + T]` as the lesson's `append` writes it.
+
+# %%
+#| export
+def _project(x2d, weights, outputs, techniques) -> None:
+    """outputs[i] = x2d @ weights[i], in row blocks on the pool (or by BLAS's own threads without `layer_on_pool`)."""
+    rows = x2d.shape[0]
+    if not (techniques.layer_on_pool and techniques.threads) or rows * x2d.shape[1] < PARALLEL_MIN_SCORES // 4:
+        for w, out in zip(weights, outputs):
+            np.matmul(x2d, w, out=out)
+        return
+    block = max(1, -(-rows // (2 * cores())))
+    POOL.map(lambda r0, w, out: np.matmul(x2d[r0:r0 + block], w, out=out[r0:r0 + block]),
+             [(r0, w, out) for w, out in zip(weights, outputs) for r0 in range(0, rows, block)])
+
+
+def _append_to_cache(cache, k, v) -> tuple:
+    """Write (B, T, Hkv, hd) keys and values after each row's cached ones; (keys, values, lengths after)."""
+    B, T = k.shape[:2]
+    starts = cache.cache_lengths[:B].copy()
+    if B and (starts == starts[0]).all():
+        s0 = int(starts[0])
+        cache.cached_keys[:B, :, s0:s0 + T] = k.transpose(0, 2, 1, 3)       # (B, Hkv, T, hd)
+        cache.cached_values[:B, :, s0:s0 + T] = v.transpose(0, 2, 1, 3)
+    else:
+        for row, s0 in enumerate(starts.tolist()):                      # rows of different lengths
+            cache.cached_keys[row, :, s0:s0 + T] = k[row].transpose(1, 0, 2)
+            cache.cached_values[row, :, s0:s0 + T] = v[row].transpose(1, 0, 2)
+    cache.cache_lengths[:B] = starts + T
+    cache.is_active = True
+    longest = int(starts.max()) + T if B else T
+    return cache.cached_keys[:B, :, :longest], cache.cached_values[:B, :, :longest], starts + T
+
+
+def multihead_attention(layer, x_q, x_k, x_v, keep, offset, kv_cache, need_weights: bool,
+                        techniques: Techniques = DEFAULT_TECHNIQUES):
+    """A MultiHeadAttention's (output (B, T, E), weights (B, H, T, S) or None) from checked inputs.
+
+    Args:
+        layer: reads w_q, w_k, w_v, w_o (Tensors), num_heads, num_kv_heads, head_dim.
+        x_q: (B, T, E); x_k, x_v: (B, S, E), float32.
+        keep: boolean mask broadcasting to (B, H, T, S), or None; offset: a causal mask's offset instead.
+        kv_cache: a KVCache (cached_keys, cached_values, cache_lengths, is_active) or None.
+    """
+    _refuse_while_grading()
+    B, T, E = x_q.shape
+    S, H, Hkv, hd = x_k.shape[1], layer.num_heads, layer.num_kv_heads, layer.head_dim
+    G = H // Hkv
+    w_q, w_k, w_v, w_o = (w.data for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o))
+    q = np.empty((B * T, E), dtype=np.float32)
+    k, v = (np.empty((B * S, Hkv * hd), dtype=np.float32) for _ in range(2))
+    if x_k is x_q and x_v is x_q:                                    # self-attention: one pass over x
+        _project(x_q.reshape(B * T, E), (w_q, w_k, w_v), (q, k, v), techniques)
+    else:
+        _project(x_q.reshape(B * T, E), (w_q,), (q,), techniques)
+        _project(x_k.reshape(B * S, E), (w_k,), (k,), techniques)
+        _project(x_v.reshape(B * S, E), (w_v,), (v,), techniques)
+    k, v = k.reshape(B, S, Hkv, hd), v.reshape(B, S, Hkv, hd)
+    if kv_cache is None:
+        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # (B, Hkv, S, hd) views
+    else:
+        keys, values, lengths = _append_to_cache(kv_cache, k, v)                 # (B, Hkv, L, hd)
+        L = keys.shape[2]
+        if (lengths == L).all():
+            visible = None
+            if keep is None:
+                offset = L - T                                                   # causal over the cache
+            else:
+                keep = keep & np.tri(T, L, k=L - T, dtype=bool)
+        else:
+            positions = lengths[:, None] - T + np.arange(T)[None, :]             # (B, T)
+            visible = (np.arange(L)[None, None, :] <= positions[:, :, None])[:, None]   # (B, 1, T, L)
+            keep = visible if keep is None else keep & visible
+    L = keys.shape[2]
+    if keep is not None:                                                         # (b, h, T, L) -> (b, Hkv, G|1, T, L)
+        keep = keep.reshape((1, 1) + keep.shape) if keep.ndim == 2 else keep
+        keep = keep.reshape(keep.shape[:1] + ((Hkv, G) if keep.shape[1] == H else (1, 1)) + keep.shape[2:])
+    context = np.empty((B, T, Hkv, G, hd), dtype=np.float32)
+    _, weights = attention(q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4),     # (B, Hkv, G, T, hd)
+                           keys[:, :, None], values[:, :, None], keep, 1.0 / math.sqrt(hd), offset, need_weights,
+                           out=context.transpose(0, 2, 3, 1, 4), techniques=techniques)
+    output = np.empty((B * T, E), dtype=np.float32)
+    _project(context.reshape(B * T, E), (w_o,), (output,), techniques)
+    return output.reshape(B, T, E), None if weights is None else weights.reshape(B, H, T, L)
