@@ -455,7 +455,6 @@ def _append_to_cache(cache, k, v) -> tuple:
             cache.cached_keys[row, :, s0:s0 + T] = k[row].transpose(1, 0, 2)
             cache.cached_values[row, :, s0:s0 + T] = v[row].transpose(1, 0, 2)
     cache.cache_lengths[:B] = starts + T
-    cache.is_active = True
     longest = int(starts.max()) + T if B else T
     return cache.cached_keys[:B, :, :longest], cache.cached_values[:B, :, :longest], starts + T
 
@@ -468,7 +467,7 @@ def multihead_attention(layer, x_q, x_k, x_v, keep, offset, kv_cache, need_weigh
         layer: reads w_q, w_k, w_v, w_o (Tensors), num_heads, num_kv_heads, head_dim.
         x_q: (B, T, E); x_k, x_v: (B, S, E), float32.
         keep: boolean mask broadcasting to (B, H, T, S), or None; offset: a causal mask's offset instead.
-        kv_cache: a KVCache (cached_keys, cached_values, cache_lengths, is_active) or None.
+        kv_cache: a KVCache (cached_keys, cached_values, cache_lengths) or None.
     """
     _refuse_while_grading()
     B, T, E = x_q.shape

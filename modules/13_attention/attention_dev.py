@@ -81,12 +81,7 @@ import tracemalloc
 import numpy as np
 
 from tinytorch.core.tensor import ParameterList, Tensor
-from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, FLOAT32_MAX, FLOAT32_TINY, CausalMask, KVCacheChecks, Layer, ProfilerSweeps, as_float32,
-    as_keep_mask, attention_backend, causal_offset, check_attention_inputs, check_int, check_multihead_inputs,
-    check_probability, fast_attention, get_attention_backend, inputs_checked, is_number, parallel_blocked_attention,
-    runs_tuned_layer, set_attention_backend, single_threaded_blas, tuned_attention, tuned_multihead,
-)
+from tinytorch.core._attention_runtime import KVCacheBase, Layer, ProfilerSweeps, checked
 
 # %%
 from tinytorch.core._attention_figures import (
@@ -108,11 +103,13 @@ from tinytorch.core._attention_figures import (
 # | `E` | embedding width (`embed_dim`) |
 # | `hd` | width of one head, `E // H` |
 #
-# Every public function accepts a `Tensor` or a NumPy array and returns `Tensor`s holding
-# float32. The provided line at the top of each function checks the inputs and hands you plain
-# float32 NumPy arrays, so the code you write works on arrays. A wrong input raises a
-# `ValueError` or `TypeError` whose message names the argument, what was expected and what was
-# given; you do not need to write any of those checks.
+# **Your code works on plain float32 NumPy arrays.** The `@checked` line above a function (or a
+# class) makes it a public entry point: a call from outside checks the inputs once, hands your
+# code float32 arrays and boolean masks, and gives `Tensor`s back to the caller. A wrong input
+# raises a `ValueError` or `TypeError` whose message names the argument, what was expected and
+# what was given, before your code runs; you never write those checks. When your functions call
+# each other (your `math_attention` calling your `masked_softmax`), nothing is checked again:
+# arrays go in and arrays come out.
 
 # %% [markdown]
 # ## Part 1: Masks say which keys each query may see
@@ -163,47 +160,39 @@ from tinytorch.core._attention_figures import (
 
 # %% nbgrader={"grade": false, "grade_id": "masks", "locked": false, "schema_version": 3, "solution": true}
 #| export
-def create_causal_mask(seq_len: int, key_len: int | None = None) -> CausalMask:
+@checked
+def create_causal_mask(seq_len: int, key_len: int | None = None):
     """Mask letting query i attend to keys j <= i + (key_len - seq_len).
 
     Args:
         seq_len: number of queries T (>= 0).
         key_len: number of keys S (>= 0); defaults to T.
     Returns:
-        CausalMask of shape (T, S), float32: 1 = may attend, 0 = masked out.
+        (T, S) float32 array: 1 = may attend, 0 = masked out (a `CausalMask` to callers outside).
     """
-    seq_len = check_int(seq_len, "seq_len", 0)
-    key_len = seq_len if key_len is None else check_int(key_len, "key_len", 0)
     ### BEGIN SOLUTION
     offset = key_len - seq_len                             # cached keys before the first query
     query_positions = np.arange(seq_len)[:, None] + offset  # (T, 1): where each query sits
     key_positions = np.arange(key_len)[None, :]            # (1, S)
-    mask = (key_positions <= query_positions).astype(np.float32)  # (T, S)
+    return (key_positions <= query_positions).astype(np.float32)  # (T, S)
     ### END SOLUTION
-    return CausalMask(mask, key_len - seq_len)
 
 
-def create_padding_mask(lengths, key_len: int) -> Tensor:
+@checked
+def create_padding_mask(lengths, key_len: int):
     """Mask letting every query of batch row b attend to keys j < lengths[b].
 
     Args:
-        lengths: (B,) true lengths of the rows, each in 0..key_len.
+        lengths: (B,) integer array, the true lengths of the rows, each in 0..key_len.
         key_len: number of keys S, the padded length.
     Returns:
-        Tensor of shape (B, 1, 1, S), float32: 1 = a real token, 0 = padding.
+        (B, 1, 1, S) float32 array: 1 = a real token, 0 = padding.
     """
-    key_len = check_int(key_len, "key_len", 0)
-    lengths = np.asarray(lengths.data if isinstance(lengths, Tensor) else lengths)
-    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
-        raise TypeError(f"lengths must be a 1-D array of integers, got {lengths.dtype} of shape {lengths.shape}")
-    if lengths.size and (lengths.min() < 0 or lengths.max() > key_len):
-        raise ValueError(f"lengths must lie in 0..key_len={key_len}, got {lengths.tolist()}")
     ### BEGIN SOLUTION
     key_positions = np.arange(key_len)[None, :]            # (1, S)
     is_real = key_positions < lengths[:, None]             # (B, S)
-    mask = is_real[:, None, None, :].astype(np.float32)    # (B, 1, 1, S)
+    return is_real[:, None, None, :].astype(np.float32)    # (B, 1, 1, S)
     ### END SOLUTION
-    return Tensor(mask)
 
 # %% nbgrader={"grade": true, "grade_id": "test-masks", "locked": true, "points": 8, "schema_version": 3, "solution": false}
 def test_unit_masks():
@@ -266,32 +255,25 @@ test_unit_masks()
 
 # %% nbgrader={"grade": false, "grade_id": "masked-softmax", "locked": false, "schema_version": 3, "solution": true}
 #| export
-def masked_softmax(scores, mask=None) -> Tensor:
+@checked
+def masked_softmax(scores, mask=None):
     """Softmax over the last axis; masked positions get weight 0.
 
     Args:
-        scores: (..., T, S) logits; -inf means masked out.
-        mask: broadcastable to scores; nonzero/True = keep. Fully masked rows give all-zero weights.
+        scores: (..., T, S) float32 array; -inf means masked out.
+        mask: boolean array broadcastable to scores, True = keep; or None. Fully masked rows give zeros.
     Returns:
-        Tensor (..., T, S), float32; each row sums to 1, or to 0 when fully masked.
+        (..., T, S) float32 array; each row sums to 1, or to 0 when fully masked.
     """
-    scores = as_float32(scores, "scores", finite=False)
-    if scores.ndim < 1:
-        raise ValueError(f"scores must have at least 1 axis, got shape {scores.shape}")
-    if np.isnan(scores).any() or np.isposinf(scores).any():
-        raise ValueError("scores hold NaN or +inf; a softmax needs finite scores (-inf means masked out)")
-    keep = as_keep_mask(mask, scores.shape)
     ### BEGIN SOLUTION
-    if keep is not None:
-        scores = np.where(keep, scores, -np.inf)                   # masked: exp(-inf) = 0
+    scores = scores if mask is None else np.where(mask, scores, -np.inf)   # masked: exp(-inf) = 0
     row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)  # (..., T, 1)
     row_max = np.where(np.isneginf(row_max), 0.0, row_max)         # fully masked rows: no nan
     exps = np.exp(scores - row_max)                                # every exponent <= 0
     totals = exps.sum(axis=-1, keepdims=True)                      # (..., T, 1)
     totals = np.where(totals > 0.0, totals, 1.0)                   # fully masked rows stay 0
-    weights = exps / totals                                        # (..., T, S)
+    return (exps / totals).astype(np.float32)                      # (..., T, S)
     ### END SOLUTION
-    return Tensor(weights.astype(np.float32, copy=False))
 
 # %% nbgrader={"grade": true, "grade_id": "test-masked-softmax", "locked": true, "points": 10, "schema_version": 3, "solution": false}
 def test_unit_masked_softmax():
@@ -372,23 +354,23 @@ test_unit_masked_softmax()
 
 # %% nbgrader={"grade": false, "grade_id": "math-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
-def math_attention(query, key, value, mask=None, scale=None) -> tuple[Tensor, Tensor]:
+@checked
+def math_attention(query, key, value, mask=None, scale=None):
     """Attention computed exactly as the formula reads (PyTorch calls this the math backend).
 
     Args:
-        query: (..., T, d_k); key: (..., S, d_k); value: (..., S, d_v); leading axes broadcast.
-        mask: broadcastable to (..., T, S); nonzero/True = may attend.
-        scale: multiplies the scores; defaults to 1/sqrt(d_k).
+        query: (..., T, d_k); key: (..., S, d_k); value: (..., S, d_v) float32 arrays; leading axes broadcast.
+        mask: boolean array broadcastable to (..., T, S), True = may attend; or None.
+        scale: the number that multiplies the scores: 1/sqrt(d_k) unless the caller chose another.
     Returns:
-        (output (..., T, d_v), weights (..., T, S)) as float32 Tensors.
+        (output (..., T, d_v), weights (..., T, S)) float32 arrays.
     """
-    q, k, v, keep, scale = check_attention_inputs(query, key, value, mask, scale)
     ### BEGIN SOLUTION
-    scores = (q @ np.swapaxes(k, -1, -2)) * scale     # (..., T, S)
-    weights = masked_softmax(scores, keep).data        # (..., T, S)
-    output = weights @ v                               # (..., T, d_v)
+    scores = (query @ np.swapaxes(key, -1, -2)) * np.float32(scale)   # (..., T, S)
+    weights = masked_softmax(scores, mask)                             # (..., T, S)
+    output = weights @ value                                           # (..., T, d_v)
+    return output.astype(np.float32), weights
     ### END SOLUTION
-    return Tensor(output.astype(np.float32, copy=False)), Tensor(weights)
 
 # %% nbgrader={"grade": true, "grade_id": "test-math-attention", "locked": true, "points": 12, "schema_version": 3, "solution": false}
 def test_unit_math_attention():
@@ -478,89 +460,85 @@ print("shuffling the tokens shuffles the output the same way:",
 # and module 14 on top of it, runs what you wrote, so a bug of yours shows in the pictures too.
 # Part 7 shows the one switch that turns the tuned kernel on, and measures what it buys.
 #
-# **Your task**: `_attention_with_dropout`, used in training mode when `dropout > 0`. Compute
-# the weights with your `math_attention`, draw one uniform random number per weight from
-# `self._rng`, keep a weight when its number is at least `self.dropout` (so that each weight
-# survives with probability 1 − p), scale the survivors, and mix the values with the dropped
-# weights. Return the output and the weights as float32 arrays.
+# **Your task**: `attention_with_dropout`, which the layer below runs in training mode when
+# `dropout > 0`: attention whose weights are dropped out as described above, using one uniform
+# random number per weight from `rng`, and the output those weights give. Return the output
+# and the dropped weights.
 
 # %% nbgrader={"grade": false, "grade_id": "sdpa-layer", "locked": false, "schema_version": 3, "solution": true}
 #| export
+def attention_with_dropout(query, key, value, mask, scale: float, dropout: float, rng):
+    """Attention whose weights are dropped out with probability `dropout`, the survivors scaled by 1 / (1 - p).
+
+    Args:
+        query, key, value, mask, scale: as for `math_attention` (checked arrays).
+        dropout: p, in [0, 1); rng: a np.random.Generator, one uniform draw per weight.
+    Returns:
+        (output (..., T, d_v), dropped weights (..., T, S)) float32 arrays.
+    """
+    ### BEGIN SOLUTION
+    _, weights = math_attention(query, key, value, mask, scale)
+    survives = rng.random(weights.shape) >= dropout                      # each weight survives with 1 - p
+    weights = np.where(survives, weights * np.float32(1.0 / (1.0 - dropout)), np.float32(0.0))
+    return (weights @ value).astype(np.float32), weights.astype(np.float32)
+    ### END SOLUTION
+
+# %% [markdown]
+# The layer itself is provided. It picks the kernel: the blocked loop of Part 8 when
+# `block_size` is set, your dropout in training mode, the tuned kernel of Part 7 only when it is
+# switched on, and otherwise your `math_attention`.
+
+# %%
+#| export
+from tinytorch.core._attention_runtime import causal_offset, get_attention_backend, parallel_blocked_attention
+from tinytorch.core._attention_runtime import tuned_attention
+
+
+@checked
 class ScaledDotProductAttention(Layer):
     """softmax(Q Kᵀ / (√d_k · temperature)) V, with masks, dropout and a choice of kernels."""
 
     def __init__(self, dropout: float = 0.0, temperature: float = 1.0, block_size: int | None = None,
                  seed: int | None = None):
-        self.dropout = check_probability(dropout, "dropout")
-        if not (is_number(temperature) and temperature > 0 and FLOAT32_TINY <= 1.0 / temperature <= FLOAT32_MAX):
-            raise ValueError(f"temperature must be a positive number within float32's range, got {temperature!r}")
-        if block_size is not None:
-            block_size = check_int(block_size, "block_size", 1)
-            if dropout > 0:
-                raise ValueError(f"dropout={dropout} needs the full weight matrix, which block_size={block_size} "
-                                 "never forms; use one or the other")
-        self.temperature, self.block_size = float(temperature), block_size
+        self.dropout, self.temperature, self.block_size = dropout, temperature, block_size
         self._rng = np.random.default_rng(seed)
 
     def forward(self, query, key, value, mask=None, return_attention_weights: bool = False):
-        """Attend from query to key/value.
+        """Attend from query (..., T, d_k) to key (..., S, d_k) and value (..., S, d_v); mask: True = may attend.
 
-        Args:
-            query: (..., T, d_k); key: (..., S, d_k); value: (..., S, d_v); leading axes broadcast.
-            mask: broadcastable to (..., T, S); nonzero/True = may attend.
-            return_attention_weights: also return the (..., T, S) weights.
-        Returns:
-            output Tensor (..., T, d_v), or (output, weights).
+        Returns the output (..., T, d_v), or (output, weights (..., T, S)) with return_attention_weights.
         """
-        q, k, v, keep, _ = check_attention_inputs(query, key, value, mask)
-        if return_attention_weights and self.block_size is not None:
-            raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
-                             f"block_size={self.block_size} never forms")
-        scale = 1.0 / (math.sqrt(q.shape[-1]) * self.temperature)
-        offset = causal_offset(mask, q.shape[-2], k.shape[-2])          # a CausalMask's future can be skipped
+        scale = 1.0 / (math.sqrt(query.shape[-1]) * self.temperature)
+        offset = causal_offset(mask, query.shape[-2], key.shape[-2])      # a causal mask's future can be skipped
         if self.block_size is not None:
-            output = parallel_blocked_attention(blocked_attention, q, k, v, keep, offset, scale, self.block_size)
-            weights = None
+            output, weights = parallel_blocked_attention(blocked_attention, query, key, value, mask, offset, scale,
+                                                         self.block_size), None
         elif self.training and self.dropout > 0:
-            with inputs_checked():
-                output, weights = self._attention_with_dropout(q, k, v, keep, scale)
+            output, weights = attention_with_dropout(query, key, value, mask, scale, self.dropout, self._rng)
         elif get_attention_backend() == "fast":
-            output, weights = tuned_attention(q, k, v, keep, scale, offset, return_attention_weights)
+            output, weights = tuned_attention(query, key, value, mask, scale, offset, return_attention_weights)
         else:
-            with inputs_checked():                          # q, k, v were checked above
-                output, weights = (result.data for result in math_attention(q, k, v, keep, scale))
-        return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
-
-    def _attention_with_dropout(self, q, k, v, keep, scale: float):
-        """(output, weights) arrays with dropout applied to the weights."""
-        ### BEGIN SOLUTION
-        _, weights = math_attention(q, k, v, keep, scale)
-        survives = self._rng.random(weights.shape) >= self.dropout           # (..., T, S)
-        kept_weight = np.float32(1.0 / (1.0 - self.dropout))
-        weights = np.where(survives, weights.data * kept_weight, np.float32(0.0))
-        output = weights @ v                                                  # (..., T, d_v)
-        ### END SOLUTION
-        return output.astype(np.float32, copy=False), weights.astype(np.float32, copy=False)
+            output, weights = math_attention(query, key, value, mask, scale)
+        return (output, weights) if return_attention_weights else output
 
 # %% nbgrader={"grade": true, "grade_id": "test-sdpa-layer", "locked": true, "points": 5, "schema_version": 3, "solution": false}
 def test_unit_scaled_dot_product_attention():
     """The layer runs the formula, applies temperature, and drops out only in training."""
     q, k, v = np.array([[1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[10.0], [20.0]])
-    with attention_backend("math"):
-        np.testing.assert_allclose(ScaledDotProductAttention().eval()(q, k, v).data, [[13.30]], atol=1e-2,
-                                   err_msg="the worked example of Part 3")
-        cooled = ScaledDotProductAttention(temperature=1 / np.sqrt(2)).eval()(q, k, v)   # scale becomes 1
-        np.testing.assert_allclose(cooled.data, [[12.69]], atol=1e-2, err_msg="temperature 1/sqrt(2): scale 1")
+    np.testing.assert_allclose(ScaledDotProductAttention().eval()(q, k, v).data, [[13.30]], atol=1e-2,
+                               err_msg="the worked example of Part 3")
+    cooled = ScaledDotProductAttention(temperature=1 / np.sqrt(2)).eval()(q, k, v)   # scale becomes 1
+    np.testing.assert_allclose(cooled.data, [[12.69]], atol=1e-2, err_msg="temperature 1/sqrt(2): scale 1")
 
-        layer = ScaledDotProductAttention(dropout=0.5, seed=0)
-        outcomes = set()
-        for _ in range(40):
-            output, weights = layer(q, k, v, return_attention_weights=True)
-            outcomes.add(tuple(np.round(weights.data[0].astype(np.float64), 2).tolist()))
-            np.testing.assert_allclose(output.data, weights.data @ v, rtol=1e-5, err_msg="output = dropped weights @ V")
-        assert outcomes == {(1.34, 0.66), (1.34, 0.0), (0.0, 0.66), (0.0, 0.0)}, \
-            f"dropout p=0.5 of [0.670, 0.330]: expected the four outcomes of the worked example, got {sorted(outcomes)}"
-        np.testing.assert_allclose(layer.eval()(q, k, v).data, [[13.30]], atol=1e-2, err_msg="eval(): no dropout")
+    layer = ScaledDotProductAttention(dropout=0.5, seed=0)
+    outcomes = set()
+    for _ in range(40):
+        output, weights = layer(q, k, v, return_attention_weights=True)
+        outcomes.add(tuple(np.round(weights.data[0].astype(np.float64), 2).tolist()))
+        np.testing.assert_allclose(output.data, weights.data @ v, rtol=1e-5, err_msg="output = dropped weights @ V")
+    assert outcomes == {(1.34, 0.66), (1.34, 0.0), (0.0, 0.66), (0.0, 0.0)}, \
+        f"dropout p=0.5 of [0.670, 0.330]: expected the four outcomes of the worked example, got {sorted(outcomes)}"
+    np.testing.assert_allclose(layer.eval()(q, k, v).data, [[13.30]], atol=1e-2, err_msg="eval(): no dropout")
     print("attention layer: formula, temperature, and dropout in training only, as worked by hand")
 
 
@@ -612,33 +590,24 @@ draw_head_split(embed_dim=8, num_heads=4, seq_len=3)
 
 # %% nbgrader={"grade": false, "grade_id": "split-merge-heads", "locked": false, "schema_version": 3, "solution": true}
 #| export
-def split_heads(x, num_heads: int) -> Tensor:
+@checked
+def split_heads(x, num_heads: int):
     """(B, T, E) -> (B, H, T, hd): cut the features into H consecutive groups of hd = E // H."""
-    x = as_float32(x, "x")
-    num_heads = check_int(num_heads, "num_heads", 1)
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape (batch, seq, features), got shape {x.shape}")
-    if x.shape[-1] % num_heads:
-        raise ValueError(f"features={x.shape[-1]} is not divisible by num_heads={num_heads}")
     ### BEGIN SOLUTION
     B, T, E = x.shape
     heads = x.reshape(B, T, num_heads, E // num_heads)   # (B, T, H, hd)
-    heads = heads.transpose(0, 2, 1, 3)                  # (B, H, T, hd)
+    return heads.transpose(0, 2, 1, 3)                   # (B, H, T, hd)
     ### END SOLUTION
-    return Tensor(heads)
 
 
-def merge_heads(x) -> Tensor:
+@checked
+def merge_heads(x):
     """(B, H, T, hd) -> (B, T, H * hd): the inverse of `split_heads`."""
-    x = as_float32(x, "x")
-    if x.ndim != 4:
-        raise ValueError(f"x must have shape (batch, heads, seq, head_dim), got shape {x.shape}")
     ### BEGIN SOLUTION
     B, H, T, hd = x.shape
     merged = x.transpose(0, 2, 1, 3)                     # (B, T, H, hd)
-    merged = merged.reshape(B, T, H * hd)                # (B, T, E)
+    return merged.reshape(B, T, H * hd)                  # (B, T, E)
     ### END SOLUTION
-    return Tensor(merged)
 
 # %% nbgrader={"grade": true, "grade_id": "test-split-merge-heads", "locked": true, "points": 6, "schema_version": 3, "solution": false}
 def test_unit_split_merge_heads():
@@ -679,19 +648,13 @@ test_unit_split_merge_heads()
 
 # %% nbgrader={"grade": false, "grade_id": "repeat-kv-heads", "locked": false, "schema_version": 3, "solution": true}
 #| export
-def repeat_kv_heads(x, num_heads: int) -> Tensor:
+@checked
+def repeat_kv_heads(x, num_heads: int):
     """(B, Hkv, S, hd) -> (B, H, S, hd): query head h reads key/value head h // (H // Hkv)."""
-    x = as_float32(x, "x")
-    num_heads = check_int(num_heads, "num_heads", 1)
-    if x.ndim != 4:
-        raise ValueError(f"x must have shape (batch, kv_heads, seq, head_dim), got shape {x.shape}")
-    if x.shape[1] == 0 or num_heads % x.shape[1]:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of the {x.shape[1]} key/value heads")
     ### BEGIN SOLUTION
     group = num_heads // x.shape[1]                      # G query heads per kv head
-    repeated = x if group == 1 else np.repeat(x, group, axis=1)   # (B, H, S, hd)
+    return x if group == 1 else np.repeat(x, group, axis=1)   # (B, H, S, hd)
     ### END SOLUTION
-    return Tensor(repeated)
 
 # %% nbgrader={"grade": true, "grade_id": "test-repeat-kv-heads", "locked": true, "points": 4, "schema_version": 3, "solution": false}
 def test_unit_repeat_kv_heads():
@@ -739,51 +702,42 @@ test_unit_repeat_kv_heads()
 # token the same output as its sentence alone: with `create_padding_mask([3, 5], 5)`, row 0's
 # three real tokens come out as if the 3-token sentence were attended on its own.
 #
-# **Your task**: first the four weights in `__init__`, drawn from `rng` in the order
-# w_q, w_k, w_v, w_o (`rng.standard_normal(shape, dtype=np.float32)`, then scaled), and the
-# figures of `get_memory_usage`: `counts`, a dict `{"w_q": ..., "w_k": ..., "w_v": ..., "w_o": ...}`
-# of each weight's number of parameters, their `total` and its size in MiB (`megabytes`), and
-# `cache_bytes_per_token`, the bytes one token adds to a KV cache for this layer. Then
-# `forward`, from inputs to output:
+# **Your task**: the whole layer.
 #
-# 1. project `x_q`, `x_k`, `x_v` with the weights (a Tensor's array is its `.data`) and split
-#    them into heads: queries into H heads, keys and values into Hkv;
-# 2. with a `kv_cache`, let it append the new keys and values and hand back everything cached,
-#    with the mask of which cached keys each query may see (Part 6 builds `kv_cache.append`;
-#    combine its mask with any mask of your own by logical and);
-# 3. repeat the key/value heads for the query heads;
-# 4. attend with `self.attention`, asking it for the weights when the caller wants them;
-# 5. merge the heads and apply the output projection.
-#
-# The code after yours reads `output`, (B, T, E), and `weights`, the (B, H, T, S) attention
-# weights or `None`.
+# - `__init__`: keep the sizes the layer needs, make its four weights (`Tensor`s, so that an
+#   optimizer can update them in place), and its inner `ScaledDotProductAttention` with the
+#   dropout, block size and seed it was given. How you initialise the weights is your decision;
+#   the tests check what any sensible choice must satisfy: the shapes, a spread that keeps a
+#   projection at its input's scale, and the same weights for the same `seed`.
+# - `forward`: from the inputs to the output, as in the four steps above. With a `kv_cache`, the
+#   new keys and values go into the cache (`kv_cache.append`, which you write in Part 6), and
+#   the queries attend over everything cached, with the mask `append` hands back combined with
+#   the caller's by logical and. Hand the weights back too when the caller asks for them.
+# - `get_memory_usage`: the two numbers a serving engineer asks first. `parameter_counts`, a
+#   dict of each weight's number of parameters by name (w_q, w_k, w_v, w_o), and
+#   `kv_cache_bytes_per_token`, the bytes one token adds to a KV cache for this layer. The
+#   provided boundary adds the totals and the names module 14 reads.
 
 # %% nbgrader={"grade": false, "grade_id": "multihead-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
+@checked
 class MultiHeadAttention(Layer):
     """Multi-head attention with optional grouped key/value heads and KV caching."""
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, seed: int | None = None,
                  num_kv_heads: int | None = None, block_size: int | None = None):
-        embed_dim = check_int(embed_dim, "embed_dim", 1)
-        num_heads = check_int(num_heads, "num_heads", 1)
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-        num_kv_heads = num_heads if num_kv_heads is None else check_int(num_kv_heads, "num_kv_heads", 1)
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+        """E = embed_dim split into num_heads heads; num_kv_heads (default: num_heads) key/value heads."""
+        ### BEGIN SOLUTION
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
-        rng = np.random.default_rng(seed)
-        ### BEGIN SOLUTION
         kv_dim = num_kv_heads * self.head_dim                  # Hkv * hd columns for keys and values
-        std = np.float32(1.0 / math.sqrt(embed_dim))
+        rng, std = np.random.default_rng(seed), np.float32(1.0 / math.sqrt(embed_dim))
         self.w_q = Tensor(rng.standard_normal((embed_dim, embed_dim), dtype=np.float32) * std)
         self.w_k = Tensor(rng.standard_normal((embed_dim, kv_dim), dtype=np.float32) * std)
         self.w_v = Tensor(rng.standard_normal((embed_dim, kv_dim), dtype=np.float32) * std)
         self.w_o = Tensor(rng.standard_normal((embed_dim, embed_dim), dtype=np.float32) * std)
-        ### END SOLUTION
         self.attention = ScaledDotProductAttention(dropout=dropout, block_size=block_size, seed=seed)
+        ### END SOLUTION
 
     @property
     def parameters(self) -> ParameterList:
@@ -805,63 +759,39 @@ class MultiHeadAttention(Layer):
         """Multi-head attention from query to key/value (self-attention when they are omitted).
 
         Args:
-            query: (B, T, E); key, value: (B, S, E); key defaults to query and value to key.
-            mask: (T, S), (B, T, S) or broadcastable to (B, H, T, S); nonzero/True = may attend.
+            query: (B, T, E) float32 array; key, value: (B, S, E), already defaulted to query and key.
+            mask: boolean array broadcasting to (B, H, T, S), True = may attend; or None.
             return_attention_weights: also return the (B, H, T, S) weights.
-            kv_cache: a KVCache; this call's keys and values are appended to it and the queries
-                attend causally over everything cached for their batch row (Part 6).
+            kv_cache: a KVCache, or None; with one, the new keys and values are appended to it (Part 6).
         Returns:
-            output Tensor (B, T, E), or (output, weights).
+            output (B, T, E), or (output, weights), float32 arrays.
         """
-        x_q, x_k, x_v, mask = check_multihead_inputs(self, query, key, value, mask, kv_cache, return_attention_weights)
-        if runs_tuned_layer(self):       # provided: the tuned kernel, when switched on, runs the whole layer
-            return tuned_multihead(self, x_q, x_k, x_v, mask, kv_cache, return_attention_weights)
-        with inputs_checked():           # what forward derives from checked inputs is not checked again
-            ### BEGIN SOLUTION
-            q = split_heads(x_q @ self.w_q.data, self.num_heads).data       # (B, H, T, hd)
-            k = split_heads(x_k @ self.w_k.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
-            v = split_heads(x_v @ self.w_v.data, self.num_kv_heads).data    # (B, Hkv, S, hd)
-            if kv_cache is not None:
-                k, v, visible = kv_cache.append(k, v)                        # (B, Hkv, L, hd), (B, 1, T, L)
-                mask = visible if mask is None else np.logical_and(mask, visible)
-            k = repeat_kv_heads(k, self.num_heads).data                     # (B, H, L, hd)
-            v = repeat_kv_heads(v, self.num_heads).data                     # (B, H, L, hd)
-            if return_attention_weights:
-                context, weights = self.attention(q, k, v, mask=mask, return_attention_weights=True)
-            else:
-                context, weights = self.attention(q, k, v, mask=mask), None
-            output = merge_heads(context).data @ self.w_o.data              # (B, T, E)
-            ### END SOLUTION
-        output = Tensor(as_float32(output, "output"))
-        return (output, Tensor(as_float32(weights, "weights"))) if return_attention_weights else output
+        ### BEGIN SOLUTION
+        q = split_heads(query @ self.w_q.data, self.num_heads)          # (B, H, T, hd)
+        k = split_heads(key @ self.w_k.data, self.num_kv_heads)         # (B, Hkv, S, hd)
+        v = split_heads(value @ self.w_v.data, self.num_kv_heads)       # (B, Hkv, S, hd)
+        if kv_cache is not None:
+            k, v, visible = kv_cache.append(k, v)                        # (B, Hkv, L, hd), (B, 1, T, L)
+            mask = visible if mask is None else np.logical_and(mask, visible)
+        k = repeat_kv_heads(k, self.num_heads)                           # (B, H, L, hd)
+        v = repeat_kv_heads(v, self.num_heads)                           # (B, H, L, hd)
+        if return_attention_weights:
+            context, weights = self.attention(q, k, v, mask=mask, return_attention_weights=True)
+            return merge_heads(context) @ self.w_o.data, weights          # (B, T, E), (B, H, T, L)
+        return merge_heads(self.attention(q, k, v, mask=mask)) @ self.w_o.data   # (B, T, E)
+        ### END SOLUTION
 
     def get_memory_usage(self) -> dict:
-        """Parameter memory and counts, in total and per head, and the KV-cache cost per token.
+        """The parameters of each weight and the bytes one token adds to a KV cache for this layer.
 
-        MB means MiB (2**20 bytes). Also holds the names TinyTorch's module 14 reads:
-        total_parameter_memory_mb, memory_per_head_mb, total_parameters, num_heads, head_dim.
+        Returns (to callers outside, with totals in MiB added by the boundary):
+            {"parameter_counts": {"w_q": ..., "w_k": ..., "w_v": ..., "w_o": ...}, "kv_cache_bytes_per_token": ...}
         """
-        bytes_per_number = np.dtype(np.float32).itemsize
         ### BEGIN SOLUTION
         counts = {name: w.size for name, w in zip(("w_q", "w_k", "w_v", "w_o"), self.parameters)}
-        total = sum(counts.values())
-        megabytes = total * bytes_per_number / 2**20
-        cache_bytes_per_token = 2 * self.num_kv_heads * self.head_dim * bytes_per_number
+        bytes_per_token = 2 * self.num_kv_heads * self.head_dim * np.dtype(np.float32).itemsize   # K and V
+        return {"parameter_counts": counts, "kv_cache_bytes_per_token": bytes_per_token}
         ### END SOLUTION
-        return {
-            "parameter_count": total,
-            "parameter_counts": counts,
-            "parameter_mb": megabytes,
-            "parameters_per_head": total / self.num_heads,
-            "parameter_mb_per_head": megabytes / self.num_heads,
-            "kv_cache_bytes_per_token": cache_bytes_per_token,
-            "kv_cache_saving": self.num_heads / self.num_kv_heads,
-            "total_parameters": total,
-            "total_parameter_memory_mb": megabytes,
-            "memory_per_head_mb": megabytes / self.num_heads,
-            "num_heads": self.num_heads,
-            "head_dim": self.head_dim,
-        }
 
 # %% nbgrader={"grade": true, "grade_id": "test-multihead-attention", "locked": true, "points": 11, "schema_version": 3, "solution": false}
 def test_unit_multihead_attention():
@@ -936,102 +866,111 @@ test_unit_multihead_attention()
 # 1 MiB per token, so a 4096-token context takes 4 GiB of cache per sequence. This is why
 # serving systems page the cache in blocks (vLLM's PagedAttention), share key/value heads (GQA,
 # Part 5) or store it in 8 bits.
+
+# %% [markdown]
+# ### Decoding with the cache: positions and the offset mask
 #
-# **Your task**: the cache's core. `update` writes the new keys and values after what the row
-# holds and advances its length; `get_sequence` returns the filled part of one row as views into
-# the preallocated arrays (slicing makes views; copying would defeat the cache); `reset` sets the
-# rows' lengths to 0 and zeroes their keys and values. Then the three figures of `get_memory_usage`: the bytes the cache allocates for keys and
-# values together, the bytes one cached token takes, and the fraction of the cache's positions
-# (over all rows) that are filled.
+# Pass a cache to `MultiHeadAttention.forward(..., kv_cache=cache)` and the layer hands this
+# call's keys and values to `cache.append`, batch row b to cache row b. One code path serves both
+# phases of generation:
+#
+# - **prefill**: the whole prompt in one call (T = prompt length), and
+# - **decode**: one token per call (T = 1).
+#
+# The heart of the cache is knowing *where* the new queries sit. After appending, row b holds
+# `lengths[b]` positions, and this call's T queries are its last T: query i sits at position
+# `lengths[b] − T + i`. It may see every key at or before its own position, the offset causal
+# mask of Part 1, row by row. Rows may hold different lengths (a batch of prompts of different
+# sizes), so each row gets its own offset; keys past a row's length are padding up to the
+# longest row and must stay hidden, which the same comparison does for free.
+#
+# **Worked by hand.** Two rows holding 3 and 1 positions; append T = 2 new positions. The
+# lengths become [5, 3] and the longest is L = 5. Row 0's queries sit at positions 3 and 4,
+# row 1's at 1 and 2:
+#
+# ```
+# row 0, query at 3: [1, 1, 1, 1, 0]      row 1, query at 1: [1, 1, 0, 0, 0]
+# row 0, query at 4: [1, 1, 1, 1, 1]      row 1, query at 2: [1, 1, 1, 0, 0]
+# ```
+
+# %%
+draw_kv_cache(prompt_length=4, steps=3, max_seq_length=8)
+
+# %% [markdown]
+# **Your task**: the cache, whole. The arrays, `get_sequence` (a row read back as views) and
+# `reset` are provided by `KVCacheBase`; the row and room checks run before your code does.
+#
+# - `update(batch_idx, new_keys, new_values)`: write the (Hkv, new_len, hd) keys and values
+#   after what the row holds, advance its length, and return the row's whole cached keys and
+#   values as views into the preallocated arrays (slicing makes views; copying would defeat
+#   the cache).
+# - `append(new_keys, new_values)`, which the multi-head layer calls: update each batch row
+#   0..B−1 with its (Hkv, T, hd) slice, then return the cached keys and values of those rows up
+#   to the longest one, L, (B, Hkv, L, hd) each, and the (B, 1, T, L) boolean mask of which
+#   cached keys each new query may see.
+# - `get_memory_usage`: `total_bytes`, what the cache allocates for keys and values together;
+#   `bytes_per_token`, what one cached token takes; and `utilization`, the fraction of the
+#   cache's positions, over all rows, that are filled.
 
 # %% nbgrader={"grade": false, "grade_id": "kv-cache", "locked": false, "schema_version": 3, "solution": true}
 #| export
-class KVCache(KVCacheChecks):
+@checked
+class KVCache(KVCacheBase):
     """Preallocated keys and values for incremental decoding, one length per batch row.
 
-    The checks of rows and room (`KVCacheChecks`) are provided in the runtime.
+    KVCache(max_batch_size, max_seq_length, num_heads, head_dim): the arrays cached_keys and
+    cached_values, (max_batch_size, num_heads, max_seq_length, head_dim), and cache_lengths are
+    made by the provided `KVCacheBase`, with `get_sequence` and `reset`.
     """
 
-    def __init__(self, max_batch_size: int, max_seq_length: int, num_heads: int, head_dim: int):
-        self.max_batch_size = check_int(max_batch_size, "max_batch_size", 1)
-        self.max_seq_length = check_int(max_seq_length, "max_seq_length", 1)
-        self.num_heads = check_int(num_heads, "num_heads", 1)
-        self.head_dim = check_int(head_dim, "head_dim", 1)
-        shape = (self.max_batch_size, self.num_heads, self.max_seq_length, self.head_dim)
-        self.cached_keys = np.zeros(shape, dtype=np.float32)    # (B, Hkv, S_max, hd)
-        self.cached_values = np.zeros(shape, dtype=np.float32)  # (B, Hkv, S_max, hd)
-        self.cache_lengths = np.zeros(self.max_batch_size, dtype=np.int64)
-        self.is_active = False                                  # True once something was cached
-
-    def update(self, batch_idx: int, new_keys, new_values) -> tuple[Tensor, Tensor]:
+    def update(self, batch_idx: int, new_keys, new_values):
         """Append (Hkv, new_len, hd) keys and values to row `batch_idx`.
 
         Returns:
             (keys, values): the row's whole cached sequence, (Hkv, length, hd) each, as views.
         """
-        b = self._check_row(batch_idx)
-        keys, values = as_float32(new_keys, "new_keys"), as_float32(new_values, "new_values")
-        if keys.ndim != 3 or keys.shape[0] != self.num_heads or keys.shape[2] != self.head_dim:
-            raise ValueError(f"new_keys has shape {keys.shape}, expected (num_heads={self.num_heads}, "
-                             f"new_len, head_dim={self.head_dim})")
-        if values.shape != keys.shape:
-            raise ValueError(f"new_values has shape {values.shape} but new_keys has shape {keys.shape}")
-        self._check_room(b, keys.shape[1])
         ### BEGIN SOLUTION
-        start = int(self.cache_lengths[b])
-        end = start + keys.shape[1]
-        self.cached_keys[b, :, start:end] = keys                 # (Hkv, new_len, hd)
-        self.cached_values[b, :, start:end] = values
-        self.cache_lengths[b] = end
+        start = int(self.cache_lengths[batch_idx])
+        end = start + new_keys.shape[1]
+        self.cached_keys[batch_idx, :, start:end] = new_keys             # (Hkv, new_len, hd)
+        self.cached_values[batch_idx, :, start:end] = new_values
+        self.cache_lengths[batch_idx] = end
+        return self.cached_keys[batch_idx, :, :end], self.cached_values[batch_idx, :, :end]
         ### END SOLUTION
-        self.is_active = True
-        return self.get_sequence(b)
+
+    def append(self, new_keys, new_values):
+        """Append (B, Hkv, T, hd) keys and values to rows 0..B-1 and say what each new query may see.
+
+        Returns:
+            keys, values: (B, Hkv, L, hd) arrays, every row's cache up to the longest row L;
+            visible: (B, 1, T, L) boolean array, True where query i of row b may attend to key j.
+        """
+        ### BEGIN SOLUTION
+        B, _, T, _ = new_keys.shape
+        for b in range(B):
+            self.update(b, new_keys[b], new_values[b])
+        lengths = self.cache_lengths[:B]                                        # (B,) after appending
+        longest = int(lengths.max()) if B else T
+        keys = self.cached_keys[:B, :, :longest]                                # (B, Hkv, L, hd)
+        values = self.cached_values[:B, :, :longest]                            # (B, Hkv, L, hd)
+        query_positions = lengths[:, None] - T + np.arange(T)[None, :]          # (B, T)
+        key_positions = np.arange(longest)                                      # (L,)
+        visible = key_positions[None, None, :] <= query_positions[:, :, None]   # (B, T, L)
+        return keys, values, visible[:, None]                                   # ..., (B, 1, T, L)
+        ### END SOLUTION
 
     def get_memory_usage(self) -> dict:
-        """Allocated memory in total and per sequence (MB means MiB, 2**20 bytes) and the fraction in use.
+        """What the cache allocates and how full it is.
 
-        Also holds the names TinyTorch's module 14 reads: total_cache_memory_mb, memory_per_sequence_mb,
-        cache_utilization, and the cache's sizes.
+        Returns (to callers outside, with MiB and per-sequence figures added by the boundary):
+            {"total_bytes": ..., "bytes_per_token": ..., "utilization": ...}
         """
         ### BEGIN SOLUTION
         total_bytes = self.cached_keys.nbytes + self.cached_values.nbytes
         bytes_per_token = 2 * self.num_heads * self.head_dim * self.cached_keys.itemsize
         utilization = float(self.cache_lengths.sum()) / (self.max_batch_size * self.max_seq_length)
+        return {"total_bytes": total_bytes, "bytes_per_token": bytes_per_token, "utilization": utilization}
         ### END SOLUTION
-        return {
-            "total_mb": total_bytes / 2**20,
-            "mb_per_sequence": total_bytes / 2**20 / self.max_batch_size,
-            "bytes_per_token": bytes_per_token,
-            "tokens_cached": int(self.cache_lengths.sum()),
-            "utilization": utilization,
-            "total_cache_memory_mb": total_bytes / 2**20,
-            "memory_per_sequence_mb": total_bytes / 2**20 / self.max_batch_size,
-            "cache_utilization": utilization,
-            "max_batch_size": self.max_batch_size,
-            "max_seq_length": self.max_seq_length,
-            "num_heads": self.num_heads,
-            "head_dim": self.head_dim,
-        }
-
-    def get_sequence(self, batch_idx: int) -> tuple[Tensor, Tensor]:
-        """The cached (keys, values) of one row, (Hkv, length, hd) each, as views (no copies)."""
-        b = self._check_row(batch_idx)
-        ### BEGIN SOLUTION
-        end = int(self.cache_lengths[b])
-        keys = self.cached_keys[b, :, :end]                      # (Hkv, length, hd), a view
-        values = self.cached_values[b, :, :end]
-        ### END SOLUTION
-        return Tensor(keys), Tensor(values)
-
-    def reset(self, batch_idx: int | None = None) -> None:
-        """Empty one row, or every row when `batch_idx` is None."""
-        rows = slice(None) if batch_idx is None else self._check_row(batch_idx)
-        ### BEGIN SOLUTION
-        self.cached_keys[rows] = 0.0
-        self.cached_values[rows] = 0.0
-        self.cache_lengths[rows] = 0
-        ### END SOLUTION
-        self.is_active = bool(self.cache_lengths.any())
 
 # %% nbgrader={"grade": true, "grade_id": "test-kv-cache", "locked": true, "points": 6, "schema_version": 3, "solution": false}
 def test_unit_kv_cache():
@@ -1066,72 +1005,6 @@ def test_unit_kv_cache():
 
 test_unit_kv_cache()
 
-# %% [markdown]
-# ### Decoding with the cache: positions and the offset mask
-#
-# Pass a cache to `MultiHeadAttention.forward(..., kv_cache=cache)` and the layer hands this
-# call's keys and values to `cache.append`, batch row b to cache row b. One code path serves both
-# phases of generation:
-#
-# - **prefill**: the whole prompt in one call (T = prompt length), and
-# - **decode**: one token per call (T = 1).
-#
-# The heart of the cache is knowing *where* the new queries sit. After appending, row b holds
-# `lengths[b]` positions, and this call's T queries are its last T: query i sits at position
-# `lengths[b] − T + i`. It may see every key at or before its own position, the offset causal
-# mask of Part 1, row by row. Rows may hold different lengths (a batch of prompts of different
-# sizes), so each row gets its own offset; keys past a row's length are padding up to the
-# longest row and must stay hidden, which the same comparison does for free.
-#
-# **Worked by hand.** Two rows holding 3 and 1 positions; append T = 2 new positions. The
-# lengths become [5, 3] and the longest is L = 5. Row 0's queries sit at positions 3 and 4,
-# row 1's at 1 and 2:
-#
-# ```
-# row 0, query at 3: [1, 1, 1, 1, 0]      row 1, query at 1: [1, 1, 0, 0, 0]
-# row 0, query at 4: [1, 1, 1, 1, 1]      row 1, query at 2: [1, 1, 1, 0, 0]
-# ```
-
-# %%
-draw_kv_cache(prompt_length=4, steps=3, max_seq_length=8)
-
-# %% [markdown]
-# **Your task**: `append`. Update each batch row with its new keys and values, take the filled
-# part of the cache for rows 0..B−1 up to the longest row (`longest`, computed for you, is the
-# longest row's length *after* this append: L in the worked example), and build the
-# (B, 1, T, L) boolean mask of which cached keys each new query may see.
-
-# %% nbgrader={"grade": false, "grade_id": "cached-decoding", "locked": false, "schema_version": 3, "solution": true}
-#| export
-def _kv_cache_append(self, new_keys, new_values):
-    """Append (B, Hkv, T, hd) keys and values to rows 0..B-1 and return what each new query may see.
-
-    Returns:
-        keys, values: (B, Hkv, L, hd) arrays, every row's cache padded to the longest row L;
-        visible: (B, 1, T, L) boolean mask, True where query i of row b may attend to key j.
-    """
-    new_keys, new_values = as_float32(new_keys, "new_keys"), as_float32(new_values, "new_values")
-    if new_keys.ndim != 4 or new_values.shape != new_keys.shape:
-        raise ValueError(f"new_keys and new_values must have one shape (batch, num_heads, new_len, head_dim), "
-                         f"got {new_keys.shape} and {new_values.shape}")
-    B, Hkv, T, hd = new_keys.shape
-    longest = self.check_append(B, Hkv, T, hd)
-    ### BEGIN SOLUTION
-    for b in range(B):
-        self.update(b, new_keys[b], new_values[b])
-    lengths = self.cache_lengths[:B]                                        # (B,) after appending
-    keys = self.cached_keys[:B, :, :longest]                                # (B, Hkv, L, hd)
-    values = self.cached_values[:B, :, :longest]                            # (B, Hkv, L, hd)
-    query_positions = lengths[:, None] - T + np.arange(T)[None, :]          # (B, T)
-    key_positions = np.arange(longest)                                      # (L,)
-    visible = key_positions[None, None, :] <= query_positions[:, :, None]   # (B, T, L)
-    visible = visible[:, None]                                              # (B, 1, T, L)
-    ### END SOLUTION
-    return keys, values, visible
-
-
-KVCache.append = _kv_cache_append
-
 # %% nbgrader={"grade": true, "grade_id": "test-cached-decoding", "locked": true, "points": 10, "schema_version": 3, "solution": false}
 def test_unit_cached_decoding():
     """The worked example's mask, and prefill + one-token steps equal to one causal forward."""
@@ -1145,16 +1018,15 @@ def test_unit_cached_decoding():
                                   err_msg="the worked example: rows holding 3 and 1 positions, 2 appended")
 
     rng = np.random.default_rng(5)
-    with attention_backend("math"):
-        for num_kv_heads in (4, 2, 1):
-            layer = MultiHeadAttention(embed_dim=16, num_heads=4, num_kv_heads=num_kv_heads, seed=1)
-            x = rng.normal(size=(2, 9, 16)).astype(np.float32)
-            full = layer(x, mask=create_causal_mask(9)).data
-            cache = KVCache(max_batch_size=2, max_seq_length=9, num_heads=num_kv_heads, head_dim=4)
-            steps = [layer(x[:, :5], kv_cache=cache).data]                          # prefill 5 tokens
-            steps += [layer(x[:, t:t + 1], kv_cache=cache).data for t in range(5, 9)]   # decode 4 more
-            np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-5,
-                                       err_msg=f"prefill + decode against one causal forward, {num_kv_heads} kv heads")
+    for num_kv_heads in (4, 2, 1):
+        layer = MultiHeadAttention(embed_dim=16, num_heads=4, num_kv_heads=num_kv_heads, seed=1)
+        x = rng.normal(size=(2, 9, 16)).astype(np.float32)
+        full = layer(x, mask=create_causal_mask(9)).data
+        cache = KVCache(max_batch_size=2, max_seq_length=9, num_heads=num_kv_heads, head_dim=4)
+        steps = [layer(x[:, :5], kv_cache=cache).data]                          # prefill 5 tokens
+        steps += [layer(x[:, t:t + 1], kv_cache=cache).data for t in range(5, 9)]   # decode 4 more
+        np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"prefill + decode against one causal forward, {num_kv_heads} kv heads")
     print("cached decoding: the worked mask, and prefill + decode equal one causal forward for MHA, GQA and MQA")
 
 
@@ -1241,6 +1113,9 @@ test_unit_memory_costs()
 # and to run.
 
 # %%
+from tinytorch.core._attention_runtime import attention_backend, fast_attention, single_threaded_blas
+
+
 def tiled_attention(q, k, v, causal=False, rows=64):
     """softmax(q kᵀ / √d) v for 2-D q (T, d), k (S, d), v (S, dv), one block of query rows at a time."""
     T, S = q.shape[0], k.shape[0]
@@ -1261,8 +1136,7 @@ def tiled_attention(q, k, v, causal=False, rows=64):
 
 rng = np.random.default_rng(6)
 q7, k7, v7 = (rng.standard_normal((1024, 64), dtype=np.float32) for _ in range(3))
-with attention_backend("math"):
-    reference = math_attention(q7, k7, v7, mask=create_causal_mask(1024))[0].data
+reference = math_attention(q7, k7, v7, mask=create_causal_mask(1024))[0].data
 print("tiled causal attention equals math_attention:",
       np.allclose(tiled_attention(q7, k7, v7, causal=True), reference, atol=1e-5))
 with single_threaded_blas():                                    # one core for both, a fair comparison
@@ -1400,58 +1274,54 @@ draw_blocked_loop(seq_len=12, key_len=12, block_size=4, causal=True)
 # and stays as large as it is: `create_causal_mask(T)` is itself a T × S array. What blocked
 # attention removes are the scores, exponentials and weights the formula would add.)
 #
-# **Your task**: the two loops. For each block of `block_size` query rows, scale its queries,
-# start m, ℓ and a, walk over the key blocks up to `last_key(i1)` updating them, and write
-# a / ℓ into the block's rows of `output`. `keep` is a broadcast view of the mask (or `None`):
-# slice it like the scores. Keep every array the shape of its comment: m and ℓ (…, rows, 1),
-# a (…, rows, d_v).
+# **Your task**: the whole loop. For each block of `block_size` query rows, scale its queries,
+# start m, ℓ and a, walk over the key blocks, updating them, and write a / ℓ into the block's
+# rows of the output. Leading axes (batch, heads) broadcast as in `math_attention`. With a
+# causal mask, stop each query block at the last key its last row may see: a causal mask
+# arrives with its offset as `mask.offset` (`getattr(mask, "offset", None)` is None for any
+# other mask), and no key block after that stop may be read. Keep every array the shape of its
+# comment: m and ℓ (…, rows, 1), a (…, rows, d_v).
 
 # %% nbgrader={"grade": false, "grade_id": "blocked-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
-def blocked_attention(query, key, value, mask=None, scale=None, block_size: int = 128) -> Tensor:
+@checked
+def blocked_attention(query, key, value, mask=None, scale=None, block_size: int = 128):
     """Attention computed block by block with an online softmax; never forms the T x S scores.
 
     Args:
-        query, key, value, mask, scale: as for `math_attention`.
-        block_size: queries and keys per block; a CausalMask's future blocks are skipped.
+        query, key, value, mask, scale: as for `math_attention`; a causal mask carries its `offset`.
+        block_size: queries and keys per block.
     Returns:
-        output Tensor (..., T, d_v), equal to `math_attention`'s.
+        (..., T, d_v) float32 array, equal to `math_attention`'s output.
     """
-    q, k, v, keep, scale = check_attention_inputs(query, key, value, mask, scale)
-    block_size = check_int(block_size, "block_size", 1)
-    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
-    if keep is not None:
-        keep = np.broadcast_to(keep, lead + (T, S))                     # a view, not a copy
-    offset = causal_offset(mask, T, S)
-
-    def last_key(i1):
-        """Keys at or after this one are every query row's future, for query rows up to i1."""
-        return S if offset is None else min(S, max(0, i1 + offset))
-
-    output = np.zeros(lead + (T, dv), dtype=np.float32)
     ### BEGIN SOLUTION
+    lead = np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    T, S, dv = query.shape[-2], key.shape[-2], value.shape[-1]
+    offset = getattr(mask, "offset", None)                              # a causal mask's offset, or None
+    keep = None if mask is None else np.broadcast_to(mask, lead + (T, S))   # a view, not a copy
+    output = np.zeros(lead + (T, dv), dtype=np.float32)
     for i0 in range(0, T, block_size):
         i1 = min(i0 + block_size, T)
-        q_block = q[..., i0:i1, :] * np.float32(scale)                      # (..., rows, d)
+        stop = S if offset is None else min(S, max(0, i1 + offset))         # keys after it: every row's future
+        q_block = query[..., i0:i1, :] * np.float32(scale)                  # (..., rows, d)
         row_max = np.full(lead + (i1 - i0, 1), -np.inf, dtype=np.float32)  # m
         row_sum = np.zeros(lead + (i1 - i0, 1), dtype=np.float32)          # l
         acc = np.zeros(lead + (i1 - i0, dv), dtype=np.float32)             # a
-        for j0 in range(0, last_key(i1), block_size):
-            j1 = min(j0 + block_size, last_key(i1))
-            scores = q_block @ np.swapaxes(k[..., j0:j1, :], -1, -2)       # (..., rows, cols)
-            if keep is not None:
+        for j0 in range(0, stop, block_size):
+            j1 = min(j0 + block_size, stop)
+            scores = q_block @ np.swapaxes(key[..., j0:j1, :], -1, -2)     # (..., rows, cols)
+            if mask is not None:                                            # keep: the mask, broadcast
                 scores = np.where(keep[..., i0:i1, j0:j1], scores, -np.inf)
             new_max = np.maximum(row_max, scores.max(axis=-1, keepdims=True))
             safe_max = np.where(np.isneginf(new_max), 0.0, new_max)         # rows that saw no key yet
             correction = np.exp(row_max - safe_max)                         # c = e^(m - m')
             exps = np.exp(scores - safe_max)                                # (..., rows, cols)
             row_sum = row_sum * correction + exps.sum(axis=-1, keepdims=True)
-            acc = acc * correction + exps @ v[..., j0:j1, :]                # (..., rows, dv)
+            acc = acc * correction + exps @ value[..., j0:j1, :]            # (..., rows, dv)
             row_max = new_max
         output[..., i0:i1, :] = acc / np.where(row_sum > 0.0, row_sum, 1.0)
+    return output
     ### END SOLUTION
-    return Tensor(output)
 
 # %% nbgrader={"grade": true, "grade_id": "test-blocked-attention", "locked": true, "points": 10, "schema_version": 3, "solution": false}
 def test_unit_blocked_attention():
@@ -1465,17 +1335,16 @@ def test_unit_blocked_attention():
     cases = {"no mask": (k, v, None), "offset causal": (k, v, create_causal_mask(37, 53)),
              "random mask": (k, v, rng.random((2, 1, 37, 53)) > 0.6),
              "causal, first 17 rows see nothing": (k[..., :20, :], v[..., :20, :], create_causal_mask(37, 20))}
-    with attention_backend("math"):
-        for name, (keys, values, mask) in cases.items():
-            expected = math_attention(q, keys, values, mask)[0].data
-            for block_size in (1, 8, 16, 64):
-                actual = blocked_attention(q, keys, values, mask, block_size=block_size).data
-                np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4,
-                                           err_msg=f"mask: {name}, block_size={block_size}")
-        layer = ScaledDotProductAttention(block_size=16)                 # the layer runs blocks on every core
-        np.testing.assert_allclose(layer(q, k, v, mask=create_causal_mask(37, 53)).data,
-                                   math_attention(q, k, v, create_causal_mask(37, 53))[0].data, rtol=1e-4, atol=1e-4,
-                                   err_msg="ScaledDotProductAttention(block_size=16), offset causal")
+    for name, (keys, values, mask) in cases.items():
+        expected = math_attention(q, keys, values, mask)[0].data
+        for block_size in (1, 8, 16, 64):
+            actual = blocked_attention(q, keys, values, mask, block_size=block_size).data
+            np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4,
+                                       err_msg=f"mask: {name}, block_size={block_size}")
+    layer = ScaledDotProductAttention(block_size=16)                 # the layer runs blocks on every core
+    np.testing.assert_allclose(layer(q, k, v, mask=create_causal_mask(37, 53)).data,
+                               math_attention(q, k, v, create_causal_mask(37, 53))[0].data, rtol=1e-4, atol=1e-4,
+                               err_msg="ScaledDotProductAttention(block_size=16), offset causal")
     print("blocked attention: the worked example, and math_attention's output for every mask and block size")
 
 
@@ -1511,19 +1380,29 @@ test_unit_blocked_attention()
 # 48 ms at T = 100, 200 and 400 quadruple with each doubling, and the slope is
 # log(4) / log(2) = **2**.
 #
-# **Your task**: four measurements. `measure_time`, which warms up, times the repeats and summarises them in
-# milliseconds; `peak_memory`, the bytes a call allocates at its peak beyond what was allocated
-# before it (`tracemalloc.get_traced_memory()` returns the bytes allocated now and at the peak
-# so far, and `tracemalloc.reset_peak()` starts a new peak); and `fit_exponent`, the slope of
-# the log-log fit (`np.polyfit` with degree 1 fits a line and returns its slope first). Last,
-# the two generation loops of `compare_generation`: prefill a new `KVCache` with the prompt and
-# decode one position per call through it, then, for the same positions, recompute a causal
-# forward over everything so far and keep its last position (`[:, -1:]`). Fill `prefill_ms`
-# (one number), the lists `cached_ms` and `recompute_ms` (one time per new token), and the lists
-# `cached_out` and `recompute_out` of (B, 1, E) outputs, so that the two ways can be compared.
+# **Your task**: four measurements, each a method of `AttentionProfiler`.
+#
+# - `measure_time(function)`: warm up, time the repeats, and summarise them in milliseconds as
+#   the median, the spread and every run.
+# - `peak_memory(function)`: the bytes a call allocates at its peak beyond what was allocated
+#   before it. `tracemalloc` is tracing while it runs; read its documentation to find how to ask
+#   for the bytes allocated now and at the peak, and how to start a new peak, and think about
+#   why a peak reached before the call must not count.
+# - `fit_exponent(sizes, costs)`: the slope of the least-squares line through
+#   (log size, log cost), from its formula: slope = cov(x, y) / var(x) with x = log size and
+#   y = log cost. (`np.polyfit` would do it for you; write it so that you see what it does.)
+# - `compare_generation`: a fixed random (B, prompt_length + new_tokens, E) sequence from
+#   `np.random.default_rng(self.seed)`; then prefill a new `KVCache` with the prompt and decode
+#   one position per call through it, timing each call; then, for the same positions, recompute
+#   a causal forward over everything so far and keep its last position. Size the cache for the
+#   layer. Return what you measured: `prefill_ms`, the lists `cached_ms` and `recompute_ms`
+#   (one time per new token), and `cached_out` and `recompute_out`, the (B, 1, E) outputs of
+#   each step, so that the two ways can be compared. The boundary adds the medians and the
+#   speed-up.
 
 # %% nbgrader={"grade": false, "grade_id": "attention-profiler", "locked": false, "schema_version": 3, "solution": true}
 #| export
+@checked
 class AttentionProfiler(ProfilerSweeps):
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc).
 
@@ -1532,9 +1411,7 @@ class AttentionProfiler(ProfilerSweeps):
     """
 
     def __init__(self, repeats: int = 5, warmup: int = 1, seed: int = 0):
-        self.repeats = check_int(repeats, "repeats", 1)
-        self.warmup = check_int(warmup, "warmup", 0)
-        self.seed = check_int(seed, "seed", 0)
+        self.repeats, self.warmup, self.seed = repeats, warmup, seed
 
     def measure_time(self, function) -> dict:
         """`function()` timed `repeats` times after `warmup` untimed calls.
@@ -1557,89 +1434,55 @@ class AttentionProfiler(ProfilerSweeps):
     @staticmethod
     def fit_exponent(sizes, costs) -> float:
         """The slope p of the least-squares line through (log size, log cost): cost ~ size^p."""
-        sizes, costs = np.asarray(sizes, dtype=np.float64), np.asarray(costs, dtype=np.float64)
-        if sizes.shape != costs.shape or sizes.ndim != 1 or sizes.size < 2:
-            raise ValueError(f"fitting an exponent needs two 1-D arrays of the same length >= 2, "
-                             f"got shapes {sizes.shape} and {costs.shape}")
-        if not (np.all(np.isfinite(sizes)) and np.all(np.isfinite(costs)) and np.all(sizes > 0) and np.all(costs > 0)):
-            raise ValueError("sizes and costs must be positive finite numbers to take their logarithms")
         ### BEGIN SOLUTION
-        slope, _ = np.polyfit(np.log(sizes), np.log(costs), 1)
-        return float(slope)
+        x, y = np.log(sizes), np.log(costs)
+        x_centred = x - x.mean()
+        return float((x_centred * (y - y.mean())).sum() / (x_centred ** 2).sum())
         ### END SOLUTION
 
     @staticmethod
     def peak_memory(function) -> int:
         """Peak bytes allocated while `function()` runs, above the bytes allocated when it starts."""
-        was_tracing = tracemalloc.is_tracing()
-        if not was_tracing:
-            tracemalloc.start()
-        try:
-            ### BEGIN SOLUTION
-            baseline, _ = tracemalloc.get_traced_memory()        # (current, peak) in bytes
-            tracemalloc.reset_peak()
-            function()
-            _, peak = tracemalloc.get_traced_memory()
-            extra = max(0, peak - baseline)
-            ### END SOLUTION
-        finally:
-            if not was_tracing:
-                tracemalloc.stop()
-        return extra
+        ### BEGIN SOLUTION
+        baseline, _ = tracemalloc.get_traced_memory()        # (current, peak) in bytes
+        tracemalloc.reset_peak()                             # an earlier, larger peak must not count
+        function()
+        _, peak = tracemalloc.get_traced_memory()
+        return max(0, peak - baseline)
+        ### END SOLUTION
 
     def compare_generation(self, attention_layer, prompt_length: int, new_tokens: int, *,
                            batch_size: int = 1) -> dict:
         """Generate `new_tokens` positions one at a time, with a KV cache and by recomputing everything.
 
         Each step feeds the next position of a fixed random sequence, so both ways must give the
-        same outputs; `max_abs_difference` reports how closely they agree (put a layer with
-        dropout in `eval()` mode first, or the two ways drop different weights).
+        same outputs (put a layer with dropout in `eval()` mode first, or the two ways drop
+        different weights). BLAS is held at one thread while it runs.
         Returns:
-            per-token times in ms for both ways (measured), their medians, the total speed-up and
-            the largest difference between the two ways' outputs.
+            prefill_ms, cached_ms and recompute_ms (per new token), cached_out and recompute_out.
         """
-        if not isinstance(attention_layer, MultiHeadAttention):
-            raise TypeError(f"attention_layer must be a MultiHeadAttention, got {type(attention_layer).__name__}")
-        prompt_length = check_int(prompt_length, "prompt_length", 1)
-        new_tokens = check_int(new_tokens, "new_tokens", 1)
-        batch_size = check_int(batch_size, "batch_size", 1)
+        ### BEGIN SOLUTION
         total = prompt_length + new_tokens
-        rng = np.random.default_rng(self.seed)
-        x = rng.standard_normal((batch_size, total, attention_layer.embed_dim), dtype=np.float32)
-
-        with single_threaded_blas():
-            ### BEGIN SOLUTION
-            cache = KVCache(batch_size, total, attention_layer.num_kv_heads, attention_layer.head_dim)
+        x = np.random.default_rng(self.seed).standard_normal((batch_size, total, attention_layer.embed_dim),
+                                                             dtype=np.float32)           # (B, total, E)
+        cache = KVCache(batch_size, total, attention_layer.num_kv_heads, attention_layer.head_dim)
+        start = time.perf_counter()
+        attention_layer(x[:, :prompt_length], kv_cache=cache)
+        prefill_ms = (time.perf_counter() - start) * 1e3
+        cached_ms, cached_out = [], []
+        for t in range(prompt_length, total):
             start = time.perf_counter()
-            attention_layer(x[:, :prompt_length], kv_cache=cache)
-            prefill_ms = (time.perf_counter() - start) * 1e3
-            cached_ms, cached_out = [], []
-            for t in range(prompt_length, total):
-                start = time.perf_counter()
-                cached_out.append(attention_layer(x[:, t:t + 1], kv_cache=cache).data)
-                cached_ms.append((time.perf_counter() - start) * 1e3)
-
-            recompute_ms, recompute_out = [], []
-            for t in range(prompt_length, total):
-                start = time.perf_counter()
-                full = attention_layer(x[:, :t + 1], mask=create_causal_mask(t + 1)).data
-                recompute_out.append(full[:, -1:])
-                recompute_ms.append((time.perf_counter() - start) * 1e3)
-            ### END SOLUTION
-
-        return {
-            "prompt_length": prompt_length,
-            "new_tokens": new_tokens,
-            "prefill_ms": prefill_ms,
-            "cached_token_ms": cached_ms,
-            "recompute_token_ms": recompute_ms,
-            "cached_ms_per_token": float(np.median(cached_ms)),
-            "recompute_ms_per_token": float(np.median(recompute_ms)),
-            "speedup": float(np.sum(recompute_ms) / np.sum(cached_ms)),
-            "max_abs_difference": float(np.max(np.abs(np.concatenate(cached_out, axis=1)
-                                                       - np.concatenate(recompute_out, axis=1)))),
-            "blas_threads": self.blas_threads,
-        }
+            cached_out.append(attention_layer(x[:, t:t + 1], kv_cache=cache).data)
+            cached_ms.append((time.perf_counter() - start) * 1e3)
+        recompute_ms, recompute_out = [], []
+        for t in range(prompt_length, total):
+            start = time.perf_counter()
+            full = attention_layer(x[:, :t + 1], mask=create_causal_mask(t + 1)).data
+            recompute_out.append(full[:, -1:])
+            recompute_ms.append((time.perf_counter() - start) * 1e3)
+        return {"prefill_ms": prefill_ms, "cached_ms": cached_ms, "recompute_ms": recompute_ms,
+                "cached_out": cached_out, "recompute_out": recompute_out}
+        ### END SOLUTION
 
 # %% nbgrader={"grade": true, "grade_id": "test-attention-profiler", "locked": true, "points": 5, "schema_version": 3, "solution": false}
 def test_unit_attention_profiler():
@@ -1925,5 +1768,8 @@ plot_head_weights(open_weights.data[0], words, title="no mask")
 
 # %%
 #| export
+from tinytorch.core._attention_runtime import (ATTENTION_BACKENDS, CausalMask, attention_backend, fast_attention,
+                                               set_attention_backend)
+
 _all_ = ["ATTENTION_BACKENDS", "CausalMask", "get_attention_backend", "set_attention_backend", "attention_backend",
          "fast_attention"]

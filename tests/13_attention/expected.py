@@ -161,3 +161,17 @@ class ExpectedValues:
 def weights_of(layer) -> list:
     """[w_q, w_k, w_v, w_o] of a MultiHeadAttention as arrays: the inputs of `ref.multihead`."""
     return [np.asarray(weight.data) for weight in (layer.w_q, layer.w_k, layer.w_v, layer.w_o)]
+
+
+def with_weights(layer, seed: int):
+    """Give a MultiHeadAttention the weights `ref.init_weights(seed, ...)` holds, and return the layer.
+
+    How a layer initialises its weights is the student's decision, so a test that compares outputs
+    sets the weights itself; what it expects then does not depend on that decision.
+    """
+    weights = ref.init_weights(seed, layer.embed_dim, layer.num_heads, layer.num_kv_heads)
+    for tensor, values in zip((layer.w_q, layer.w_k, layer.w_v, layer.w_o), weights):
+        if tensor.data.shape != values.shape:
+            raise AssertionError(f"a weight of shape {tensor.data.shape} where {values.shape} was expected")
+        tensor.data[...] = values
+    return layer

@@ -7,7 +7,7 @@ import tracemalloc
 import warnings
 
 import numpy as np
-from expected import weights_of
+from expected import weights_of, with_weights
 import pytest
 
 from tinytorch.core.attention import (MultiHeadAttention, ScaledDotProductAttention, blocked_attention,
@@ -119,7 +119,7 @@ def test_layers_with_block_size(ref):
           ScaledDotProductAttention(block_size=3)(q, k, v, mask=create_causal_mask(7, 9)), q, k, v,
           ref.causal_mask(7, 9))
     x = np.random.default_rng(15).normal(size=(2, 6, 16))
-    blocked = MultiHeadAttention(16, 4, num_kv_heads=2, seed=1, block_size=4)
+    blocked = with_weights(MultiHeadAttention(16, 4, num_kv_heads=2, seed=1, block_size=4), 1)
     expected, _ = ref.multihead(weights_of(blocked), 4, 2, x, keep=ref.causal_mask(6))
     np.testing.assert_allclose(blocked(x, mask=create_causal_mask(6)).data, expected, rtol=RTOL, atol=ATOL,
                                err_msg="MultiHeadAttention(16, 4, num_kv_heads=2, block_size=4), causal")

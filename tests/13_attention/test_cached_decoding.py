@@ -7,7 +7,7 @@ histories, so positions taken from the longest row, or from 0, show.
 import re
 
 import numpy as np
-from expected import weights_of
+from expected import weights_of, with_weights
 import pytest
 
 from tinytorch.core.attention import KVCache, MultiHeadAttention, create_causal_mask
@@ -72,7 +72,7 @@ def test_append_gives_every_row_its_keys_and_visible_positions(ref, before, new_
 def test_prefill_then_decode_rows_of_different_lengths(ref, num_kv_heads):
     """Row 0 gets a 3-token prompt alone; then both rows decode together: rows at different positions."""
     rng = np.random.default_rng(num_kv_heads)
-    layer = MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, seed=1)
+    layer = with_weights(MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, seed=1), 1)
     first, second = rng.normal(size=(7, 16)), rng.normal(size=(4, 16))
     cache = KVCache(max_batch_size=2, max_seq_length=9, num_heads=num_kv_heads, head_dim=4)
     prompt = layer(first[None, :3], kv_cache=cache).data
@@ -92,7 +92,7 @@ def test_prefill_then_decode_rows_of_different_lengths(ref, num_kv_heads):
 def test_any_chunking_gives_the_causal_outputs(ref, chunks):
     """Row 0 starts 2 tokens ahead; each chunk's query i sees the cache and the chunk up to i, never later."""
     rng = np.random.default_rng(10)
-    layer = MultiHeadAttention(12, 3, seed=2)
+    layer = with_weights(MultiHeadAttention(12, 3, seed=2), 2)
     first, second = rng.normal(size=(7, 12)), rng.normal(size=(5, 12))
     cache = KVCache(max_batch_size=2, max_seq_length=8, num_heads=3, head_dim=4)
     layer(first[None, :2], kv_cache=cache)
@@ -107,7 +107,7 @@ def test_any_chunking_gives_the_causal_outputs(ref, chunks):
 def test_reset_row_starts_a_new_sequence(ref):
     """Row 1 is reset and restarts at position 0 while row 0 continues at position 4."""
     rng = np.random.default_rng(13)
-    layer = MultiHeadAttention(8, 2, seed=5)
+    layer = with_weights(MultiHeadAttention(8, 2, seed=5), 5)
     cache = KVCache(max_batch_size=2, max_seq_length=7, num_heads=2, head_dim=4)
     first, old = rng.normal(size=(6, 8)), rng.normal(size=(4, 8))
     decode(layer, np.stack([first[:4], old]), [4], cache)
@@ -123,7 +123,7 @@ def test_reset_row_starts_a_new_sequence(ref):
 @GRADES
 def test_cache_rows_hold_the_projected_keys_and_values(ref):
     rng = np.random.default_rng(11)
-    layer = MultiHeadAttention(16, 4, num_kv_heads=2, seed=3)
+    layer = with_weights(MultiHeadAttention(16, 4, num_kv_heads=2, seed=3), 3)
     x = rng.normal(size=(2, 6, 16))
     cache = KVCache(max_batch_size=3, max_seq_length=10, num_heads=2, head_dim=4)
     decode(layer, x, [4, 2], cache)
@@ -138,7 +138,7 @@ def test_cache_rows_hold_the_projected_keys_and_values(ref):
 # ---------------------------------------------------------------- robustness (not graded)
 def test_rows_of_equal_length_and_a_user_mask(ref):
     rng = np.random.default_rng(12)
-    layer = MultiHeadAttention(8, 2, seed=4)
+    layer = with_weights(MultiHeadAttention(8, 2, seed=4), 4)
     x = rng.normal(size=(2, 5, 8))
     cache = KVCache(max_batch_size=2, max_seq_length=5, num_heads=2, head_dim=4)
     outputs = decode(layer, x, [3, 1, 1], cache)
@@ -156,7 +156,7 @@ def test_rows_of_equal_length_and_a_user_mask(ref):
 
 def test_overflow_through_the_layer_leaves_the_cache_unchanged(ref):
     rng = np.random.default_rng(14)
-    layer = MultiHeadAttention(8, 2, seed=6)
+    layer = with_weights(MultiHeadAttention(8, 2, seed=6), 6)
     x = rng.normal(size=(1, 7, 8))
     cache = KVCache(max_batch_size=1, max_seq_length=6, num_heads=2, head_dim=4)
     np.testing.assert_allclose(decode(layer, x, [5], cache)[0], causal_reference(ref, layer, x[0, :5]),
@@ -172,7 +172,7 @@ def test_overflow_through_the_layer_leaves_the_cache_unchanged(ref):
 
 # ---------------------------------------------------------------- errors (provided validation, not graded)
 def test_cache_with_wrong_heads_for_the_layer_raises():
-    layer = MultiHeadAttention(16, 4, num_kv_heads=2, seed=0)
+    layer = with_weights(MultiHeadAttention(16, 4, num_kv_heads=2, seed=0), 0)
     cache = KVCache(max_batch_size=1, max_seq_length=4, num_heads=4, head_dim=4)
     with pytest.raises(ValueError, match=re.escape("kv_cache has num_heads=4, head_dim=4 but the keys have "
                                                    "num_heads=2, head_dim=4")):
@@ -184,7 +184,7 @@ def test_cache_with_wrong_heads_for_the_layer_raises():
 
 
 def test_cache_rejects_too_many_rows_and_other_lengths():
-    layer = MultiHeadAttention(8, 2, seed=0)
+    layer = with_weights(MultiHeadAttention(8, 2, seed=0), 0)
     cache = KVCache(max_batch_size=1, max_seq_length=4, num_heads=2, head_dim=4)
     with pytest.raises(ValueError, match="batch of 2 rows does not fit kv_cache.max_batch_size=1"):
         layer(np.zeros((2, 2, 8)), kv_cache=cache)

@@ -36,3 +36,36 @@ def test_expected_values_refuse_the_code_under_test():
     with pytest.raises(RuntimeError, match="expected values are there to check your code, not to be its answer"):
         package_namespace["asked_by_the_package"]()
     np.testing.assert_allclose(ref.masked_softmax(scores).sum(axis=-1), 1.0)      # the tests themselves may ask
+
+
+# ---------------------------------------------------------------- the public boundary checks once
+def count_conversions(monkeypatch):
+    """Record the name of every argument the runtime converts to a float32 array."""
+    from tinytorch.core import _attention_runtime as runtime
+
+    converted, convert = [], runtime.as_float32
+
+    def counting(x, name, finite=True):
+        converted.append(name)
+        return convert(x, name, finite)
+
+    monkeypatch.setattr(runtime, "as_float32", counting)
+    return converted
+
+
+def test_a_multihead_forward_converts_each_input_once(monkeypatch):
+    from tinytorch.core.attention import KVCache, MultiHeadAttention, create_causal_mask
+
+    layer = MultiHeadAttention(16, 4, num_kv_heads=2, seed=0)
+    x, memory = np.random.default_rng(2).normal(size=(2, 5, 16)), np.random.default_rng(3).normal(size=(2, 7, 16))
+    converted = count_conversions(monkeypatch)
+    layer(x, mask=create_causal_mask(5))
+    assert converted == ["query"], converted                       # key and value default to the same array
+    converted.clear()
+    layer(x, memory, memory)
+    assert converted == ["query", "key", "value"], converted
+    cache = KVCache(2, 8, 2, 4)
+    converted.clear()
+    layer(x[:, :3], kv_cache=cache)                                # prefill: the cache's own checks read no array
+    layer(x[:, 3:4], kv_cache=cache)                               # one decoding step
+    assert converted == ["query", "query"], converted

@@ -1,14 +1,16 @@
-"""Part 5c, `MultiHeadAttention`: against the float64 head-by-head reference.
+"""Part 5c, `MultiHeadAttention`: the initialisation by its properties, the forward pass against the
+float64 head-by-head reference.
 
-The expected values come from the reference's own weights, drawn as the layer's contract says
-(`default_rng(seed)`: w_q, w_k, w_v, w_o, standard normal float32 times 1/sqrt(E)), so the
-initialisation is graded along with the forward pass. Most graded cases carry a mask with a
-fully masked row, since a layer that drops the user's mask is a realistic bug.
+How the weights start is the student's decision, so the forward tests give the layer the weights the
+reference draws (`with_weights`) and compare outputs; the initialisation is graded by what every
+sensible choice satisfies: the shapes, a spread that keeps a projection at its input's scale, and
+seeds that repeat. Most graded cases carry a mask with a fully masked row, since a layer that drops
+the user's mask is a realistic bug.
 """
 import re
 
 import numpy as np
-from expected import weights_of
+from expected import weights_of, with_weights
 import pytest
 
 from tinytorch.core.attention import MultiHeadAttention, create_causal_mask
@@ -27,6 +29,7 @@ def random_keep(rng, shape):
 
 def check(ref, case, seed, layer, x_q, x_k=None, x_v=None, mask=None, keep=None):
     """Run the layer and compare with the reference built from the seeded weights; returns (output, weights)."""
+    with_weights(layer, seed)
     output, weights = layer(x_q, x_k, x_v, mask=mask, return_attention_weights=True)
     expected_weights = ref.init_weights(seed, layer.embed_dim, layer.num_heads, layer.num_kv_heads)
     expected_output, expected_attention = ref.multihead(expected_weights, layer.num_heads, layer.num_kv_heads,
@@ -114,12 +117,45 @@ def test_identity_projections_reduce_to_attention_on_feature_slices(ref):
 def test_forward_reads_the_current_weights(ref):
     """In-place updates of w_*.data take effect."""
     rng = np.random.default_rng(11)
-    layer = MultiHeadAttention(8, 2, num_kv_heads=1, seed=12)
+    layer = with_weights(MultiHeadAttention(8, 2, num_kv_heads=1, seed=12), 12)
     for parameter in layer.parameters:
         parameter.data[...] = rng.normal(size=parameter.shape)
     x = rng.normal(size=(2, 5, 8))
     expected, _ = ref.multihead(weights_of(layer), 2, 1, x)
     np.testing.assert_allclose(layer(x).data, expected, rtol=RTOL, atol=ATOL, err_msg="after new weights")
+
+
+# ---------------------------------------------------------------- the initialisation, by its properties
+@GRADES
+@pytest.mark.parametrize("E, H, Hkv", [(256, 8, None), (256, 8, 2), (192, 4, 1)])
+def test_weights_have_the_projection_shapes_and_keep_the_input_scale(E, H, Hkv):
+    layer = MultiHeadAttention(E, H, num_kv_heads=Hkv, seed=1)
+    kv = (Hkv or H) * (E // H)
+    shapes = {"w_q": (E, E), "w_k": (E, kv), "w_v": (E, kv), "w_o": (E, E)}
+    for name, shape in shapes.items():
+        weight = getattr(layer, name)
+        assert isinstance(weight, Tensor) and weight.data.dtype == np.float32, f"{name}: a float32 Tensor"
+        assert weight.data.shape == shape, f"E={E}, H={H}, Hkv={Hkv}: {name} has shape {weight.data.shape}, expected {shape}"
+        assert np.all(np.isfinite(weight.data)) and weight.data.std() > 0, f"{name}: finite and not constant"
+    assert [w is getattr(layer, name) for w, name in zip(layer.parameters, shapes)] == [True] * 4, \
+        "parameters lists w_q, w_k, w_v, w_o, the layer's own Tensors"
+    x = np.random.default_rng(2).standard_normal((4, 16, E))                  # unit variance
+    for name in shapes:
+        spread = (x @ getattr(layer, name).data).std()
+        assert 0.4 < spread < 2.5, (f"E={E}: x @ {name} of a unit-variance x has standard deviation {spread:.3f}; "
+                                    "scale the weights so that a projection keeps its input's scale (about 1)")
+
+
+@GRADES
+def test_the_same_seed_gives_the_same_weights_and_another_seed_others():
+    first, again, other = (MultiHeadAttention(32, 4, num_kv_heads=2, seed=seed) for seed in (7, 7, 8))
+    for name in ("w_q", "w_k", "w_v", "w_o"):
+        np.testing.assert_array_equal(getattr(first, name).data, getattr(again, name).data, err_msg=f"{name}, seed 7")
+        assert not np.allclose(getattr(first, name).data, getattr(other, name).data), f"{name}: seeds 7 and 8 agree"
+    assert (first.num_heads, first.num_kv_heads, first.head_dim, first.embed_dim) == (4, 2, 8, 32)
+    layer = MultiHeadAttention(16, 4, dropout=0.25, seed=0)
+    assert layer.dropout == 0.25 and layer.attention.dropout == 0.25, "the inner attention gets the dropout"
+    assert MultiHeadAttention(16, 4, block_size=8).attention.block_size == 8, "the inner attention gets the block size"
 
 
 # ---------------------------------------------------------------- robustness (not graded)
@@ -141,7 +177,7 @@ def test_seeded_layers_agree():
 
 def test_dropout_only_in_training(ref):
     x = np.random.default_rng(15).normal(size=(2, 6, 8))
-    layer = MultiHeadAttention(8, 2, dropout=0.5, seed=5)
+    layer = with_weights(MultiHeadAttention(8, 2, dropout=0.5, seed=5), 5)
     expected, _ = ref.multihead(weights_of(layer), 2, 2, x)
     assert layer.training is True
     assert not np.allclose(layer(x).data, expected, rtol=RTOL, atol=ATOL)
@@ -151,7 +187,7 @@ def test_dropout_only_in_training(ref):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.int64])
 def test_float64_and_integer_inputs_give_float32(ref, dtype):
-    layer = MultiHeadAttention(8, 2, seed=16)
+    layer = with_weights(MultiHeadAttention(8, 2, seed=16), 16)
     x = np.random.default_rng(16).integers(-2, 3, size=(2, 3, 8)).astype(dtype)
     output = layer(x)
     assert output.dtype == np.float32

@@ -78,18 +78,18 @@ def test_the_probe_finds_a_planted_twin(probe_workspace, tmp_path, twin, student
 
 # What a student could try instead of writing a part: hand it to a provided kernel, or read the stored
 # expected values. Each replaces the stub of the function named, in a blank release.
-STUB = "# YOUR CODE HERE\n{indent}raise NotImplementedError()"
 REF = "__import__('sys').modules['expected'].ref"
+KERNEL = "__import__('tinytorch.core._attention_runtime', fromlist=['runtime'])"
 CHEATS = {
-    "create_causal_mask": f"mask = {REF}.causal_mask(seq_len, key_len)",
-    "create_padding_mask": f"mask = {REF}.padding_mask(lengths, key_len)",
-    "masked_softmax": f"weights = {REF}.masked_softmax(scores, keep)",
-    "math_attention": "output, weights = (result.data for result in fast_attention(q, k, v, keep, scale))",
-    "_attention_with_dropout": "output, weights = tuned_attention(q, k, v, keep, scale, None, True)",
-    "split_heads": f"heads = {REF}.split_heads(x, num_heads)",
-    "merge_heads": f"merged = {REF}.merge_heads(x)",
-    "repeat_kv_heads": f"repeated = {REF}.repeat_kv_heads(x, num_heads)",
-    "blocked_attention": "output[...] = fast_attention(q, k, v, keep, scale, need_weights=False)[0].data",
+    "create_causal_mask": f"return {REF}.causal_mask(seq_len, key_len)",
+    "create_padding_mask": f"return {REF}.padding_mask(lengths, key_len)",
+    "masked_softmax": f"return {REF}.masked_softmax(scores, mask)",
+    "math_attention": f"return tuple(r.data for r in {KERNEL}.fast_attention(query, key, value, mask, scale))",
+    "attention_with_dropout": f"return {KERNEL}.tuned_attention(query, key, value, mask, scale, None, True)",
+    "split_heads": f"return {REF}.split_heads(x, num_heads)",
+    "merge_heads": f"return {REF}.merge_heads(x)",
+    "repeat_kv_heads": f"return {REF}.repeat_kv_heads(x, num_heads)",
+    "blocked_attention": f"return {KERNEL}.fast_attention(query, key, value, mask, scale, need_weights=False)[0].data",
 }
 
 
@@ -104,8 +104,7 @@ def cheat(source: str) -> tuple[str, set[str]]:
         elif stripped.startswith("def ") and (function is None or indent <= depth):   # not a closure inside it
             function, depth = stripped[4:].split("(")[0], indent
         if stripped == "# YOUR CODE HERE" and function in CHEATS and lines[index + 1].strip() == "raise NotImplementedError()":
-            indent = line[: len(line) - len(line.lstrip())]
-            lines[index], lines[index + 1] = indent + CHEATS[function], indent + "pass"
+            lines[index + 1] = line[: len(line) - len(line.lstrip())] + CHEATS[function]
             replaced.add(function)
     return "\n".join(lines), replaced
 

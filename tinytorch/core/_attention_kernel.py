@@ -312,7 +312,7 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), techniques.threads)
     return output, weights
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #aa647654
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #d49d4dff
 def _project(x2d, weights, outputs, techniques) -> None:
     """outputs[i] = x2d @ weights[i], in row blocks on the pool (or by BLAS's own threads without `layer_on_pool`)."""
     rows = x2d.shape[0]
@@ -338,7 +338,6 @@ def _append_to_cache(cache, k, v) -> tuple:
             cache.cached_keys[row, :, s0:s0 + T] = k[row].transpose(1, 0, 2)
             cache.cached_values[row, :, s0:s0 + T] = v[row].transpose(1, 0, 2)
     cache.cache_lengths[:B] = starts + T
-    cache.is_active = True
     longest = int(starts.max()) + T if B else T
     return cache.cached_keys[:B, :, :longest], cache.cached_values[:B, :, :longest], starts + T
 
@@ -351,7 +350,7 @@ def multihead_attention(layer, x_q, x_k, x_v, keep, offset, kv_cache, need_weigh
         layer: reads w_q, w_k, w_v, w_o (Tensors), num_heads, num_kv_heads, head_dim.
         x_q: (B, T, E); x_k, x_v: (B, S, E), float32.
         keep: boolean mask broadcasting to (B, H, T, S), or None; offset: a causal mask's offset instead.
-        kv_cache: a KVCache (cached_keys, cached_values, cache_lengths, is_active) or None.
+        kv_cache: a KVCache (cached_keys, cached_values, cache_lengths) or None.
     """
     _refuse_while_grading()
     B, T, E = x_q.shape

@@ -4,11 +4,13 @@
 
 # %% auto #0
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'provided_kernels_refused', 'cores',
-           'inputs_checked', 'array_norm', 'all_finite', 'numeric_array', 'as_float32', 'is_number', 'check_int',
-           'check_probability', 'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask', 'causal_offset',
-           'check_attention_inputs', 'mask_over_heads', 'get_attention_backend', 'set_attention_backend',
-           'attention_backend', 'single_threaded_blas', 'tuned_attention', 'fast_attention', 'runs_tuned_layer',
-           'tuned_multihead', 'parallel_blocked_attention', 'KVCacheChecks', 'check_multihead_inputs', 'ProfilerSweeps']
+           'ENTRY_POINTS', 'inputs_checked', 'array_norm', 'all_finite', 'numeric_array', 'as_float32', 'is_number',
+           'check_int', 'check_probability', 'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask',
+           'causal_offset', 'check_attention_inputs', 'mask_over_heads', 'get_attention_backend',
+           'set_attention_backend', 'attention_backend', 'single_threaded_blas', 'tuned_attention', 'fast_attention',
+           'runs_tuned_layer', 'tuned_multihead', 'parallel_blocked_attention', 'KVCacheBase', 'check_multihead_inputs',
+           'ProfilerSweeps', 'CausalKeep', 'keep_mask', 'EntryPoint', 'entry_point', 'as_tensors', 'checked',
+           'check_layer_options']
 
 # %% ../../modules/13_attention/_attention_runtime_dev.ipynb #aaf66b48
 import math
@@ -140,7 +142,7 @@ def check_scale(scale) -> float:
         raise ValueError(f"scale must be a positive number within float32's range, got {scale!r}")
     return float(scale)
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #470e9966
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #7450f5f0
 def broadcasts_to(shape: tuple, target: tuple) -> bool:
     try:
         return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
@@ -181,7 +183,7 @@ def causal_offset(mask, seq_q: int, seq_k: int) -> int | None:
     A causal mask that only broadcasts to the scores (a (1, 1) mask is all ones) is an ordinary
     mask: its offset says nothing about which keys the scores may skip.
     """
-    if isinstance(mask, CausalMask) and mask.shape == (seq_q, seq_k):
+    if isinstance(mask, (CausalMask, CausalKeep)) and mask.offset is not None and mask.shape == (seq_q, seq_k):
         return mask.offset
     return None
 
@@ -319,7 +321,7 @@ def tuned_multihead(layer, x_q, x_k, x_v, mask, kv_cache, return_attention_weigh
                                                  return_attention_weights)
     return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #4a9817d7
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #f9245a2f
 def parallel_blocked_attention(blocked_attention, q, k, v, keep, offset: int | None, scale: float,
                                block_size: int) -> np.ndarray:
     """`blocked_attention` on checked arrays, one block of query rows per task; returns the output.
@@ -332,15 +334,17 @@ def parallel_blocked_attention(blocked_attention, q, k, v, keep, offset: int | N
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
 
     def rows_mask(r0, r1):
-        if offset is not None:                                           # (r, S), offset shifted
-            return CausalMask(np.tri(r1 - r0, S, k=offset + r0, dtype=np.float32), offset + r0)
         if keep is None or keep.ndim < 2 or keep.shape[-2] == 1:
             return keep                                                  # the same for every row
-        return keep[..., r0:r1, :]
+        rows = keep[..., r0:r1, :]
+        if offset is not None:                                           # rows r0..r1: a causal mask, offset + r0
+            rows = rows.view(CausalKeep)
+            rows.offset = offset + r0
+        return rows
 
     def rows(r0, r1):
         with inputs_checked():                  # a context variable: each pool thread enters its own
-            return blocked_attention(q[..., r0:r1, :], k, v, rows_mask(r0, r1), scale, block_size).data
+            return blocked_attention(q[..., r0:r1, :], k, v, rows_mask(r0, r1), scale, block_size)
 
     if T <= block_size or cores() == 1:
         return rows(0, T)
@@ -353,10 +357,38 @@ def parallel_blocked_attention(blocked_attention, q, k, v, keep, offset: int | N
     kernel.POOL.map(run, blocks[::-1])                                   # largest causal blocks first
     return output
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #ce84cd45
-class KVCacheChecks:
-    """Row and room checks of a KV cache with cached_keys, cache_lengths, max_batch_size, max_seq_length,
-    num_heads and head_dim."""
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #d3686365
+class KVCacheBase:
+    """The provided part of a KV cache: its preallocated arrays, one length per row, the checks of rows
+    and room, reading a row back (`get_sequence`) and emptying rows (`reset`)."""
+
+    def __init__(self, max_batch_size: int, max_seq_length: int, num_heads: int, head_dim: int):
+        self.max_batch_size = check_int(max_batch_size, "max_batch_size", 1)
+        self.max_seq_length = check_int(max_seq_length, "max_seq_length", 1)
+        self.num_heads = check_int(num_heads, "num_heads", 1)
+        self.head_dim = check_int(head_dim, "head_dim", 1)
+        shape = (self.max_batch_size, self.num_heads, self.max_seq_length, self.head_dim)
+        self.cached_keys = np.zeros(shape, dtype=np.float32)    # (B, Hkv, S_max, hd)
+        self.cached_values = np.zeros(shape, dtype=np.float32)  # (B, Hkv, S_max, hd)
+        self.cache_lengths = np.zeros(self.max_batch_size, dtype=np.int64)
+
+    @property
+    def is_active(self) -> bool:
+        """True while any row holds a position."""
+        return bool(self.cache_lengths.any())
+
+    def get_sequence(self, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """The cached (keys, values) of one row, (Hkv, length, hd) each, as views (no copies)."""
+        b = self._check_row(batch_idx)
+        end = int(self.cache_lengths[b])
+        return Tensor(self.cached_keys[b, :, :end]), Tensor(self.cached_values[b, :, :end])
+
+    def reset(self, batch_idx: int | None = None) -> None:
+        """Empty one row, or every row when `batch_idx` is None: length 0, keys and values zeroed."""
+        rows = slice(None) if batch_idx is None else self._check_row(batch_idx)
+        self.cached_keys[rows] = 0.0
+        self.cached_values[rows] = 0.0
+        self.cache_lengths[rows] = 0
 
     def check_append(self, batch: int, num_heads: int, new_len: int, head_dim: int) -> int:
         """Raise unless (batch, num_heads, new_len, head_dim) keys fit rows 0..batch-1; returns the
@@ -409,7 +441,7 @@ def check_multihead_inputs(layer, query, key, value, mask, kv_cache, return_atte
     batch, seq_q, seq_k = x_q.shape[0], x_q.shape[1], x_k.shape[1]
     if kv_cache is None:
         return x_q, x_k, x_v, mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k)
-    if not isinstance(kv_cache, KVCacheChecks):
+    if not isinstance(kv_cache, KVCacheBase):
         raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
     seq_k = kv_cache.check_append(batch, layer.num_kv_heads, seq_k, layer.head_dim)   # keys after appending
     if seq_q != x_k.shape[1]:
@@ -501,3 +533,374 @@ class ProfilerSweeps:
             "memory_exponent": cls.fit_exponent(lengths, [max(row["peak_memory_mb"], 1e-9) for row in results]),
             "seq_lengths": lengths,
         }
+
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #d82da468
+import contextlib
+import functools
+import inspect
+import tracemalloc
+from dataclasses import dataclass
+
+
+class CausalKeep(np.ndarray):
+    """A boolean causal mask that knows its offset: what a `CausalMask` becomes at the boundary.
+
+    Only the array made at the boundary carries the offset; a slice or a result computed from it
+    is an ordinary boolean array (its `offset` is None), since it need not be causal any more.
+    """
+
+    offset = None
+
+    def __array_finalize__(self, obj):
+        self.offset = None
+
+
+def keep_mask(mask, scores_shape: tuple, name: str = "mask"):
+    """`as_keep_mask`, except that a CausalMask covering the scores' last two axes keeps its offset."""
+    keep = as_keep_mask(mask, scores_shape, name)
+    offset = causal_offset(mask, *scores_shape[-2:]) if len(scores_shape) >= 2 else None
+    if offset is not None:
+        keep = keep.view(CausalKeep)
+        keep.offset = offset
+    return keep
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    check: object                      # (arguments: dict) -> None, or a _Finished result
+    publish: object = None             # (result, arguments) -> what the caller gets; default: Tensors
+    checks_nested: bool = True         # False: the code calls back into public functions, which check themselves
+    around: object = None              # (arguments: dict) -> a context manager the student's code runs in
+
+
+ENTRY_POINTS: dict[str, EntryPoint] = {}
+
+
+def entry_point(name: str, publish=None, checks_nested: bool = True, around=None):
+    """Register the check of the student function or method called `name` ("Class.method")."""
+    def register(check):
+        ENTRY_POINTS[name] = EntryPoint(check, publish, checks_nested, around)
+        return check
+    return register
+
+
+def as_tensors(result, arguments=None):
+    """Arrays as float32-preserving Tensors; tuples item by item; anything else as it is."""
+    if isinstance(result, tuple):
+        return tuple(as_tensors(item) for item in result)
+    return Tensor(result) if isinstance(result, np.ndarray) else result
+
+
+def checked(target):
+    """Make a student's function, or the methods of a student's class, public entry points."""
+    if isinstance(target, type):
+        for name, entry in ENTRY_POINTS.items():
+            owner, _, method = name.partition(".")
+            if owner == target.__name__ and method in vars(target):
+                raw = vars(target)[method]
+                if isinstance(raw, staticmethod):
+                    setattr(target, method, staticmethod(_entry(raw.__func__, entry)))
+                else:
+                    setattr(target, method, _entry(raw, entry))
+        return target
+    return _entry(target, ENTRY_POINTS[target.__qualname__])
+
+
+class _Finished:
+    """A check's finished result, returned instead of running the student's code."""
+
+    def __init__(self, result):
+        self.result = result
+
+
+def _entry(function, entry: EntryPoint):
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        if _inputs_checked.get():
+            return function(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{function.__qualname__}(): {error}") from None
+        bound.apply_defaults()
+        finished = entry.check(bound.arguments)
+        if isinstance(finished, _Finished):
+            return finished.result
+        with contextlib.ExitStack() as stack:
+            if entry.around is not None:
+                stack.enter_context(entry.around(bound.arguments))
+            if entry.checks_nested:
+                stack.enter_context(inputs_checked())
+            result = function(*bound.args, **bound.kwargs)
+        return (entry.publish or as_tensors)(result, bound.arguments)
+
+    call.student_function = function
+    return call
+
+
+# ---------------------------------------------------------------- masks and the softmax
+@entry_point("create_causal_mask", publish=lambda mask, a: CausalMask(mask, a["key_len"] - a["seq_len"]))
+def _(a):
+    a["seq_len"] = check_int(a["seq_len"], "seq_len", 0)
+    a["key_len"] = a["seq_len"] if a["key_len"] is None else check_int(a["key_len"], "key_len", 0)
+
+
+@entry_point("create_padding_mask")
+def _(a):
+    a["key_len"] = check_int(a["key_len"], "key_len", 0)
+    lengths = a["lengths"]
+    lengths = np.asarray(lengths.data if isinstance(lengths, Tensor) else lengths)
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be a 1-D array of integers, got {lengths.dtype} of shape {lengths.shape}")
+    if lengths.size and (lengths.min() < 0 or lengths.max() > a["key_len"]):
+        raise ValueError(f"lengths must lie in 0..key_len={a['key_len']}, got {lengths.tolist()}")
+    a["lengths"] = lengths
+
+
+@entry_point("masked_softmax", publish=lambda weights, a: Tensor(np.asarray(weights, dtype=np.float32)))
+def _(a):
+    scores = as_float32(a["scores"], "scores", finite=False)
+    if scores.ndim < 1:
+        raise ValueError(f"scores must have at least 1 axis, got shape {scores.shape}")
+    if np.isnan(scores).any() or np.isposinf(scores).any():
+        raise ValueError("scores hold NaN or +inf; a softmax needs finite scores (-inf means masked out)")
+    a["scores"], a["mask"] = scores, as_keep_mask(a["mask"], scores.shape)
+
+
+# ---------------------------------------------------------------- attention
+def _check_attention(a):
+    mask = a["mask"]
+    a["query"], a["key"], a["value"], _, a["scale"] = check_attention_inputs(a["query"], a["key"], a["value"], None,
+                                                                             a["scale"])
+    lead = np.broadcast_shapes(a["query"].shape[:-2], a["key"].shape[:-2], a["value"].shape[:-2])
+    a["mask"] = keep_mask(mask, lead + (a["query"].shape[-2], a["key"].shape[-2]))
+
+
+entry_point("math_attention")(_check_attention)
+
+
+@entry_point("blocked_attention")
+def _(a):
+    _check_attention(a)
+    a["block_size"] = check_int(a["block_size"], "block_size", 1)
+
+
+# ---------------------------------------------------------------- heads
+@entry_point("split_heads")
+def _(a):
+    x, a["num_heads"] = as_float32(a["x"], "x"), check_int(a["num_heads"], "num_heads", 1)
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (batch, seq, features), got shape {x.shape}")
+    if x.shape[-1] % a["num_heads"]:
+        raise ValueError(f"features={x.shape[-1]} is not divisible by num_heads={a['num_heads']}")
+    a["x"] = x
+
+
+@entry_point("merge_heads")
+def _(a):
+    a["x"] = as_float32(a["x"], "x")
+    if a["x"].ndim != 4:
+        raise ValueError(f"x must have shape (batch, heads, seq, head_dim), got shape {a['x'].shape}")
+
+
+@entry_point("repeat_kv_heads")
+def _(a):
+    x, a["num_heads"] = as_float32(a["x"], "x"), check_int(a["num_heads"], "num_heads", 1)
+    if x.ndim != 4:
+        raise ValueError(f"x must have shape (batch, kv_heads, seq, head_dim), got shape {x.shape}")
+    if x.shape[1] == 0 or a["num_heads"] % x.shape[1]:
+        raise ValueError(f"num_heads={a['num_heads']} is not a multiple of the {x.shape[1]} key/value heads")
+    a["x"] = x
+
+
+# ---------------------------------------------------------------- the attention layer
+def check_layer_options(dropout, temperature, block_size):
+    """An attention layer's checked (dropout, temperature, block_size)."""
+    dropout = check_probability(dropout, "dropout")
+    if not (is_number(temperature) and temperature > 0 and FLOAT32_TINY <= 1.0 / temperature <= FLOAT32_MAX):
+        raise ValueError(f"temperature must be a positive number within float32's range, got {temperature!r}")
+    if block_size is not None:
+        block_size = check_int(block_size, "block_size", 1)
+        if dropout > 0:
+            raise ValueError(f"dropout={dropout} needs the full weight matrix, which block_size={block_size} "
+                             "never forms; use one or the other")
+    return dropout, float(temperature), block_size
+
+
+@entry_point("ScaledDotProductAttention.__init__")
+def _(a):
+    a["dropout"], a["temperature"], a["block_size"] = check_layer_options(a["dropout"], a["temperature"],
+                                                                          a["block_size"])
+
+
+@entry_point("ScaledDotProductAttention.forward")
+def _(a):
+    if a["return_attention_weights"] and a["self"].block_size is not None:
+        raise ValueError(f"return_attention_weights=True needs the full weight matrix, which "
+                         f"block_size={a['self'].block_size} never forms")
+    mask = a["mask"]
+    a["query"], a["key"], a["value"], _, _ = check_attention_inputs(a["query"], a["key"], a["value"])
+    lead = np.broadcast_shapes(a["query"].shape[:-2], a["key"].shape[:-2], a["value"].shape[:-2])
+    a["mask"] = keep_mask(mask, lead + (a["query"].shape[-2], a["key"].shape[-2]))
+
+
+# ---------------------------------------------------------------- the multi-head layer
+@entry_point("MultiHeadAttention.__init__")
+def _(a):
+    a["embed_dim"], a["num_heads"] = check_int(a["embed_dim"], "embed_dim", 1), check_int(a["num_heads"], "num_heads", 1)
+    if a["embed_dim"] % a["num_heads"]:
+        raise ValueError(f"embed_dim={a['embed_dim']} is not divisible by num_heads={a['num_heads']}")
+    kv_heads = a["num_heads"] if a["num_kv_heads"] is None else check_int(a["num_kv_heads"], "num_kv_heads", 1)
+    if a["num_heads"] % kv_heads:
+        raise ValueError(f"num_heads={a['num_heads']} is not divisible by num_kv_heads={kv_heads}")
+    a["num_kv_heads"] = kv_heads
+    a["dropout"], _, a["block_size"] = check_layer_options(a["dropout"], 1.0, a["block_size"])
+
+
+@entry_point("MultiHeadAttention.forward",
+             publish=lambda result, a: as_tensors(tuple(np.asarray(r, dtype=np.float32) for r in result)
+                                                  if isinstance(result, tuple) else np.asarray(result, np.float32)))
+def _(a):
+    layer, wants_weights = a["self"], a["return_attention_weights"]
+    x_q, x_k, x_v, mask = check_multihead_inputs(layer, a["query"], a["key"], a["value"], a["mask"], a["kv_cache"],
+                                                 wants_weights)
+    if isinstance(mask, CausalMask):
+        mask = keep_mask(mask, (x_q.shape[1], x_k.shape[1]))
+    if runs_tuned_layer(layer):
+        return _Finished(tuned_multihead(layer, x_q, x_k, x_v, mask, a["kv_cache"], wants_weights))
+    a["query"], a["key"], a["value"], a["mask"] = x_q, x_k, x_v, mask
+
+
+def _layer_memory(counts_and_cache, a) -> dict:
+    """The student's parameter counts and cache bytes per token, with the totals and the names module 14 reads."""
+    layer, counts = a["self"], counts_and_cache["parameter_counts"]
+    total = sum(counts.values())
+    megabytes = total * np.dtype(np.float32).itemsize / 2**20
+    return {
+        "parameter_count": total, "parameter_counts": counts, "parameter_mb": megabytes,
+        "parameters_per_head": total / layer.num_heads, "parameter_mb_per_head": megabytes / layer.num_heads,
+        "kv_cache_bytes_per_token": counts_and_cache["kv_cache_bytes_per_token"],
+        "kv_cache_saving": layer.num_heads / layer.num_kv_heads,
+        "total_parameters": total, "total_parameter_memory_mb": megabytes,
+        "memory_per_head_mb": megabytes / layer.num_heads, "num_heads": layer.num_heads, "head_dim": layer.head_dim,
+    }
+
+
+entry_point("MultiHeadAttention.get_memory_usage", publish=_layer_memory)(lambda a: None)
+
+
+# ---------------------------------------------------------------- the KV cache
+@entry_point("KVCache.update")
+def _(a):
+    cache = a["self"]
+    a["batch_idx"] = b = cache._check_row(a["batch_idx"])
+    keys, values = as_float32(a["new_keys"], "new_keys"), as_float32(a["new_values"], "new_values")
+    if keys.ndim != 3 or keys.shape[0] != cache.num_heads or keys.shape[2] != cache.head_dim:
+        raise ValueError(f"new_keys has shape {keys.shape}, expected (num_heads={cache.num_heads}, "
+                         f"new_len, head_dim={cache.head_dim})")
+    if values.shape != keys.shape:
+        raise ValueError(f"new_values has shape {values.shape} but new_keys has shape {keys.shape}")
+    cache._check_room(b, keys.shape[1])
+    a["new_keys"], a["new_values"] = keys, values
+
+
+@entry_point("KVCache.append", publish=lambda result, a: result)
+def _(a):
+    keys, values = as_float32(a["new_keys"], "new_keys"), as_float32(a["new_values"], "new_values")
+    if keys.ndim != 4 or values.shape != keys.shape:
+        raise ValueError(f"new_keys and new_values must have one shape (batch, num_heads, new_len, head_dim), "
+                         f"got {keys.shape} and {values.shape}")
+    a["self"].check_append(*keys.shape)
+    a["new_keys"], a["new_values"] = keys, values
+
+
+def _cache_memory(figures, a) -> dict:
+    """The student's bytes and fill, with the per-sequence figures and the names module 14 reads."""
+    cache, megabytes = a["self"], figures["total_bytes"] / 2**20
+    return {
+        "total_mb": megabytes, "mb_per_sequence": megabytes / cache.max_batch_size,
+        "bytes_per_token": figures["bytes_per_token"], "tokens_cached": int(cache.cache_lengths.sum()),
+        "utilization": figures["utilization"], "total_cache_memory_mb": megabytes,
+        "memory_per_sequence_mb": megabytes / cache.max_batch_size, "cache_utilization": figures["utilization"],
+        "max_batch_size": cache.max_batch_size, "max_seq_length": cache.max_seq_length,
+        "num_heads": cache.num_heads, "head_dim": cache.head_dim,
+    }
+
+
+entry_point("KVCache.get_memory_usage", publish=_cache_memory)(lambda a: None)
+
+
+# ---------------------------------------------------------------- the profiler
+@entry_point("AttentionProfiler.__init__")
+def _(a):
+    a["repeats"], a["warmup"] = check_int(a["repeats"], "repeats", 1), check_int(a["warmup"], "warmup", 0)
+    a["seed"] = check_int(a["seed"], "seed", 0)
+
+
+def _check_callable(a):
+    if not callable(a["function"]):
+        raise TypeError(f"function must be callable, got {type(a['function']).__name__}")
+
+
+entry_point("AttentionProfiler.measure_time", publish=lambda result, a: result, checks_nested=False)(_check_callable)
+
+
+@contextmanager
+def _tracing(a):
+    """tracemalloc on for the call, and off after it unless it was on before."""
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        yield
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+
+
+entry_point("AttentionProfiler.peak_memory", publish=lambda result, a: int(result), checks_nested=False,
+            around=_tracing)(_check_callable)
+
+
+@entry_point("AttentionProfiler.fit_exponent", publish=lambda slope, a: float(slope))
+def _(a):
+    sizes, costs = np.asarray(a["sizes"], dtype=np.float64), np.asarray(a["costs"], dtype=np.float64)
+    if sizes.shape != costs.shape or sizes.ndim != 1 or sizes.size < 2:
+        raise ValueError(f"fitting an exponent needs two 1-D arrays of the same length >= 2, "
+                         f"got shapes {sizes.shape} and {costs.shape}")
+    if not (np.all(np.isfinite(sizes)) and np.all(np.isfinite(costs)) and np.all(sizes > 0) and np.all(costs > 0)):
+        raise ValueError("sizes and costs must be positive finite numbers to take their logarithms")
+    if np.all(sizes == sizes[0]):
+        raise ValueError(f"fitting an exponent needs at least two different sizes, got {sizes.tolist()}")
+    a["sizes"], a["costs"] = sizes, costs
+
+
+def _as_array(x) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else np.asarray(x.data)
+
+
+def _generation_report(loops, a) -> dict:
+    """The student's measured loops, summarised: medians per token, the speed-up, and how closely the ways agree."""
+    cached_ms, recompute_ms = loops["cached_ms"], loops["recompute_ms"]
+    return {
+        "prompt_length": a["prompt_length"], "new_tokens": a["new_tokens"], "prefill_ms": loops["prefill_ms"],
+        "cached_token_ms": cached_ms, "recompute_token_ms": recompute_ms,
+        "cached_ms_per_token": float(np.median(cached_ms)), "recompute_ms_per_token": float(np.median(recompute_ms)),
+        "speedup": float(np.sum(recompute_ms) / np.sum(cached_ms)),
+        "max_abs_difference": float(np.max(np.abs(np.concatenate([_as_array(o) for o in loops["cached_out"]], axis=1)
+                                                  - np.concatenate([_as_array(o) for o in loops["recompute_out"]],
+                                                                   axis=1)))),
+        "blas_threads": a["self"].blas_threads,
+    }
+
+
+@entry_point("AttentionProfiler.compare_generation", publish=_generation_report, checks_nested=False,
+             around=lambda a: single_threaded_blas())
+def _(a):
+    layer = a["attention_layer"]
+    if "MultiHeadAttention" not in [cls.__name__ for cls in type(layer).__mro__]:
+        raise TypeError(f"attention_layer must be a MultiHeadAttention, got {type(layer).__name__}")
+    for name, minimum in (("prompt_length", 1), ("new_tokens", 1), ("batch_size", 1)):
+        a[name] = check_int(a[name], name, minimum)
