@@ -80,7 +80,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         raise TitoError(f"{module.folder_name} has no graded parts to choose from; "
                         f"run all its tests with `tito test {module.number}`", exit_code=2)
     part = select_part(module, args.part) if args.part is not None else None
-    for line in export_if_changed(root, "test"):
+    for line in export_if_changed(root, "test", force=args.force):
         print(line, flush=True)
     if args.verbose or args.pytest_args or not graded:
         return _run_pytest(module, part, args.verbose, args.pytest_args)
@@ -122,7 +122,7 @@ def cmd_grade(args: argparse.Namespace) -> int:
     module = resolve_module(root, args.module)
     to_stdout = args.json is not None and str(args.json) == "-"
     if args.package is None:                      # grading this workspace: never its stale package
-        for line in export_if_changed(root, "grade"):
+        for line in export_if_changed(root, "grade", force=args.force):
             print(line, file=sys.stderr if to_stdout else sys.stdout, flush=True)
     result = grade(root, args.module, args.package, timeout=args.timeout)
     print(format_report(result, module.relative(module.source)), file=sys.stderr if to_stdout else sys.stdout)
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("-v", "--verbose", action="store_true", help="show pytest's full output instead of the summary")
     test.add_argument("--timeout", type=float, default=600,
                       help="seconds the tests may run for the summary; unfinished tests count as failed (default: 600)")
+    test.add_argument("--force", action="store_true",
+                      help="export even over edited generated files, keeping them as .bak copies (as tito export --force)")
     test.set_defaults(handler=cmd_test, pytest_args=[])
 
     run = commands.add_parser(
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write the result as JSON to PATH ('-': JSON on standard output, the table on standard error)")
     grade.add_argument("--timeout", type=float, default=600,
                        help="seconds the tests may run in all; unfinished tests count as failed (default: 600)")
+    grade.add_argument("--force", action="store_true",
+                       help="export even over edited generated files, keeping them as .bak copies (as tito export --force)")
     grade.set_defaults(handler=cmd_grade)
 
     bench = commands.add_parser(

@@ -40,8 +40,9 @@ def changes_since_export(root: Path) -> dict[Module, list[str]]:
     return changed
 
 
-def export_if_changed(root: Path, command: str) -> list[str]:
-    """Export every module changed since the last export; returns the line to print (or nothing)."""
+def export_if_changed(root: Path, command: str, force: bool = False) -> list[str]:
+    """Export every module changed since the last export (with `force`, as `tito export --force` does);
+    returns the line to print (or nothing)."""
     changed = changes_since_export(root)
     if not changed:
         return []
@@ -49,9 +50,11 @@ def export_if_changed(root: Path, command: str) -> list[str]:
     numbers = " ".join(module.number for module in changed)
     described = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
     try:
-        export(root, list(changed))
+        export(root, list(changed), force=force)
     except TitoError as error:
         raise TitoError(f"{described} changed since the last export, and exporting it failed, so nothing "
-                        f"was {'graded' if command == 'grade' else 'tested'}:\n{error}") from error
+                        f"was {'graded' if command == 'grade' else 'tested'}:\n{error}\n"
+                        f"(`tito {command} {numbers} --force` exports as `tito export {numbers} --force` does, "
+                        f"then {'grades' if command == 'grade' else 'tests'})") from error
     return [f"tito {command}: {described} changed since the last export; "
             f"exported first, as `tito export {numbers}` does"]

@@ -8,7 +8,7 @@ in proportion to its tests that pass. Parts graded by hand (markdown answers) ar
 their points, and whether they still say "YOUR ANSWER HERE", but never counted as earned here.
 
 Failures are shown in the student's terms: the frames of the test and of the student's code,
-each package line mapped back to its line in `*_dev.py` and its notebook cell (tito/tracemap.py);
+each package line mapped back to its line in `*_dev.py` (tito/tracemap.py);
 pytest's, pluggy's and hypothesis's own frames are left out. `tito test` shares this machinery.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from tito.tracemap import locate
 from tito.workspace import Module, TitoError, resolve_module
 
 TEST_PREFIX = "test-"   # a grade cell's grade_id is its part's name with this prefix
+UNGRADED_ROW = "other checks"   # tests that grade no part: edge cases, and provided code run through the student's
 STUBS_NAMED = 3         # a "not done yet" note names at most this many stubs
 
 
@@ -42,6 +43,7 @@ class Part:
     passed: int = 0
     failures: list[dict] = field(default_factory=list)
     answered: bool | None = None   # a hand-graded answer: False while it still says YOUR ANSWER HERE
+    functions: list[str] = field(default_factory=list)   # what the part checks: "name (line N)" in the source
 
     @property
     def earned(self) -> float:
@@ -49,13 +51,46 @@ class Part:
 
 
 def graded_parts(module: Module) -> list[Part]:
-    """The graded cells of the module's notebook, in order, with their points."""
-    parts = []
+    """The graded cells of the module's notebook, in order, with their points and, for an auto-graded
+    part, the functions of the solution cells since the previous grade cell (what its tests check)."""
+    parts, written, previous = [], [], []
+    source_lines = module.main.path.read_text(encoding="utf-8").splitlines()
     for cell in read_source(module.main).cells:
         meta = cell.metadata.get("nbgrader", {})
+        if meta.get("solution") and cell.cell_type == "code":
+            written += _written_functions(cell.source)
         if meta.get("grade"):
-            parts.append(Part(meta["grade_id"], float(meta.get("points", 0)), manual=cell.cell_type == "markdown"))
+            manual = cell.cell_type == "markdown"
+            functions = [] if manual else [_with_line(name, source_lines) for name in written] or previous
+            parts.append(Part(meta["grade_id"], float(meta.get("points", 0)), manual=manual, functions=functions))
+            previous, written = (previous if manual else functions), []
     return parts
+
+
+def _written_functions(source: str) -> list[str]:
+    """The functions and `Class.method`s a solution cell defines, in order; properties are provided, not written."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    found = []
+    for node in tree.body:
+        inner = node.body if isinstance(node, ast.ClassDef) else [node]
+        for item in inner:
+            provided = any(isinstance(decorator, ast.Name) and decorator.id == "property" for decorator in
+                           getattr(item, "decorator_list", []))
+            if isinstance(item, ast.FunctionDef) and not provided:
+                found.append(f"{node.name}.{item.name}" if isinstance(node, ast.ClassDef) else item.name)
+    return found
+
+
+def _with_line(name: str, source_lines: list[str]) -> str:
+    """`name (line N)`, N the line of its `def` in the source (inside its class, for a method)."""
+    owner, _, function = name.rpartition(".")
+    start = next((index for index, text in enumerate(source_lines) if text.startswith(f"class {owner}")), 0) if owner else 0
+    line = next((index + 1 for index in range(start, len(source_lines))
+                 if source_lines[index].lstrip().startswith(f"def {function}(")), None)
+    return f"{name} (line {line})" if line else name
 
 
 def part_name(grade_id: str) -> str:
@@ -232,8 +267,7 @@ def _student_frames(frames: list[dict], module: Module, package: Path) -> list[d
 
 
 def _frame_lines(frame: dict) -> list[str]:
-    cell = f", notebook cell {frame['cell']}" if frame["cell"] else ""
-    return [f"{frame['path']}:{frame['line']}{cell}, in {frame['function']}", f"    {frame['code']}"]
+    return [f"{frame['path']}:{frame['line']}, in {frame['function']}", f"    {frame['code']}"]
 
 
 def failure_text(failure: dict, frame_limit: int = 8, message_limit: int = 12) -> list[str]:
@@ -356,7 +390,7 @@ def _todo_note(failures: list[dict], source_hint: str) -> str | None:
     named = []
     for function, todo in list(stubs.items())[:STUBS_NAMED]:
         elsewhere = f"{todo['path']}:" if todo["path"] != source_hint else "line "
-        named.append(f"{function}() ({elsewhere}{todo['line']}, cell {todo['cell']})" if todo["line"] else f"{function}()")
+        named.append(f"{function}() ({elsewhere}{todo['line']})" if todo["line"] else f"{function}()")
     more = f" and {len(stubs) - STUBS_NAMED} more" if len(stubs) > STUBS_NAMED else ""
     return f"not done yet: {', '.join(named)}{more} still raise{'s' if len(stubs) == 1 else ''} NotImplementedError"
 
@@ -400,10 +434,12 @@ def format_report(result: dict, source_hint: str) -> str:
         lines.append("")
         note = _todo_note(part["failures"], source_hint)
         if note:
-            lines.append(f"{part['grade_id']}: {note} (lines and cells of {source_hint})")
+            lines.append(f"{part['grade_id']}: {note} (lines of {source_hint})")
             continue
         first = _first_real_failure(part)
         lines.append(f"{part['grade_id']}: {len(part['failures'])} test(s) failed; first: {first['test']}")
+        if part.get("functions"):
+            lines.append(f"    it checks your {', '.join(part['functions'])}")
         lines.extend("    " + line for line in first["traceback"].strip().splitlines()[-25:])
     return "\n".join(lines)
 
@@ -411,18 +447,21 @@ def format_report(result: dict, source_hint: str) -> str:
 def format_summary(result: dict, source_hint: str, selected: bool) -> str:
     """What `tito test` prints by default: tests passed per part, and each failing part's first failure."""
     rows = [(part_name(part["grade_id"]), part) for part in result["parts"] if not part["manual"]]
-    if result["ungraded"]["tests"]:
-        rows.append(("(not graded)", result["ungraded"]))
     passed = sum(row["passed"] for _, row in rows)
     total = sum(len(row["tests"]) if isinstance(row["tests"], list) else row["tests"] for _, row in rows)
+    ungraded = result["ungraded"]
+    if ungraded["tests"]:
+        rows.append((UNGRADED_ROW, ungraded))
     lines = [f"tito test {result['module']}: the tests of {result['tests']} against {result['graded_file']}",
-             f"(lines and cells below are those of {source_hint} and its notebook)", "",
+             f"(lines below are those of {source_hint})", "",
              f"{'part':<26} {'passed':>7}  status"]
     details: list[str] = []
     for name, row in rows:
         count = row["tests"] if isinstance(row["tests"], int) else len(row["tests"])
         note = _todo_note(row["failures"], source_hint)
-        if not count:
+        if name == UNGRADED_ROW:
+            status = "ok" if not row["failures"] else "not graded: edge cases and provided code, run through your code"
+        elif not count:
             status = "no tests"
         elif not row["failures"]:
             status = "ok"
@@ -432,6 +471,8 @@ def format_summary(result: dict, source_hint: str, selected: bool) -> str:
             first = _first_real_failure(row)
             status = f"{len(row['failures'])} failed"
             details += ["", f"{name}: first failure of {len(row['failures'])}: {first['test']}"]
+            if row.get("functions"):
+                details.append(f"    it checks your {', '.join(row['functions'])}")
             details += ["    " + line for line in failure_text(first, frame_limit=4, message_limit=10)]
         lines.append(f"{name:<26} {str(row['passed']) + '/' + str(count):>7}  {status}")
     lines.extend(_answer_lines(result))
@@ -442,5 +483,7 @@ def format_summary(result: dict, source_hint: str, selected: bool) -> str:
         lines += ["", f"One part's tests: tito test {result['number']} PART (e.g. tito test {result['number']} "
                   f"{rows[0][0]}); pytest's full output: tito test {result['number']} -v"]
     skipped = f", {result['skipped']} skipped" if result["skipped"] else ""
+    if ungraded["tests"]:
+        lines += ["", f"other checks (not graded): {ungraded['passed']} of {ungraded['tests']} pass"]
     lines += ["", f"{passed} passed, {total - passed} failed{skipped}"]
     return "\n".join(lines)

@@ -20,14 +20,42 @@ def _plain(text: str) -> str:
     return text if sys.stdout.isatty() else ANSI_ESCAPE.sub("", text)
 
 
-def _cell_label(cell, index: int, total: int) -> str:
+PART_HEADING = re.compile(r"^#+\s*(Part \d+)", re.M)
+IPYTHON_PLACE = re.compile(r"Cell In\[(\d+)\], line (\d+)")
+
+
+def _places(notebook, source_name: str) -> list[tuple[str, str]]:
+    """For each cell: where it starts in the percent source ("attention_dev.py:173") and its part."""
+    import jupytext
+
+    lines = jupytext.writes(notebook, fmt="py:percent").splitlines()
+    markers = [index + 1 for index, line in enumerate(lines) if line.startswith("# %%")]
+    places, part = [], "introduction"
+    for cell, marker in zip(notebook.cells, markers):
+        if cell.cell_type == "markdown" and (heading := PART_HEADING.search(cell.source)):
+            part = heading.group(1)
+        places.append((f"{source_name}:{marker + 1}", part))
+    return places
+
+
+def _cell_label(cell, place: tuple[str, str]) -> str:
     grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-    first_line = next((line for line in cell.source.splitlines() if line.strip()), "")
-    name = grade_id or first_line[:60]
-    return f"[{index:>3}/{total}] {name}"
+    first_line = next((line for line in cell.source.splitlines() if line.strip() and not line.startswith("#|")), "")
+    return f"{place[0]} ({place[1]}) {grade_id or first_line[:50]}"
 
 
-def _print_outputs(cell, figures_dir: Path, cell_index: int) -> list[Path]:
+def _in_source_terms(text: str, starts: dict[int, str]) -> str:
+    """IPython's "Cell In[7], line 3" as the source line it is: "attention_dev.py:176"."""
+    def source_line(match):
+        start = starts.get(int(match.group(1)))
+        if start is None:
+            return match.group(0)
+        name, line = start.rsplit(":", 1)
+        return f"{name}:{int(line) + int(match.group(2)) - 1}"
+    return IPYTHON_PLACE.sub(source_line, text)
+
+
+def _print_outputs(cell, figures_dir: Path, figure_name: str) -> list[Path]:
     """Print the text a cell produced and save its images; returns the image paths."""
     saved = []
     for output_index, output in enumerate(cell.get("outputs", [])):
@@ -38,7 +66,7 @@ def _print_outputs(cell, figures_dir: Path, cell_index: int) -> list[Path]:
             data = output.get("data", {})
             if "image/png" in data:
                 figures_dir.mkdir(parents=True, exist_ok=True)
-                path = figures_dir / f"cell{cell_index:03d}_{output_index}.png"
+                path = figures_dir / f"{figure_name}_{output_index}.png"
                 path.write_bytes(base64.b64decode(data["image/png"]))
                 saved.append(path)
                 text = f"[figure saved to {path}]\n"
@@ -84,6 +112,7 @@ def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 9
     text, origin = current_source(module)
     notebook = read_source(module.main, text)
     code_cells = [(index, cell) for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
+    places = _places(notebook, module.main.path.name)
     client = NotebookClient(
         notebook, timeout=timeout, kernel_name="python3",
         resources={"metadata": {"path": str(module.folder)}},
@@ -93,35 +122,40 @@ def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 9
     started = time.perf_counter()
     saved: list[Path] = []
     timings: list[dict] = []
-    for stale in figures_dir.glob("cell*.png") if figures_dir.is_dir() else []:
+    for stale in figures_dir.glob("*.png") if figures_dir.is_dir() else []:
         stale.unlink()                                   # figures of an earlier run
     # The kernel imports this workspace's tinytorch, whatever else is installed.
     kernel_env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(module.root)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     try:
         with client.setup_kernel(env=kernel_env):
-            for position, (index, cell) in enumerate(code_cells, start=1):
-                label = _cell_label(cell, position, len(code_cells))
+            starts: dict[int, str] = {}                  # IPython's execution count -> where the cell starts
+            for index, cell in code_cells:
+                label = _cell_label(cell, places[index])
+                figure_name = places[index][0].replace(".py:", "_line")
                 cell_started = time.perf_counter()
                 try:
                     client.execute_cell(cell, index)
                 except CellExecutionError as error:
-                    _print_outputs(cell, figures_dir, index)
+                    starts[cell.get("execution_count") or -1] = places[index][0]
+                    _print_outputs(cell, figures_dir, figure_name)
                     print(f"{label}  FAILED")
-                    print(_plain(str(error)))
+                    print(_in_source_terms(_plain(str(error)), starts))
                     _write_timings(json_path, module, timings, time.perf_counter() - started, passed=False)
                     return 1
+                starts[cell.get("execution_count") or -1] = places[index][0]
                 seconds = time.perf_counter() - cell_started
-                timings.append({"cell": index + 1, "label": label.split("] ", 1)[1], "seconds": round(seconds, 3)})
+                timings.append({"cell": index + 1, "place": places[index][0], "label": label,
+                                "seconds": round(seconds, 3)})
                 print(f"{label}  ok ({seconds:.2f}s)")
-                saved.extend(_print_outputs(cell, figures_dir, index))
+                saved.extend(_print_outputs(cell, figures_dir, figure_name))
     except Exception as error:  # the kernel itself failed to start or died
         raise TitoError(f"the Jupyter kernel failed: {type(error).__name__}: {error}") from error
     total = time.perf_counter() - started
     print(f"tito run {module.folder_name}: all {len(code_cells)} code cells passed in {total:.1f}s")
     if timings:
         slowest = max(timings, key=lambda timing: timing["seconds"])
-        print(f"slowest cell: notebook cell {slowest['cell']} ({slowest['label']}), {slowest['seconds']:.2f}s")
+        print(f"slowest cell: {slowest['label']}, {slowest['seconds']:.2f}s")
     _write_timings(json_path, module, timings, total, passed=True)
     if saved:
         print(f"figures saved to {figures_dir}")

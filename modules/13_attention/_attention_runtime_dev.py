@@ -735,6 +735,7 @@ def _entry(function, entry: EntryPoint):
 
     @functools.wraps(function)
     def call(*args, **kwargs):
+        __tracebackhide__ = True                       # IPython and pytest show the student's frame, not this one
         if _inputs_checked.get():
             return function(*args, **kwargs)
         try:

@@ -534,7 +534,7 @@ class ProfilerSweeps:
             "seq_lengths": lengths,
         }
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #d82da468
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #49b58d9e
 import contextlib
 import functools
 import inspect
@@ -618,6 +618,7 @@ def _entry(function, entry: EntryPoint):
 
     @functools.wraps(function)
     def call(*args, **kwargs):
+        __tracebackhide__ = True                       # IPython and pytest show the student's frame, not this one
         if _inputs_checked.get():
             return function(*args, **kwargs)
         try:
