@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['create_causal_mask', 'create_padding_mask', 'masked_softmax', 'math_attention', 'ScaledDotProductAttention',
            'split_heads', 'merge_heads', 'repeat_kv_heads', 'MultiHeadAttention', 'KVCache', 'blocked_attention',
-           'AttentionProfiler', 'ATTENTION_BACKENDS', 'CausalMask', 'get_attention_backend', 'set_attention_backend',
-           'attention_backend', 'fast_attention']
+           'AttentionProfiler', 'PagedKVCache', 'simulate_serving', 'kv_cache_capacity', 'ATTENTION_BACKENDS',
+           'CausalMask', 'get_attention_backend', 'set_attention_backend', 'attention_backend', 'fast_attention']
 
-# %% ../../modules/13_attention/attention_dev.ipynb #1b4f22d9
+# %% ../../modules/13_attention/attention_dev.ipynb #4c71e425
 import math
 import time
 import tracemalloc
@@ -17,10 +17,10 @@ import numpy as np
 
 from .tensor import ParameterList, Tensor
 from tinytorch.core._attention_runtime import (
-    ATTENTION_BACKENDS, FLOAT32_MAX, FLOAT32_TINY, CausalMask, KVCacheChecks, Layer, ProfilerSweeps, as_float32,
-    as_keep_mask, attention_backend, causal_offset, check_attention_inputs, check_int, check_multihead_inputs,
-    check_probability, fast_attention, get_attention_backend, inputs_checked, is_number, parallel_blocked_attention,
-    set_attention_backend, single_threaded_blas, tuned_attention,
+    ATTENTION_BACKENDS, FLOAT32_MAX, FLOAT32_TINY, CausalMask, KVCacheChecks, Layer, PagedKVCacheChecks, ProfilerSweeps,
+    as_float32, as_keep_mask, attention_backend, causal_offset, check_attention_inputs, check_capacity_inputs, check_int,
+    check_multihead_inputs, check_probability, check_serving_inputs, fast_attention, get_attention_backend,
+    inputs_checked, is_number, parallel_blocked_attention, set_attention_backend, single_threaded_blas, tuned_attention,
 )
 
 # %% ../../modules/13_attention/attention_dev.ipynb #667a3576
@@ -597,6 +597,221 @@ class AttentionProfiler(ProfilerSweeps):
                                                        - np.concatenate(recompute_out, axis=1)))),
             "blas_threads": self.blas_threads,
         }
+
+# %% ../../modules/13_attention/attention_dev.ipynb #14eb6f69
+class PagedKVCache(PagedKVCacheChecks):
+    """Keys and values in a pool of fixed-size blocks, one block table per sequence (vLLM's PagedAttention).
+
+    Creating sequences, the checks of sequences and room, and the memory report
+    (`PagedKVCacheChecks`) are provided in the runtime.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, num_heads: int, head_dim: int):
+        self.num_blocks = check_int(num_blocks, "num_blocks", 1)
+        self.block_size = check_int(block_size, "block_size", 1)
+        self.num_heads = check_int(num_heads, "num_heads", 1)
+        self.head_dim = check_int(head_dim, "head_dim", 1)
+        shape = (self.num_blocks, self.num_heads, self.block_size, self.head_dim)
+        self.key_blocks = np.zeros(shape, dtype=np.float32)        # (N, Hkv, block_size, hd)
+        self.value_blocks = np.zeros(shape, dtype=np.float32)      # (N, Hkv, block_size, hd)
+        self.free_blocks = list(range(self.num_blocks))            # taken from the front, returned to the end
+        self.ref_counts = np.zeros(self.num_blocks, dtype=np.int64)  # how many block tables hold each block
+        self.block_tables: dict[int, list[int]] = {}               # sequence id -> its block ids, in order
+        self.lengths: dict[int, int] = {}                          # sequence id -> the tokens it holds
+        self.finished: set[int] = set()                            # sequences already freed
+        self.batch: list[int] = []                                 # the sequences of batch rows 0..B-1
+        self.next_sequence_id = 0
+
+    def append_tokens(self, sequence_id: int, new_keys, new_values) -> tuple[Tensor, Tensor]:
+        """Append (Hkv, new_len, hd) keys and values to a sequence, taking blocks as it needs them.
+
+        Returns:
+            (keys, values): the sequence's whole cache, (Hkv, length, hd) each.
+        """
+        s = self._check_sequence(sequence_id)
+        keys, values = self._check_new_tokens(new_keys, new_values)
+        self._check_room([s], keys.shape[1])
+        ### BEGIN SOLUTION
+        table, length, new_len = self.block_tables[s], self.lengths[s], keys.shape[1]
+        if new_len and length % self.block_size and self.ref_counts[table[-1]] > 1:   # a shared, partly filled block
+            copy = self.free_blocks.pop(0)                                 # copy on write
+            self.key_blocks[copy] = self.key_blocks[table[-1]]
+            self.value_blocks[copy] = self.value_blocks[table[-1]]
+            self.ref_counts[table[-1]] -= 1
+            self.ref_counts[copy] = 1
+            table[-1] = copy
+        while len(table) < -(-(length + new_len) // self.block_size):    # ceil: the blocks the new length needs
+            table.append(self.free_blocks.pop(0))
+            self.ref_counts[table[-1]] = 1
+        positions = length + np.arange(new_len)                            # (T,) the new tokens' positions
+        blocks = np.array(table, dtype=np.int64)[positions // self.block_size]   # (T,) their blocks
+        slots = positions % self.block_size                                # (T,) their slots in those blocks
+        self.key_blocks[blocks, :, slots] = keys.transpose(1, 0, 2)         # (T, Hkv, hd)
+        self.value_blocks[blocks, :, slots] = values.transpose(1, 0, 2)
+        self.lengths[s] = length + new_len
+        ### END SOLUTION
+        return self.get_sequence(s)
+
+    def get_sequence(self, sequence_id: int) -> tuple[Tensor, Tensor]:
+        """The sequence's (keys, values), (Hkv, length, hd) each, read through its block table."""
+        s = self._check_sequence(sequence_id)
+        ### BEGIN SOLUTION
+        table, length = self.block_tables[s], self.lengths[s]
+        slots = len(table) * self.block_size
+        keys = self.key_blocks[table].transpose(1, 0, 2, 3)          # (Hkv, blocks, block_size, hd)
+        keys = keys.reshape(self.num_heads, slots, self.head_dim)[:, :length]       # (Hkv, length, hd)
+        values = self.value_blocks[table].transpose(1, 0, 2, 3)
+        values = values.reshape(self.num_heads, slots, self.head_dim)[:, :length]
+        ### END SOLUTION
+        return Tensor(keys), Tensor(values)
+
+    def fork(self, sequence_id: int) -> int:
+        """A new sequence sharing every block of `sequence_id` (copy-on-write); returns its id."""
+        s = self._check_sequence(sequence_id)
+        child = self.add_sequence()
+        ### BEGIN SOLUTION
+        self.block_tables[child] = list(self.block_tables[s])        # a copy of the table, not of the blocks
+        self.lengths[child] = self.lengths[s]
+        for block in self.block_tables[s]:
+            self.ref_counts[block] += 1
+        ### END SOLUTION
+        return child
+
+    def free(self, sequence_id: int) -> None:
+        """Finish a sequence: its blocks that no other sequence holds return to the free list."""
+        s = self._check_sequence(sequence_id)
+        ### BEGIN SOLUTION
+        for block in self.block_tables.pop(s):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.append(block)
+        del self.lengths[s]
+        ### END SOLUTION
+        self.finished.add(s)
+
+# %% ../../modules/13_attention/attention_dev.ipynb #439c59c7
+def _paged_kv_cache_append(self, new_keys, new_values):
+    """Append (B, Hkv, T, hd) keys and values to the sequences named by `set_batch`; return what each query may see.
+
+    Returns:
+        keys, values: (B, Hkv, L, hd) arrays, each sequence's cache padded with zeros to the longest L;
+        visible: (B, 1, T, L) boolean mask, True where query i of row b may attend to key j.
+    """
+    new_keys, new_values = as_float32(new_keys, "new_keys"), as_float32(new_values, "new_values")
+    if new_keys.ndim != 4 or new_values.shape != new_keys.shape:
+        raise ValueError(f"new_keys and new_values must have one shape (batch, num_heads, new_len, head_dim), "
+                         f"got {new_keys.shape} and {new_values.shape}")
+    B, Hkv, T, hd = new_keys.shape
+    longest = self.check_append(B, Hkv, T, hd)
+    ### BEGIN SOLUTION
+    keys = np.zeros((B, Hkv, longest, hd), dtype=np.float32)                # (B, Hkv, L, hd)
+    values = np.zeros((B, Hkv, longest, hd), dtype=np.float32)
+    for b, sequence_id in enumerate(self.batch):
+        row_keys, row_values = self.append_tokens(sequence_id, new_keys[b], new_values[b])   # (Hkv, length, hd)
+        keys[b, :, :row_keys.shape[1]] = row_keys.data
+        values[b, :, :row_values.shape[1]] = row_values.data
+    lengths = np.array([self.lengths[s] for s in self.batch], dtype=np.int64)   # (B,) after appending
+    query_positions = lengths[:, None] - T + np.arange(T)[None, :]          # (B, T)
+    key_positions = np.arange(longest)                                      # (L,)
+    visible = key_positions[None, None, :] <= query_positions[:, :, None]   # (B, T, L)
+    visible = visible[:, None]                                              # (B, 1, T, L)
+    ### END SOLUTION
+    return keys, values, visible
+
+
+PagedKVCache.append = _paged_kv_cache_append
+
+# %% ../../modules/13_attention/attention_dev.ipynb #5b854076
+def simulate_serving(requests, budget_tokens: int, max_seq_length: int, block_size: int | None = None) -> dict:
+    """Serve requests one token per step under a budget of cache slots, and record each step's memory.
+
+    Args:
+        requests: (N, 3) integers (arrival step, prompt length, output length), in order of arrival.
+        budget_tokens: the cache's size, in token slots.
+        max_seq_length: the longest a request can grow, prompt plus output.
+        block_size: None reserves a region of max_seq_length slots per request; an integer pages the
+            cache in blocks of that many slots.
+    Returns:
+        dict: tokens, allocated, running (one number per step: real tokens, slots held, requests running),
+        finish_step (one per request) and preemptions (how many times a request was preempted).
+    """
+    requests, budget_tokens, max_seq_length, block_size = check_serving_inputs(requests, budget_tokens,
+                                                                               max_seq_length, block_size)
+    arrival, prompt, output = requests.T                             # (N,) each
+    tokens, allocated, running_count = [], [], []
+    finish_step = np.full(len(requests), -1, dtype=np.int64)
+    preemptions = 0
+    ### BEGIN SOLUTION
+    def slots(length):                                               # the cache slots a request of `length` holds
+        return max_seq_length if block_size is None else -(-length // block_size) * block_size
+
+    waiting, running = list(range(len(requests))), []                # request indices, in order
+    length, generated = {}, np.zeros(len(requests), dtype=np.int64)
+    held, step = 0, 0
+    while waiting or running:
+        i = 0
+        while i < len(running):                                      # 1. every running request generates a token
+            r = running[i]
+            growth = slots(length[r] + 1) - slots(length[r])
+            while held + growth > budget_tokens:                     # no room: preempt the newest
+                newest = running.pop()
+                held -= slots(length.pop(newest))
+                waiting.insert(0, newest)
+                preemptions += 1
+                if newest == r:
+                    break
+            if r in length:
+                length[r] += 1
+                generated[r] += 1
+                held += growth
+                i += 1
+        while waiting and arrival[waiting[0]] <= step:               # 2. admit in order of arrival
+            r = waiting[0]
+            if held + slots(prompt[r] + generated[r] + 1) > budget_tokens:
+                break
+            running.append(waiting.pop(0))
+            length[r] = prompt[r] + generated[r] + 1                 # prefill, and its next token
+            generated[r] += 1
+            held += slots(length[r])
+        tokens.append(sum(length.values()))                          # 3. this step's memory
+        allocated.append(held)
+        running_count.append(len(running))
+        for r in [r for r in running if generated[r] == output[r]]:  # 4. finished requests free their slots
+            running.remove(r)
+            held -= slots(length.pop(r))
+            finish_step[r] = step
+        step += 1
+    ### END SOLUTION
+    return {"tokens": np.array(tokens, dtype=np.int64), "allocated": np.array(allocated, dtype=np.int64),
+            "running": np.array(running_count, dtype=np.int64), "finish_step": finish_step,
+            "preemptions": preemptions}
+
+# %% ../../modules/13_attention/attention_dev.ipynb #7c872111
+def kv_cache_capacity(memory_bytes: int, num_parameters: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                      bytes_per_number: int = 2, batch_size: int = 1, context_length: int | None = None) -> dict:
+    """How much KV cache fits on an accelerator after the model's weights.
+
+    Args:
+        memory_bytes: the accelerator's memory; num_parameters: the model's weights, stored like the cache.
+        num_layers, num_kv_heads, head_dim: the model's shape; bytes_per_number: 2 for fp16, 4 for fp32.
+        batch_size: the sequences sharing the cache; context_length: the length each sequence may reach.
+    Returns:
+        dict: bytes_per_token, weight_bytes, cache_bytes (left for the cache), max_tokens (over all sequences),
+        longest_context (for batch_size sequences), largest_batch (of context_length; None without it).
+    """
+    memory_bytes, num_parameters, num_layers, num_kv_heads, head_dim, bytes_per_number, batch_size, context_length = \
+        check_capacity_inputs(memory_bytes, num_parameters, num_layers, num_kv_heads, head_dim, bytes_per_number,
+                              batch_size, context_length)
+    ### BEGIN SOLUTION
+    bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * bytes_per_number   # a key and a value, every layer
+    weight_bytes = num_parameters * bytes_per_number
+    cache_bytes = max(0, memory_bytes - weight_bytes)
+    max_tokens = cache_bytes // bytes_per_token
+    longest_context = max_tokens // batch_size
+    largest_batch = None if context_length is None else max_tokens // context_length
+    ### END SOLUTION
+    return {"bytes_per_token": bytes_per_token, "weight_bytes": weight_bytes, "cache_bytes": cache_bytes,
+            "max_tokens": max_tokens, "longest_context": longest_context, "largest_batch": largest_batch}
 
 # %% ../../modules/13_attention/attention_dev.ipynb #1d4a23dc
 _all_ = ["ATTENTION_BACKENDS", "CausalMask", "get_attention_backend", "set_attention_backend", "attention_backend",
