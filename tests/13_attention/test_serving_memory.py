@@ -32,6 +32,9 @@ def test_a_llama_2_7b_like_model_on_24_gib():
                                context_length=4096)
     assert report == {"bytes_per_token": 524_288, "weight_bytes": 13_476_831_232, "cache_bytes": 12_292_972_544,
                       "max_tokens": 23_446, "longest_context": 5_861, "largest_batch": 5}, f"got {report}"
+    # On a 12 GiB card (12,884,901,888 bytes) the 13.5 GB of weights do not even fit: no cache at all.
+    small = kv_cache_capacity(12 * GIB, 6_738_415_616, num_layers=32, num_kv_heads=32, head_dim=128, context_length=4096)
+    assert (small["cache_bytes"], small["max_tokens"], small["largest_batch"]) == (0, 0, 0), f"12 GiB: got {small}"
 
 
 @GRADES
@@ -43,6 +46,9 @@ def test_a_llama_3_8b_like_model_on_80_gib():
                                context_length=8192)
     assert report == {"bytes_per_token": 131_072, "weight_bytes": 16_060_522_496, "cache_bytes": 69_838_823_424,
                       "max_tokens": 532_827, "longest_context": 177_609, "largest_batch": 65}, f"got {report}"
+    # On a 12 GiB card the 16.1 GB of weights do not fit: no cache at all.
+    small = kv_cache_capacity(12 * GIB, 8_030_261_248, num_layers=32, num_kv_heads=8, head_dim=128, context_length=8192)
+    assert (small["cache_bytes"], small["max_tokens"], small["largest_batch"]) == (0, 0, 0), f"12 GiB: got {small}"
 
 
 @GRADES

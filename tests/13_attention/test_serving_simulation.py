@@ -6,6 +6,9 @@ workloads check what must hold for any correct run of the rules:
 - at every step, real tokens <= slots held <= budget;
 - every request generates one token per step it runs, so the running counts add up to the
   output tokens of all requests, and a request finishes no earlier than arrival + output - 1;
+- in the k-th step it runs, a request holds its prompt and the k tokens generated so far
+  (preempted or not), so the tokens of all steps add up to the sum over requests of
+  prompt x output + output x (output + 1) / 2;
 - reserved regions hold max_seq_length slots per running request and are never preempted;
 - a paged request holds whole blocks and wastes less than one of them, so the slots held less
   the tokens is a multiple-of-the-block remainder below running x block_size.
@@ -90,7 +93,8 @@ def test_no_request_overtakes_an_earlier_one():
     (0, 60, 40, 3, 4), (1, 80, 64, 4, 8), (2, 50, 30, 2, 3)])
 def test_runs_keep_the_budget_and_serve_every_token(seed, count, max_seq_length, regions, block_size):
     requests = workload(seed, count, max_seq_length)
-    arrival, _, output = requests.T
+    arrival, prompt, output = requests.T
+    held_tokens = int((prompt * output + output * (output + 1) // 2).sum())
     budget = regions * max_seq_length
     runs = {"reserved": simulate_serving(requests, budget, max_seq_length),
             "paged": simulate_serving(requests, budget, max_seq_length, block_size=block_size)}
@@ -105,6 +109,9 @@ def test_runs_keep_the_budget_and_serve_every_token(seed, count, max_seq_length,
             f"{case}: one token per running request per step: running adds up to {running.sum()}, " \
             f"the outputs to {output.sum()}"
         assert (finish >= arrival + output - 1).all(), f"{case}: a request finishes no earlier than arrival + output - 1"
+        assert tokens.sum() == held_tokens, \
+            f"{case}: in its k-th running step a request holds prompt + k tokens, so the steps' tokens add up to " \
+            f"{held_tokens}, got {tokens.sum()}"
     reserved, paged = runs["reserved"], runs["paged"]
     np.testing.assert_array_equal(reserved["allocated"], reserved["running"] * max_seq_length,
                                   err_msg=f"seed {seed}: each running request holds one region of {max_seq_length}")
@@ -129,6 +136,9 @@ def test_blocks_of_one_token_hold_exactly_the_tokens():
         f"exact allocation serves the workload in fewer steps than 2 regions: {len(paged['tokens'])} against " \
         f"{len(reserved['tokens'])}"
     assert paged["running"].sum() == reserved["running"].sum() == requests[:, 2].sum()
+    prompt, output = requests[:, 1], requests[:, 2]
+    assert paged["tokens"].sum() == reserved["tokens"].sum() == (prompt * output + output * (output + 1) // 2).sum(), \
+        "in its k-th running step a request holds prompt + k tokens, in either scheme"
 
 
 # ---------------------------------------------------------------- not graded: the provided checks
