@@ -2420,9 +2420,10 @@ for model, config in real_models.items():
 # the table along two lines:
 #
 # - **Grouped kv heads** change the bytes per token: 8 kv heads instead of 32 make each token
-#   4 times cheaper (512 KiB against 128 KiB). Llama 3's larger vocabulary costs it 2.5 GiB of
-#   the card in weights, and it still fits about 3 times as many tokens on a 24 GiB card and
-#   about 4 times as many on an 80 GiB one.
+#   4 times cheaper (512 KiB against 128 KiB). Llama 3's larger vocabulary and MLP make its
+#   weights 1.3 billion parameters heavier, which leaves less of the card for the cache, and it
+#   still fits about 3 times as many tokens on a 24 GiB card and about 4 times as many on an
+#   80 GiB one.
 # - **Paging** changes what each request holds: its own tokens, rounded up to a block, instead of
 #   the maximum length. With your workload's shape that multiplies the batch by 3 to 5 again (a
 #   request of it held about a quarter of the maximum in every seed from 0 to 999), on top of what
