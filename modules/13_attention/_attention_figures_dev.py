@@ -504,3 +504,152 @@ def plot_head_weights(weights, tokens, title=""):
     figure.tight_layout()
     figure.colorbar(image, ax=grid.ravel().tolist(), shrink=0.8, label="attention weight")
     return _finish(figure)
+
+
+# %% [markdown]
+# ## A paged KV cache: block tables and the pool
+#
+# `draw_block_tables` draws a `PagedKVCache` as the two things it holds: each sequence's block
+# table (logical block i of the sequence → a block id of the pool), and the pool itself, block by
+# block, with each slot filled or empty, each block's reference count, and which blocks are free.
+
+# %%
+#| export
+_MAX_BLOCKS = 32     # a pool drawn block by block is unreadable beyond this many blocks
+
+
+def _block_fill(block_tables, lengths, block_size: int) -> dict:
+    """block id -> (tokens filled, the sequences that hold it), from the block tables."""
+    fill = {}
+    for sequence_id, table in block_tables.items():
+        for index, block in enumerate(table):
+            tokens = max(0, min(block_size, int(lengths[sequence_id]) - index * block_size))
+            filled, holders = fill.get(block, (0, []))
+            fill[block] = (max(filled, tokens), holders + [sequence_id])
+    return fill
+
+
+def draw_block_tables(cache, title=""):
+    """A paged cache's block tables (left) and its pool of blocks (right).
+
+    Args:
+        cache: a PagedKVCache (anything with block_tables, lengths, ref_counts, free_blocks,
+            num_blocks and block_size); title: drawn above the picture.
+    Returns:
+        The matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    for name in ("block_tables", "lengths", "ref_counts", "free_blocks", "num_blocks", "block_size"):
+        if not hasattr(cache, name):
+            raise TypeError(f"cache must be a PagedKVCache (with {name}), got {type(cache).__name__}")
+    num_blocks, block_size = check_int(cache.num_blocks, "num_blocks", 1), check_int(cache.block_size, "block_size", 1)
+    _at_most(num_blocks, "num_blocks", _MAX_BLOCKS)
+    _at_most(block_size, "block_size", _MAX_PRINTED)
+    sequences = sorted(cache.block_tables)
+    _at_most(len(sequences), "the number of sequences", len(_COLOURS))
+    colour_of = {sequence_id: _COLOURS[index] for index, sequence_id in enumerate(sequences)}
+    fill = _block_fill(cache.block_tables, cache.lengths, block_size)
+    widest = max([len(table) for table in cache.block_tables.values()] + [1])
+
+    figure, (tables_axes, pool_axes) = plt.subplots(
+        1, 2, figsize=(10, 0.75 + 0.32 * max(num_blocks, len(sequences) + 1)),
+        gridspec_kw={"width_ratios": [max(widest, 3) + 3, block_size + 6]})
+    for axes in (tables_axes, pool_axes):
+        axes.set_axis_off()
+        axes.invert_yaxis()
+
+    # Left: one row per sequence, one cell per logical block holding its block id.
+    for row, sequence_id in enumerate(sequences):
+        table, length = cache.block_tables[sequence_id], int(cache.lengths[sequence_id])
+        tables_axes.text(-0.2, row + 0.5, f"seq {sequence_id}\n{length} tokens", ha="right", va="center", fontsize=8)
+        for index, block in enumerate(table):
+            shared = int(cache.ref_counts[block]) > 1                    # coloured as in the pool: its first holder
+            tables_axes.add_patch(Rectangle((index, row + 0.1), 0.9, 0.8, facecolor=colour_of[fill[block][1][0]],
+                                            alpha=0.45 if shared else 0.9, edgecolor="black",
+                                            hatch="//" if shared else None))
+            tables_axes.text(index + 0.45, row + 0.5, str(block), ha="center", va="center", fontsize=9)
+    tables_axes.set_xlim(-3, max(widest, 3) + 0.2)
+    tables_axes.set_ylim(max(num_blocks, len(sequences)) + 0.2, -0.8)
+    tables_axes.text(-3, -0.4, "block tables: logical block i -> block id", fontsize=9, va="center")
+
+    # Right: one row per block of the pool, one cell per slot.
+    free = set(int(block) for block in cache.free_blocks)
+    for block in range(num_blocks):
+        filled, holders = fill.get(block, (0, []))
+        refs = int(cache.ref_counts[block])
+        shared = refs > 1
+        colour = colour_of[holders[0]] if holders else _EMPTY
+        for slot in range(block_size):
+            used = slot < filled
+            pool_axes.add_patch(Rectangle((slot, block + 0.1), 0.9, 0.8, edgecolor="#888888",
+                                          facecolor=colour if used else _EMPTY, alpha=0.45 if shared else 0.9,
+                                          hatch="//" if shared and used else None))
+        pool_axes.text(-0.3, block + 0.5, f"block {block}", ha="right", va="center", fontsize=8)
+        note = "free" if block in free else f"refs {refs}"
+        if holders:
+            note += ": seq " + ", ".join(str(sequence_id) for sequence_id in holders)
+        pool_axes.text(block_size + 0.2, block + 0.5, note, ha="left", va="center", fontsize=8)
+    pool_axes.set_xlim(-2.5, block_size + 6)
+    pool_axes.set_ylim(max(num_blocks, len(sequences)) + 0.2, -0.8)
+    pool_axes.text(-2.5, -0.4, f"pool: {num_blocks} blocks of {block_size} slots, {len(free)} free",
+                   fontsize=9, va="center")
+    legend = [Patch(facecolor=_COLOURS[0], edgecolor="black", label="a filled slot (colour: its sequence)"),
+              Patch(facecolor=_EMPTY, edgecolor="#888888", label="an empty slot"),
+              Patch(facecolor=_COLOURS[0], alpha=0.45, hatch="//", edgecolor="black",
+                    label="a shared block (reference count > 1)")]
+    figure.legend(handles=legend, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.subplots_adjust(left=0.02, right=0.98, top=0.9 if title else 0.97, bottom=0.12)
+    return _finish(figure)
+
+
+# %% [markdown]
+# ## Serving memory over time
+#
+# `plot_serving_memory` draws, for each way of managing the cache, the memory the running requests
+# hold and the part of it that holds real token states, step by step, under one budget.
+
+# %%
+#| export
+def plot_serving_memory(histories, budget_tokens):
+    """Memory held by running requests and real tokens in it, per step, one panel per scheme.
+
+    Args:
+        histories: scheme name -> dict with `tokens`, `allocated` and `running` (one number per step);
+        budget_tokens: the cache budget, drawn as a line.
+    Returns:
+        The matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    budget = check_int(budget_tokens, "budget_tokens", 1)
+    if not isinstance(histories, dict) or not histories:
+        raise TypeError(f"histories must be a non-empty dict of scheme name -> history, got {histories!r:.60}")
+    figure, grid = plt.subplots(len(histories), 1, figsize=(10, 0.6 + 2.4 * len(histories)), sharex=True,
+                                squeeze=False)
+    for axes, (name, history) in zip(grid[:, 0], histories.items()):
+        missing = [key for key in ("tokens", "allocated", "running") if key not in history]
+        if missing:
+            raise ValueError(f"histories[{name!r}] is missing {missing}")
+        tokens, held = (np.asarray(history[key], dtype=float) for key in ("tokens", "allocated"))
+        running = np.asarray(history["running"], dtype=float)
+        if not tokens.shape == held.shape == running.shape or tokens.ndim != 1 or tokens.size == 0:
+            raise ValueError(f"histories[{name!r}]: tokens, allocated and running must be one number per step, "
+                             f"got shapes {tokens.shape}, {held.shape} and {running.shape}")
+        steps = np.arange(tokens.size)
+        axes.fill_between(steps, 0, held, color=_COLOURS[1], alpha=0.35, step="post", label="held by requests")
+        axes.fill_between(steps, 0, tokens, color=_COLOURS[0], alpha=0.9, step="post", label="real token states")
+        axes.axhline(budget, color="black", linewidth=1, linestyle="--", label="budget")
+        share = tokens.sum() / held.sum() if held.sum() else 0.0
+        axes.set_title(f"{name}: {share:.0%} of the held memory holds real tokens; at most {int(running.max())} "
+                       f"requests at once; all served in {tokens.size} steps", fontsize=9)
+        axes.set_ylabel("cache slots (tokens)", fontsize=8)
+        axes.set_ylim(0, budget * 1.08)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7, loc="upper right")
+    grid[-1, 0].set_xlabel("step (one token per running request)")
+    figure.tight_layout()
+    return _finish(figure)

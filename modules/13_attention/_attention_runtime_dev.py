@@ -445,9 +445,11 @@ def parallel_blocked_attention(blocked_attention, q, k, v, keep, offset: int | N
 #
 # `KVCacheBase` is the part of `KVCache` that is not the lesson: the preallocated arrays, which
 # row an index names, whether new positions fit, reading a row back, emptying rows, and a
-# readable `repr`. `check_multihead_inputs` checks a
-# `MultiHeadAttention` call, including, with a cache, that the new keys fit before anything is
-# written, so that a refused call leaves the cache exactly as it was.
+# readable `repr`. `PagedKVCacheBase` is the same for `PagedKVCache`: which sequences exist,
+# whether the free blocks cover an append (counting the copies that copy-on-write will make),
+# sequence bookkeeping and the memory report. `check_multihead_inputs` checks a
+# `MultiHeadAttention` call, including, with either cache, that the new keys fit before anything
+# is written, so that a refused call leaves the cache exactly as it was.
 
 # %%
 #| export
@@ -513,6 +515,149 @@ class KVCacheBase:
                 f"num_heads={self.num_heads}, head_dim={self.head_dim}, lengths={self.cache_lengths.tolist()})")
 
 
+
+class PagedKVCacheBase:
+    """The provided part of a paged KV cache: its pool and bookkeeping, sequence and room checks,
+    creating sequences, naming the batch rows, and the memory report.
+
+    The cache holds key_blocks and value_blocks (num_blocks, num_heads, block_size, head_dim),
+    free_blocks (a list of block ids), ref_counts (num_blocks,), block_tables and lengths (dicts
+    keyed by sequence id), finished (the ids already freed), batch (the sequences of the batch
+    rows) and next_sequence_id.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, num_heads: int, head_dim: int):
+        self.num_blocks = check_int(num_blocks, "num_blocks", 1)
+        self.block_size = check_int(block_size, "block_size", 1)
+        self.num_heads = check_int(num_heads, "num_heads", 1)
+        self.head_dim = check_int(head_dim, "head_dim", 1)
+        shape = (self.num_blocks, self.num_heads, self.block_size, self.head_dim)
+        self.key_blocks = np.zeros(shape, dtype=np.float32)        # (N, Hkv, block_size, hd)
+        self.value_blocks = np.zeros(shape, dtype=np.float32)      # (N, Hkv, block_size, hd)
+        self.free_blocks = list(range(self.num_blocks))            # taken from the front, returned to the end
+        self.ref_counts = np.zeros(self.num_blocks, dtype=np.int64)  # how many block tables hold each block
+        self.block_tables: dict[int, list[int]] = {}               # sequence id -> its block ids, in order
+        self.lengths: dict[int, int] = {}                          # sequence id -> the tokens it holds
+        self.finished: set[int] = set()                            # sequences already freed
+        self.batch: list[int] = []                                 # the sequences of batch rows 0..B-1
+        self.next_sequence_id = 0
+
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens the whole pool can hold: num_blocks * block_size."""
+        return self.num_blocks * self.block_size
+
+    def add_sequence(self) -> int:
+        """A new, empty sequence (no blocks yet); returns its id."""
+        sequence_id = self.next_sequence_id
+        self.next_sequence_id += 1
+        self.block_tables[sequence_id] = []
+        self.lengths[sequence_id] = 0
+        return sequence_id
+
+    def set_batch(self, sequence_ids):
+        """Name the sequences of batch rows 0..B-1 for the next `append` (a MultiHeadAttention call). Returns self."""
+        if isinstance(sequence_ids, (int, np.integer)) or not hasattr(sequence_ids, "__iter__"):
+            raise TypeError(f"sequence_ids must be a list of sequence ids, got {type(sequence_ids).__name__} "
+                            f"{sequence_ids!r}")
+        ids = [self._check_sequence(sequence_id) for sequence_id in sequence_ids]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"sequence_ids must name each sequence once, got {ids}")
+        self.batch = ids
+        return self
+
+    def _check_sequence(self, sequence_id) -> int:
+        if isinstance(sequence_id, (bool, np.bool_)) or not isinstance(sequence_id, (int, np.integer)):
+            raise TypeError(f"sequence_id must be an integer, got {type(sequence_id).__name__} {sequence_id!r}")
+        sequence_id = int(sequence_id)
+        if sequence_id in self.finished:
+            raise ValueError(f"sequence {sequence_id} was already freed; live sequences: {sorted(self.lengths)}")
+        if sequence_id not in self.lengths:
+            raise ValueError(f"sequence {sequence_id} is not in the cache; live sequences: {sorted(self.lengths)}")
+        return sequence_id
+
+    def _check_new_tokens(self, new_keys, new_values):
+        """(num_heads, new_len, head_dim) keys and values as float32 arrays."""
+        keys, values = as_float32(new_keys, "new_keys"), as_float32(new_values, "new_values")
+        if keys.ndim != 3 or keys.shape[0] != self.num_heads or keys.shape[2] != self.head_dim:
+            raise ValueError(f"new_keys has shape {keys.shape}, expected (num_heads={self.num_heads}, "
+                             f"new_len, head_dim={self.head_dim})")
+        if values.shape != keys.shape:
+            raise ValueError(f"new_values has shape {values.shape} but new_keys has shape {keys.shape}")
+        return keys, values
+
+    def _check_room(self, sequence_ids, new_len: int) -> None:
+        """Raise unless appending `new_len` tokens to each of `sequence_ids` fits the pool now and ever.
+
+        The blocks needed are the new blocks (ceil of the lengths after, less ceil of before) and,
+        for a shared, partly filled last block, the copies that copy-on-write makes: one per
+        appending holder, except that the last holder left writes in place.
+        """
+        new_blocks, appenders = 0, {}
+        for sequence_id in sequence_ids:
+            held = self.lengths[sequence_id]
+            if held + new_len > self.max_tokens:
+                raise ValueError(f"sequence {sequence_id} holds {held} tokens; appending {new_len} would need "
+                                 f"{held + new_len}, more than the pool can ever hold: num_blocks={self.num_blocks}"
+                                 f" x block_size={self.block_size} = {self.max_tokens} tokens")
+            new_blocks += -(-(held + new_len) // self.block_size) - -(-held // self.block_size)
+            if new_len and held % self.block_size and self.block_tables[sequence_id]:
+                last = self.block_tables[sequence_id][-1]
+                appenders[last] = appenders.get(last, 0) + 1
+        copies = sum(min(count, int(self.ref_counts[block]) - 1) for block, count in appenders.items())
+        if new_blocks + copies > len(self.free_blocks):
+            who = f"sequence {sequence_ids[0]}" if len(sequence_ids) == 1 else f"sequences {list(sequence_ids)}"
+            raise ValueError(f"out of blocks: appending {new_len} tokens to {who} needs {new_blocks} new blocks and "
+                             f"{copies} copies of shared blocks, but only {len(self.free_blocks)} of "
+                             f"num_blocks={self.num_blocks} are free")
+
+    def check_append(self, batch: int, num_heads: int, new_len: int, head_dim: int) -> int:
+        """Raise unless (batch, num_heads, new_len, head_dim) keys fit the sequences named by `set_batch`;
+        returns the longest of those sequences' lengths after appending them."""
+        if (num_heads, head_dim) != (self.num_heads, self.head_dim):
+            raise ValueError(f"kv_cache has num_heads={self.num_heads}, head_dim={self.head_dim} but the keys have "
+                             f"num_heads={num_heads}, head_dim={head_dim}")
+        if batch != len(self.batch):
+            raise ValueError(f"a batch of {batch} rows needs {batch} sequences, but set_batch named "
+                             f"{len(self.batch)}: {self.batch}; call cache.set_batch(sequence_ids) first")
+        for sequence_id in self.batch:
+            self._check_sequence(sequence_id)
+        self._check_room(self.batch, new_len)
+        return max((self.lengths[sequence_id] for sequence_id in self.batch), default=0) + new_len
+
+    def get_memory_usage(self) -> dict:
+        """The pool's memory (MB means MiB) and how much of the memory in use holds real tokens.
+
+        A block in use holds as many tokens as the longest of the sequences that use it fills;
+        shared blocks count once.
+        """
+        filled = {}
+        for sequence_id, table in self.block_tables.items():
+            for index, block in enumerate(table):
+                tokens = min(self.block_size, self.lengths[sequence_id] - index * self.block_size)
+                filled[block] = max(filled.get(block, 0), tokens)
+        bytes_per_block = self.key_blocks[0].nbytes + self.value_blocks[0].nbytes if self.num_blocks else 0
+        used = self.num_blocks - len(self.free_blocks)
+        tokens_stored = sum(filled.values())
+        return {
+            "total_mb": (self.key_blocks.nbytes + self.value_blocks.nbytes) / 2**20,
+            "bytes_per_block": bytes_per_block,
+            "bytes_per_token": bytes_per_block // self.block_size,
+            "blocks_used": used,
+            "blocks_free": len(self.free_blocks),
+            "used_mb": used * bytes_per_block / 2**20,
+            "tokens_stored": tokens_stored,
+            "tokens_in_sequences": int(sum(self.lengths.values())),
+            "last_block_waste": used * self.block_size - tokens_stored,
+            "utilization": tokens_stored / (used * self.block_size) if used else 0.0,
+        }
+
+    def __repr__(self):
+        return (f"PagedKVCache(num_blocks={self.num_blocks}, block_size={self.block_size}, num_heads={self.num_heads}, "
+                f"head_dim={self.head_dim}, free={len(self.free_blocks)}, block_tables={self.block_tables})")
+
+
 def check_multihead_inputs(layer, query, key, value, mask, kv_cache, return_attention_weights: bool):
     """A MultiHeadAttention's checked (x_q, x_k, x_v) float32 arrays, and its mask as one that broadcasts
     over the heads; with a kv_cache, also that the new keys fit, before anything is appended."""
@@ -534,8 +679,8 @@ def check_multihead_inputs(layer, query, key, value, mask, kv_cache, return_atte
     batch, seq_q, seq_k = x_q.shape[0], x_q.shape[1], x_k.shape[1]
     if kv_cache is None:
         return x_q, x_k, x_v, mask_over_heads(mask, batch, layer.num_heads, seq_q, seq_k)
-    if not isinstance(kv_cache, KVCacheBase):
-        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+    if not isinstance(kv_cache, (KVCacheBase, PagedKVCacheBase)):
+        raise TypeError(f"kv_cache must be a KVCache or a PagedKVCache, got {type(kv_cache).__name__}")
     seq_k = kv_cache.check_append(batch, layer.num_kv_heads, seq_k, layer.head_dim)   # keys after appending
     if seq_q != x_k.shape[1]:
         raise ValueError(f"with a kv_cache, query and key must hold the same new positions: "
@@ -637,7 +782,60 @@ class ProfilerSweeps:
         }
 
 # %% [markdown]
-# ## 8. The public boundary: every entry point checks its inputs once
+# ## 8. The serving measurements' input checks
+#
+# `simulate_serving` replays a workload of requests against a KV-cache budget, and
+# `kv_cache_capacity` works out how much cache fits on an accelerator. Their arguments are checked
+# here, so that the lesson's cells hold only the ideas.
+
+# %%
+#| export
+def check_serving_inputs(requests, budget_tokens, max_seq_length, block_size):
+    """Checked (requests (N, 3) int64, budget_tokens, max_seq_length, block_size or None) of a serving simulation.
+
+    Each request is (arrival step, prompt length, output length): arrivals >= 0 and in order,
+    prompts and outputs >= 1, prompt + output <= max_seq_length. The budget must hold one
+    request of max_seq_length, as one region or as whole blocks.
+    """
+    max_seq_length = check_int(max_seq_length, "max_seq_length", 1)
+    budget_tokens = check_int(budget_tokens, "budget_tokens", 1)
+    if block_size is not None:
+        block_size = check_int(block_size, "block_size", 1)
+    array = numeric_array(requests, "requests")
+    if array.size == 0:
+        array = array.reshape(0, 3)
+    if array.ndim != 2 or array.shape[1] != 3 or array.dtype.kind not in "iu":
+        raise TypeError(f"requests must be an (N, 3) array of integers (arrival, prompt, output), "
+                        f"got {array.dtype} of shape {array.shape}")
+    array = array.astype(np.int64)
+    arrivals, prompts, outputs = array.T
+    if (arrivals < 0).any() or (np.diff(arrivals) < 0).any():
+        raise ValueError(f"arrival steps must be >= 0 and in order, got {arrivals.tolist()[:10]}")
+    if (prompts < 1).any() or (outputs < 1).any():
+        raise ValueError(f"prompt and output lengths must be >= 1, got prompts {prompts.tolist()[:10]} and "
+                         f"outputs {outputs.tolist()[:10]}")
+    if (prompts + outputs > max_seq_length).any():
+        longest = int((prompts + outputs).max())
+        raise ValueError(f"a request of {longest} tokens (prompt + output) exceeds max_seq_length={max_seq_length}")
+    room = budget_tokens if block_size is None else budget_tokens // block_size * block_size
+    needed = max_seq_length if block_size is None else -(-max_seq_length // block_size) * block_size
+    if room < needed:
+        raise ValueError(f"budget_tokens={budget_tokens} cannot hold one request of max_seq_length={max_seq_length}"
+                         + ("" if block_size is None else f" in blocks of {block_size}") + f": it needs {needed}")
+    return array, budget_tokens, max_seq_length, block_size
+
+
+def check_capacity_inputs(memory_bytes, num_parameters, num_layers, num_kv_heads, head_dim, bytes_per_number,
+                          batch_size, context_length):
+    """The checked integers of a KV-cache capacity computation (context_length may be None)."""
+    checked = [check_int(value, name, minimum) for value, name, minimum in (
+        (memory_bytes, "memory_bytes", 0), (num_parameters, "num_parameters", 0), (num_layers, "num_layers", 1),
+        (num_kv_heads, "num_kv_heads", 1), (head_dim, "head_dim", 1), (bytes_per_number, "bytes_per_number", 1),
+        (batch_size, "batch_size", 1))]
+    context_length = None if context_length is None else check_int(context_length, "context_length", 1)
+    return (*checked, context_length)
+
+# ## 9. The public boundary: every entry point checks its inputs once
 #
 # A student's function works on plain float32 arrays and holds no checks. `@checked`, on a
 # function or a class, makes its public entry points: a call from outside the module checks and
@@ -1022,3 +1220,52 @@ def _(a):
         raise TypeError(f"attention_layer must be a MultiHeadAttention, got {type(layer).__name__}")
     for name, minimum in (("prompt_length", 1), ("new_tokens", 1), ("batch_size", 1)):
         a[name] = check_int(a[name], name, minimum)
+
+
+
+# ---------------------------------------------------------------- the paged cache and serving
+@entry_point("PagedKVCache.append_tokens")
+def _(a):
+    cache = a["self"]
+    a["sequence_id"] = cache._check_sequence(a["sequence_id"])
+    a["new_keys"], a["new_values"] = cache._check_new_tokens(a["new_keys"], a["new_values"])
+    cache._check_room([a["sequence_id"]], a["new_keys"].shape[1])
+
+
+def _check_known_sequence(a):
+    a["sequence_id"] = a["self"]._check_sequence(a["sequence_id"])
+
+
+entry_point("PagedKVCache.get_sequence")(_check_known_sequence)
+entry_point("PagedKVCache.fork")(_check_known_sequence)
+
+
+def _finished(result, a):
+    a["self"].finished.add(a["sequence_id"])        # a freed sequence is known, so that a second free is refused
+
+
+entry_point("PagedKVCache.free", publish=_finished)(_check_known_sequence)
+
+
+@entry_point("PagedKVCache.append", publish=lambda result, a: result)
+def _(a):
+    keys, values = as_float32(a["new_keys"], "new_keys"), as_float32(a["new_values"], "new_values")
+    if keys.ndim != 4 or values.shape != keys.shape:
+        raise ValueError(f"new_keys and new_values must have one shape (batch, num_heads, new_len, head_dim), "
+                         f"got {keys.shape} and {values.shape}")
+    a["self"].check_append(*keys.shape)
+    a["new_keys"], a["new_values"] = keys, values
+
+
+@entry_point("simulate_serving", publish=lambda result, a: result)
+def _(a):
+    a["requests"], a["budget_tokens"], a["max_seq_length"], a["block_size"] = check_serving_inputs(
+        a["requests"], a["budget_tokens"], a["max_seq_length"], a["block_size"])
+
+
+@entry_point("kv_cache_capacity", publish=lambda result, a: result)
+def _(a):
+    names = ("memory_bytes", "num_parameters", "num_layers", "num_kv_heads", "head_dim", "bytes_per_number",
+             "batch_size", "context_length")
+    for name, value in zip(names, check_capacity_inputs(*(a[name] for name in names))):
+        a[name] = value

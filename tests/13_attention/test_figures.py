@@ -3,6 +3,7 @@ import io
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
@@ -10,8 +11,8 @@ from expected import ref
 import pytest
 
 from tinytorch.core._attention_figures import (
-    _cache_states, _tile_kinds, draw_attention_flow, draw_blocked_loop, draw_head_split, draw_kv_cache,
-    plot_generation, plot_head_weights, plot_scaling)
+    _block_fill, _cache_states, _tile_kinds, draw_attention_flow, draw_block_tables, draw_blocked_loop, draw_head_split,
+    draw_kv_cache, plot_generation, plot_head_weights, plot_scaling, plot_serving_memory)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -281,3 +282,56 @@ def test_head_weights_reject_tokens_that_do_not_match():
         plot_head_weights(np.zeros((2, 4, 4)), ["a", "b", "c"])
     with pytest.raises(ValueError, match=r"weights must have 3 axes, got shape \(4, 4\)"):
         plot_head_weights(np.zeros((4, 4)), list("abcd"))
+
+
+# ---------------------------------------------------------------- draw_block_tables
+def worked_cache():
+    """The worked example of Part 10 after B's copy-on-write, as plain data (no student code)."""
+    return SimpleNamespace(num_blocks=8, block_size=4, block_tables={0: [0, 1], 1: [0, 2]}, lengths={0: 7, 1: 8},
+                           ref_counts=np.array([2, 1, 1, 0, 0, 0, 0, 0]), free_blocks=[3, 4, 5, 6, 7])
+
+
+def test_block_fill_counts_each_blocks_tokens_and_holders():
+    cache = worked_cache()
+    assert _block_fill(cache.block_tables, cache.lengths, 4) == {0: (4, [0, 1]), 1: (3, [0]), 2: (4, [1])}
+
+
+def test_block_tables_draw_every_table_entry_and_every_slot():
+    figure = draw_block_tables(worked_cache(), title="worked example")
+    tables_axes, pool_axes = figure.axes
+    assert [text.get_text() for text in tables_axes.texts if text.get_text().isdigit()] == ["0", "1", "0", "2"]
+    notes = [text.get_text() for text in pool_axes.texts if text.get_text().startswith(("refs", "free"))]
+    assert notes == ["refs 2: seq 0, 1", "refs 1: seq 0", "refs 1: seq 1"] + ["free"] * 5
+    filled = [patch for patch in pool_axes.patches if patch.get_facecolor()[:3] != (1.0, 1.0, 1.0)]
+    assert len(pool_axes.patches) == 8 * 4 and len(filled) == 4 + 3 + 4
+    assert "pool: 8 blocks of 4 slots, 5 free" in [text.get_text() for text in pool_axes.texts]
+    assert figure.texts[-1].get_text() == "worked example"
+
+
+def test_block_tables_reject_what_is_not_a_paged_cache():
+    with pytest.raises(TypeError, match="cache must be a PagedKVCache"):
+        draw_block_tables(object())
+    too_many = worked_cache()
+    too_many.num_blocks = 40
+    with pytest.raises(ValueError, match="num_blocks must be <= 32 to draw legibly, got 40"):
+        draw_block_tables(too_many)
+
+
+# ---------------------------------------------------------------- plot_serving_memory
+def test_serving_memory_titles_give_each_schemes_figures():
+    histories = {"reserved": {"tokens": [4, 5, 3, 4], "allocated": [8, 8, 8, 8], "running": [1, 1, 1, 1]},
+                 "paged": {"tokens": [7, 9], "allocated": [8, 10], "running": [2, 2]}}
+    figure = plot_serving_memory(histories, 12)
+    assert [axes.get_title() for axes in figure.axes] == [
+        "reserved: 50% of the held memory holds real tokens; at most 1 requests at once; all served in 4 steps",
+        "paged: 89% of the held memory holds real tokens; at most 2 requests at once; all served in 2 steps"]
+    assert [line.get_ydata()[0] for axes in figure.axes for line in axes.get_lines()] == [12, 12]
+
+
+def test_serving_memory_rejects_incomplete_histories():
+    with pytest.raises(ValueError, match=r"histories\['paged'\] is missing \['running'\]"):
+        plot_serving_memory({"paged": {"tokens": [1], "allocated": [2]}}, 4)
+    with pytest.raises(ValueError, match="one number per step"):
+        plot_serving_memory({"paged": {"tokens": [1], "allocated": [2, 2], "running": [1]}}, 4)
+    with pytest.raises(TypeError, match="histories must be a non-empty dict"):
+        plot_serving_memory({}, 4)

@@ -263,5 +263,5 @@ def test_masks_that_do_not_fit_raise():
 
 def test_a_kv_cache_that_is_not_a_kvcache_raises_type_error():
     layer = MultiHeadAttention(8, 2, seed=0)
-    with pytest.raises(TypeError, match="kv_cache must be a KVCache, got dict"):
+    with pytest.raises(TypeError, match="kv_cache must be a KVCache or a PagedKVCache, got dict"):
         layer(np.ones((1, 2, 8)), kv_cache={})

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from tinytorch.core.attention import (
-    AttentionProfiler, KVCache, MultiHeadAttention, ScaledDotProductAttention, attention_backend, blocked_attention,
-    create_padding_mask, fast_attention, masked_softmax, math_attention, merge_heads, repeat_kv_heads, split_heads,
+    AttentionProfiler, KVCache, MultiHeadAttention, PagedKVCache, ScaledDotProductAttention, attention_backend,
+    blocked_attention, create_padding_mask, fast_attention, masked_softmax, math_attention, merge_heads, repeat_kv_heads,
+    split_heads,
 )
 from tinytorch.core.embeddings import Embedding, LearnedPositionalEmbedding, PositionalEncoding
 
@@ -86,6 +87,31 @@ def test_a_cache_refuses_non_finite_keys_and_values_and_changes_nothing(argument
             cache.append(arrays["new_keys"][None], arrays["new_values"][None])
     for kept, now in zip(before, (cache.cached_keys, cache.cached_values, cache.cache_lengths)):
         np.testing.assert_array_equal(now, kept)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("argument", ["new_keys", "new_values"])
+def test_a_paged_cache_refuses_non_finite_keys_and_values_and_changes_nothing(argument, bad):
+    cache = PagedKVCache(num_blocks=4, block_size=2, num_heads=2, head_dim=3)
+    sequence = cache.add_sequence()
+    cache.append_tokens(sequence, np.ones((2, 3, 3)), np.ones((2, 3, 3)))
+    child = cache.fork(sequence)
+    before = (cache.key_blocks.copy(), cache.value_blocks.copy(), cache.ref_counts.copy(), list(cache.free_blocks),
+              {s: list(table) for s, table in cache.block_tables.items()}, dict(cache.lengths))
+    arrays = {"new_keys": np.zeros((2, 1, 3)), "new_values": np.zeros((2, 1, 3))}
+    arrays[argument][1, 0, 2] = bad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=argument):
+            cache.append_tokens(child, arrays["new_keys"], arrays["new_values"])
+        with pytest.raises(ValueError, match=argument):
+            cache.set_batch([child]).append(arrays["new_keys"][None], arrays["new_values"][None])
+    after = (cache.key_blocks, cache.value_blocks, cache.ref_counts, cache.free_blocks, cache.block_tables, cache.lengths)
+    for kept, now in zip(before, after):
+        if isinstance(kept, np.ndarray):
+            np.testing.assert_array_equal(now, kept)
+        else:
+            assert now == kept
 
 
 def test_minus_inf_scores_mean_masked_out_and_nan_or_plus_inf_scores_raise():

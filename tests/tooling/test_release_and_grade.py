@@ -141,6 +141,15 @@ calls = {
     "AttentionProfiler.measure_time": lambda: a.AttentionProfiler().measure_time(lambda: None),
     "AttentionProfiler.fit_exponent": lambda: a.AttentionProfiler.fit_exponent([1, 2], [1, 4]),
     "AttentionProfiler.peak_memory": lambda: a.AttentionProfiler.peak_memory(lambda: None),
+    "PagedKVCache.append_tokens": lambda: (lambda c: c.append_tokens(c.add_sequence(), np.ones((1, 1, 1)),
+                                                                    np.ones((1, 1, 1))))(a.PagedKVCache(2, 2, 1, 1)),
+    "PagedKVCache.get_sequence": lambda: (lambda c: c.get_sequence(c.add_sequence()))(a.PagedKVCache(2, 2, 1, 1)),
+    "PagedKVCache.fork": lambda: (lambda c: c.fork(c.add_sequence()))(a.PagedKVCache(2, 2, 1, 1)),
+    "PagedKVCache.free": lambda: (lambda c: c.free(c.add_sequence()))(a.PagedKVCache(2, 2, 1, 1)),
+    "PagedKVCache.append": lambda: (lambda c: c.set_batch([c.add_sequence()]).append(
+        np.ones((1, 1, 1, 1)), np.ones((1, 1, 1, 1))))(a.PagedKVCache(2, 2, 1, 1)),
+    "simulate_serving": lambda: a.simulate_serving(np.array([[0, 1, 1]]), 4, 4),
+    "kv_cache_capacity": lambda: a.kv_cache_capacity(2**20, 10, 1, 1, 1),
 }
 for name, call in calls.items():
     try:
@@ -153,7 +162,7 @@ for name, call in calls.items():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=released,
                             env={"PYTHONPATH": str(released), "PATH": ""})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("todo ") == 16 and "DONE" not in result.stdout, result.stdout
+    assert result.stdout.count("todo ") == 23 and "DONE" not in result.stdout, result.stdout
 
 
 def test_grading_the_blank_release_fails_every_graded_test(released):
@@ -162,7 +171,7 @@ def test_grading_the_blank_release_fails_every_graded_test(released):
     report = json.loads(result.stdout)
     assert "total (auto-graded)" in result.stderr
     assert report["graded_file"] == str((released / "tinytorch/core/attention.py").resolve())
-    assert report["earned"] == 0 and report["possible"] == 90 and report["manual_points"] == 10
+    assert report["earned"] == 0 and report["possible"] == 111 and report["manual_points"] == 10
     for part in report["parts"]:
         if not part["manual"]:
             assert part["tests"] and part["passed"] == 0, part["grade_id"]
@@ -172,7 +181,7 @@ def test_grading_the_solution_passes_every_test(repo_root):
     result = tito("grade", "13", cwd=repo_root)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"graded: {repo_root / 'tinytorch/core/attention.py'}" in result.stdout
-    assert re.search(r"total \(auto-graded\)\s+90\.00\s+90", result.stdout)
+    assert re.search(r"total \(auto-graded\)\s+111\.00\s+111", result.stdout)
 
 
 def test_student_path_fill_one_todo_export_and_grade(tmp_path, repo_root):

@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['create_causal_mask', 'create_padding_mask', 'masked_softmax', 'math_attention', 'attention_with_dropout',
            'ScaledDotProductAttention', 'split_heads', 'merge_heads', 'repeat_kv_heads', 'MultiHeadAttention',
-           'KVCache', 'blocked_attention', 'AttentionProfiler', 'ATTENTION_BACKENDS', 'CausalMask',
-           'get_attention_backend', 'set_attention_backend', 'attention_backend', 'fast_attention']
+           'KVCache', 'blocked_attention', 'AttentionProfiler', 'PagedKVCache', 'simulate_serving', 'kv_cache_capacity',
+           'ATTENTION_BACKENDS', 'CausalMask', 'get_attention_backend', 'set_attention_backend', 'attention_backend',
+           'fast_attention']
 
-# %% ../../modules/13_attention/attention_dev.ipynb #338918a7
+# %% ../../modules/13_attention/attention_dev.ipynb #7b392d36
 import math
 import time
 import tracemalloc
@@ -16,7 +17,7 @@ import tracemalloc
 import numpy as np
 
 from .tensor import ParameterList, Tensor
-from ._attention_runtime import KVCacheBase, Layer, ProfilerSweeps, checked
+from ._attention_runtime import KVCacheBase, Layer, PagedKVCacheBase, ProfilerSweeps, checked
 
 # %% ../../modules/13_attention/attention_dev.ipynb #f7a713ca
 @checked
@@ -426,6 +427,189 @@ class AttentionProfiler(ProfilerSweeps):
         return {"prefill_ms": prefill_ms, "cached_ms": cached_ms, "recompute_ms": recompute_ms,
                 "cached_out": cached_out, "recompute_out": recompute_out}
         ### END SOLUTION
+
+# %% ../../modules/13_attention/attention_dev.ipynb #495356f8
+@checked
+class PagedKVCache(PagedKVCacheBase):
+    """Keys and values in a pool of fixed-size blocks, one block table per sequence (vLLM's PagedAttention).
+
+    PagedKVCache(num_blocks, block_size, num_heads, head_dim): the pool (key_blocks, value_blocks),
+    free_blocks, ref_counts, block_tables and lengths are made by the provided `PagedKVCacheBase`,
+    which also creates sequences (`add_sequence`), names the batch rows (`set_batch`) and reports memory.
+    """
+
+    def append_tokens(self, sequence_id: int, new_keys, new_values):
+        """Append (Hkv, new_len, hd) keys and values to a sequence, taking blocks as it needs them.
+
+        Returns:
+            (keys, values): the sequence's whole cache, (Hkv, length, hd) arrays.
+        """
+        ### BEGIN SOLUTION
+        s, keys, values = sequence_id, new_keys, new_values
+        table, length, new_len = self.block_tables[s], self.lengths[s], keys.shape[1]
+        if new_len and length % self.block_size and self.ref_counts[table[-1]] > 1:   # a shared, partly filled block
+            copy = self.free_blocks.pop(0)                                 # copy on write
+            self.key_blocks[copy] = self.key_blocks[table[-1]]
+            self.value_blocks[copy] = self.value_blocks[table[-1]]
+            self.ref_counts[table[-1]] -= 1
+            self.ref_counts[copy] = 1
+            table[-1] = copy
+        while len(table) < -(-(length + new_len) // self.block_size):    # ceil: the blocks the new length needs
+            table.append(self.free_blocks.pop(0))
+            self.ref_counts[table[-1]] = 1
+        positions = length + np.arange(new_len)                            # (T,) the new tokens' positions
+        blocks = np.array(table, dtype=np.int64)[positions // self.block_size]   # (T,) their blocks
+        slots = positions % self.block_size                                # (T,) their slots in those blocks
+        self.key_blocks[blocks, :, slots] = keys.transpose(1, 0, 2)         # (T, Hkv, hd)
+        self.value_blocks[blocks, :, slots] = values.transpose(1, 0, 2)
+        self.lengths[s] = length + new_len
+        return self.get_sequence(s)
+        ### END SOLUTION
+
+    def get_sequence(self, sequence_id: int):
+        """The sequence's (keys, values), (Hkv, length, hd) arrays each, read through its block table."""
+        ### BEGIN SOLUTION
+        table, length = self.block_tables[sequence_id], self.lengths[sequence_id]
+        slots = len(table) * self.block_size
+        keys = self.key_blocks[table].transpose(1, 0, 2, 3)          # (Hkv, blocks, block_size, hd)
+        keys = keys.reshape(self.num_heads, slots, self.head_dim)[:, :length]       # (Hkv, length, hd)
+        values = self.value_blocks[table].transpose(1, 0, 2, 3)
+        values = values.reshape(self.num_heads, slots, self.head_dim)[:, :length]
+        return keys, values
+        ### END SOLUTION
+
+    def fork(self, sequence_id: int) -> int:
+        """A new sequence sharing every block of `sequence_id` (copy-on-write); returns its id."""
+        ### BEGIN SOLUTION
+        child = self.add_sequence()                                  # a new, empty sequence id
+        self.block_tables[child] = list(self.block_tables[sequence_id])   # a copy of the table, not of the blocks
+        self.lengths[child] = self.lengths[sequence_id]
+        for block in self.block_tables[sequence_id]:
+            self.ref_counts[block] += 1
+        return child
+        ### END SOLUTION
+
+    def free(self, sequence_id: int) -> None:
+        """Finish a sequence: its blocks that no other sequence holds return to the free list."""
+        ### BEGIN SOLUTION
+        for block in self.block_tables.pop(sequence_id):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.append(block)
+        del self.lengths[sequence_id]
+        ### END SOLUTION
+
+    def append(self, new_keys, new_values):
+        """Append (B, Hkv, T, hd) keys and values to the sequences named by `set_batch`; return what each query may see.
+
+        Returns:
+            keys, values: (B, Hkv, L, hd) arrays, each sequence's cache padded with zeros to the longest L;
+            visible: (B, 1, T, L) boolean array, True where query i of row b may attend to key j.
+        """
+        ### BEGIN SOLUTION
+        B, Hkv, T, hd = new_keys.shape
+        rows = [self.append_tokens(sequence_id, new_keys[b], new_values[b])        # (Hkv, length, hd) each
+                for b, sequence_id in enumerate(self.batch)]
+        lengths = np.array([row_keys.shape[1] for row_keys, _ in rows], dtype=np.int64)   # (B,) after appending
+        longest = int(lengths.max()) if B else T
+        keys = np.zeros((B, Hkv, longest, hd), dtype=np.float32)                # (B, Hkv, L, hd)
+        values = np.zeros((B, Hkv, longest, hd), dtype=np.float32)
+        for b, (row_keys, row_values) in enumerate(rows):
+            keys[b, :, :row_keys.shape[1]], values[b, :, :row_values.shape[1]] = row_keys, row_values
+        query_positions = lengths[:, None] - T + np.arange(T)[None, :]          # (B, T)
+        key_positions = np.arange(longest)                                      # (L,)
+        visible = key_positions[None, None, :] <= query_positions[:, :, None]   # (B, T, L)
+        return keys, values, visible[:, None]                                   # ..., (B, 1, T, L)
+        ### END SOLUTION
+
+# %% ../../modules/13_attention/attention_dev.ipynb #9cd76d17
+@checked
+def simulate_serving(requests, budget_tokens: int, max_seq_length: int, block_size: int | None = None) -> dict:
+    """Serve requests one token per step under a budget of cache slots, and record each step's memory.
+
+    Args:
+        requests: (N, 3) integers (arrival step, prompt length, output length), in order of arrival.
+        budget_tokens: the cache's size, in token slots.
+        max_seq_length: the longest a request can grow, prompt plus output.
+        block_size: None reserves a region of max_seq_length slots per request; an integer pages the
+            cache in blocks of that many slots.
+    Returns:
+        dict: tokens, allocated, running (one number per step: real tokens, slots held, requests running),
+        finish_step (one per request) and preemptions (how many times a request was preempted).
+    """
+    ### BEGIN SOLUTION
+    arrival, prompt, output = requests.T                             # (N,) each
+    tokens, allocated, running_count = [], [], []
+    finish_step = np.full(len(requests), -1, dtype=np.int64)
+    preemptions = 0
+    def slots(length):                                               # the cache slots a request of `length` holds
+        return max_seq_length if block_size is None else -(-length // block_size) * block_size
+
+    waiting, running = list(range(len(requests))), []                # request indices, in order
+    length, generated = {}, np.zeros(len(requests), dtype=np.int64)
+    held, step = 0, 0
+    while waiting or running:
+        i = 0
+        while i < len(running):                                      # 1. every running request generates a token
+            r = running[i]
+            growth = slots(length[r] + 1) - slots(length[r])
+            while held + growth > budget_tokens:                     # no room: preempt the newest
+                newest = running.pop()
+                held -= slots(length.pop(newest))
+                waiting.insert(0, newest)
+                preemptions += 1
+                if newest == r:
+                    break
+            if r in length:
+                length[r] += 1
+                generated[r] += 1
+                held += growth
+                i += 1
+        while waiting and arrival[waiting[0]] <= step:               # 2. admit in order of arrival
+            r = waiting[0]
+            if held + slots(prompt[r] + generated[r] + 1) > budget_tokens:
+                break
+            running.append(waiting.pop(0))
+            length[r] = prompt[r] + generated[r] + 1                 # prefill, and its next token
+            generated[r] += 1
+            held += slots(length[r])
+        tokens.append(sum(length.values()))                          # 3. this step's memory
+        allocated.append(held)
+        running_count.append(len(running))
+        for r in [r for r in running if generated[r] == output[r]]:  # 4. finished requests free their slots
+            running.remove(r)
+            held -= slots(length.pop(r))
+            finish_step[r] = step
+        step += 1
+    return {"tokens": np.array(tokens, dtype=np.int64), "allocated": np.array(allocated, dtype=np.int64),
+            "running": np.array(running_count, dtype=np.int64), "finish_step": finish_step,
+            "preemptions": preemptions}
+    ### END SOLUTION
+
+# %% ../../modules/13_attention/attention_dev.ipynb #07e924ad
+@checked
+def kv_cache_capacity(memory_bytes: int, num_parameters: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                      bytes_per_number: int = 2, batch_size: int = 1, context_length: int | None = None) -> dict:
+    """How much KV cache fits on an accelerator after the model's weights.
+
+    Args:
+        memory_bytes: the accelerator's memory; num_parameters: the model's weights, stored like the cache.
+        num_layers, num_kv_heads, head_dim: the model's shape; bytes_per_number: 2 for fp16, 4 for fp32.
+        batch_size: the sequences sharing the cache; context_length: the length each sequence may reach.
+    Returns:
+        dict: bytes_per_token, weight_bytes, cache_bytes (left for the cache), max_tokens (over all sequences),
+        longest_context (for batch_size sequences), largest_batch (of context_length; None without it).
+    """
+    ### BEGIN SOLUTION
+    bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * bytes_per_number   # a key and a value, every layer
+    weight_bytes = num_parameters * bytes_per_number
+    cache_bytes = max(0, memory_bytes - weight_bytes)
+    max_tokens = cache_bytes // bytes_per_token
+    longest_context = max_tokens // batch_size
+    largest_batch = None if context_length is None else max_tokens // context_length
+    return {"bytes_per_token": bytes_per_token, "weight_bytes": weight_bytes, "cache_bytes": cache_bytes,
+            "max_tokens": max_tokens, "longest_context": longest_context, "largest_batch": largest_batch}
+    ### END SOLUTION
 
 # %% ../../modules/13_attention/attention_dev.ipynb #9513db2d
 from ._attention_runtime import (ATTENTION_BACKENDS, CausalMask, attention_backend, fast_attention,
