@@ -149,7 +149,7 @@ Saving either one in JupyterLab writes both. You can also edit the `.py` in any 
 
 `tito test` and `tito grade` export your code first when the `.py` or the notebook changed since
 the last export, so they always test what you wrote. A failure points at your own line, as
-`modules/{module}/{name}_dev.py:LINE, notebook cell N`.
+`modules/{module}/{name}_dev.py:LINE, in FUNCTION`.
 """
 
 

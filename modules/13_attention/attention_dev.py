@@ -1765,8 +1765,7 @@ class PagedKVCache(PagedKVCacheBase):
         keys = self.key_blocks[table].transpose(1, 0, 2, 3)          # (Hkv, blocks, block_size, hd)
         keys = keys.reshape(self.num_heads, slots, self.head_dim)[:, :length]       # (Hkv, length, hd)
         values = self.value_blocks[table].transpose(1, 0, 2, 3)
-        values = values.reshape(self.num_heads, slots, self.head_dim)[:, :length]
-        return keys, values
+        return keys, values.reshape(self.num_heads, slots, self.head_dim)[:, :length]   # (Hkv, length, hd) each
         ### END SOLUTION
 
     def fork(self, sequence_id: int) -> int:
@@ -1777,7 +1776,7 @@ class PagedKVCache(PagedKVCacheBase):
         self.lengths[child] = self.lengths[sequence_id]
         for block in self.block_tables[sequence_id]:
             self.ref_counts[block] += 1
-        return child
+        return child                                                 # the new sequence's id
         ### END SOLUTION
 
     def free(self, sequence_id: int) -> None:

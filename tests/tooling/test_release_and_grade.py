@@ -197,8 +197,8 @@ def test_student_path_fill_one_todo_export_and_grade(tmp_path, repo_root):
     parts = {part["grade_id"]: part for part in report["parts"]}
     assert parts["test-masks"]["earned"] == 8 and parts["test-masks"]["failures"] == []
     assert parts["test-math-attention"]["earned"] == 0
-    assert re.search(r"^test-masked-softmax: not done yet: masked_softmax\(\) \(line \d+, cell \d+\) still raises "
-                     r"NotImplementedError \(lines and cells of modules/13_attention/attention_dev.py\)", graded.stdout,
+    assert re.search(r"^test-masked-softmax: not done yet: masked_softmax\(\) \(line \d+\) still raises "
+                     r"NotImplementedError \(lines of modules/13_attention/attention_dev.py\)", graded.stdout,
                      flags=re.M), graded.stdout
 
 

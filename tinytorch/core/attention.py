@@ -428,7 +428,7 @@ class AttentionProfiler(ProfilerSweeps):
                 "cached_out": cached_out, "recompute_out": recompute_out}
         ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #495356f8
+# %% ../../modules/13_attention/attention_dev.ipynb #91f7af83
 @checked
 class PagedKVCache(PagedKVCacheBase):
     """Keys and values in a pool of fixed-size blocks, one block table per sequence (vLLM's PagedAttention).
@@ -474,8 +474,7 @@ class PagedKVCache(PagedKVCacheBase):
         keys = self.key_blocks[table].transpose(1, 0, 2, 3)          # (Hkv, blocks, block_size, hd)
         keys = keys.reshape(self.num_heads, slots, self.head_dim)[:, :length]       # (Hkv, length, hd)
         values = self.value_blocks[table].transpose(1, 0, 2, 3)
-        values = values.reshape(self.num_heads, slots, self.head_dim)[:, :length]
-        return keys, values
+        return keys, values.reshape(self.num_heads, slots, self.head_dim)[:, :length]   # (Hkv, length, hd) each
         ### END SOLUTION
 
     def fork(self, sequence_id: int) -> int:
@@ -486,7 +485,7 @@ class PagedKVCache(PagedKVCacheBase):
         self.lengths[child] = self.lengths[sequence_id]
         for block in self.block_tables[sequence_id]:
             self.ref_counts[block] += 1
-        return child
+        return child                                                 # the new sequence's id
         ### END SOLUTION
 
     def free(self, sequence_id: int) -> None:
