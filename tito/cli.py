@@ -98,15 +98,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from tito.release import DEFAULT_OUT, nbgrader_available, release
+    from tito.release import DEFAULT_OUT, release
 
     root = find_root()
     module = resolve_module(root, args.module)
     out = args.out if args.out is not None else root / DEFAULT_OUT
     for line in release(root, module, out, force=args.force):
         print(line)
-    tool = "nbgrader's ClearSolutions" if nbgrader_available() else "tito's ClearSolutions (nbgrader not installed)"
-    print(f"solutions stripped with {tool}; student files: "
+    print("made with nbgrader's preprocessors: solutions stripped (ClearSolutions), test and provided cells "
+          "locked (LockCells), checksums recorded (ComputeChecksums), outputs cleared (ClearOutput); student files: "
           f"{out / module.relative(module.notebook)} and {out / module.relative(module.source)}")
     return 0
 
@@ -216,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     release = commands.add_parser(
         "release", help="write the student version of a module, solutions stripped",
-        description="Write a self-contained student workspace: the module's notebook and .py with every "
-        "solution region replaced by a stub (nbgrader's ClearSolutions semantics), the modules before "
-        "it, their tests, the package exported from them and the tito tools. Existing files are never "
+        description="Write a self-contained student workspace: the module's notebook and .py made by "
+        "nbgrader's own preprocessors (every solution region replaced by a stub, test and provided cells "
+        "locked, checksums recorded), the modules before it, their tests, the package exported from them "
+        "and the tito tools. Needs nbgrader: pip install -e \".[instructor]\". Existing files are never "
         "overwritten without --force, and with --force changed files are kept as .bak copies.",
     )
     release.add_argument("module", help=MODULE_HELP)
