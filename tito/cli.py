@@ -136,6 +136,25 @@ def cmd_grade(args: argparse.Namespace) -> int:
     return 0 if result["all_passed"] else 1
 
 
+def cmd_mutate(args: argparse.Namespace) -> int:
+    import json
+
+    from tito.mutate import format_footer, format_header, format_result, mutate
+
+    root = find_root()
+    summary = mutate(root, args.module, only=args.only, timeout=args.timeout,
+                     on_start=lambda source, count: print(format_header(source, count), flush=True),
+                     on_result=lambda result: print(format_result(result), flush=True))
+    print(format_footer(summary))
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise TitoError(f"cannot write --json {args.json}: {error}") from error
+        print(f"wrote {args.json}")
+    return 0 if summary["all_caught"] else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -243,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--timeout", type=float, default=600,
                        help="seconds the tests may run in all; unfinished tests count as failed (default: 600)")
     grade.set_defaults(handler=cmd_grade)
+
+    mutate = commands.add_parser(
+        "mutate", help="check that the graded tests catch each realistic bug of the module's mutation table",
+        description=textwrap.fill(
+            "For each mutation in modules/NN_name/mutations.toml (a name, the grade_id of the part it should "
+            "cost, and a find/replace inside a solution region of the module's *_dev.py): apply it in a scratch "
+            "copy of the workspace, export, run that part's graded tests, and report the points the part keeps. "
+            "A mutation is caught when it keeps less than half of them. Exit status 1 when any mutation is "
+            "not caught. The table is instructor-side: tito release never ships it.", 90),
+    )
+    mutate.add_argument("module", help=MODULE_HELP)
+    mutate.add_argument("--only", default=None, metavar="SUBSTRING",
+                        help="run only the mutations whose name contains SUBSTRING (case-insensitive)")
+    mutate.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    mutate.add_argument("--timeout", type=float, default=300,
+                        help="seconds one mutation's tests may run; unfinished tests count as failed (default: 300)")
+    mutate.set_defaults(handler=cmd_mutate)
 
     bench = commands.add_parser(
         "bench", help="time attention side by side with PyTorch on the CPU",
