@@ -199,7 +199,8 @@ def check_every_row(cache, appended, case):
         np.testing.assert_allclose(keys.data, expected_keys, rtol=1e-6, err_msg=f"{case}: row {row} keys")
         np.testing.assert_allclose(values.data, expected_values, rtol=1e-6, err_msg=f"{case}: row {row} values")
         if chunks:
-            views = np.shares_memory(keys.data, cache.cached_keys) and np.shares_memory(values.data, cache.cached_values)
+            views = (np.shares_memory(keys.data, cache.cached_keys)
+                     and np.shares_memory(values.data, cache.cached_values))
             assert views, f"{case}: get_sequence({row}) must return views of the cache, not copies"
     assert_nothing_past_the_lengths(cache)
 

@@ -217,5 +217,7 @@ def test_dropout_uses_the_layers_scale_mask_and_generator(p, temperature, seed, 
     for call in ("first", "second"):
         output, weights = layer(q, k, v, mask=mask, return_attention_weights=True)
         expected = np.where(draws.random(plain.shape) >= p, plain.data / (1 - p), 0.0)
-        np.testing.assert_allclose(weights.data, expected, rtol=1e-5, atol=1e-6, err_msg=f"{case}: {call} call, weights")
-        np.testing.assert_allclose(output.data, expected @ v, rtol=1e-4, atol=1e-5, err_msg=f"{case}: {call} call, output")
+        np.testing.assert_allclose(weights.data, expected, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{case}: {call} call, weights")
+        np.testing.assert_allclose(output.data, expected @ v, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{case}: {call} call, output")

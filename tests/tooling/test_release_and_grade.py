@@ -137,7 +137,8 @@ def test_lock_flags_and_checksums_survive_the_students_export(tmp_path, repo_roo
     assert assert_locked_and_checksummed(notebook_path, answered={"masks"}) == 13
 
     notebook = nbformat.read(notebook_path, as_version=4)              # then edits the notebook, as Jupyter saves it
-    answer = next(cell for cell in notebook.cells if cell.metadata.get("nbgrader", {}).get("grade_id") == "reflection-memory")
+    answer = next(cell for cell in notebook.cells
+                  if cell.metadata.get("nbgrader", {}).get("grade_id") == "reflection-memory")
     answer.source = "Blocked attention never forms the 128 GiB of weights."
     nbformat.write(notebook, notebook_path)
     exported = tito("export", "13", cwd=out)
@@ -175,7 +176,8 @@ def test_nbgrader_validate_flags_an_edited_test_cell(released, tmp_path):
     import nbformat
 
     notebook = nbformat.read(released / "modules/13_attention/attention_dev.ipynb", as_version=4)
-    test_cell = next(cell for cell in notebook.cells if cell.metadata.get("nbgrader", {}).get("grade_id") == "test-masks")
+    test_cell = next(cell for cell in notebook.cells
+                     if cell.metadata.get("nbgrader", {}).get("grade_id") == "test-masks")
     assert "assert offset_mask.offset == 3" in test_cell.source
     test_cell.source = test_cell.source.replace("assert offset_mask.offset == 3", "assert offset_mask.offset >= 0")
     edited = tmp_path / "attention_dev.ipynb"

@@ -329,7 +329,8 @@ def test_grade_names_the_answers_still_to_write(toy):
     assert [(part["grade_id"], part["answered"]) for part in manual] == [("reflection-why", True)]
 
 
-@pytest.mark.parametrize("answer", ["", "   ", "\t \n#\n#   ", "  YOUR ANSWER HERE  ", "YOUR ANSWER HERE\n#\n# (later)"])
+@pytest.mark.parametrize("answer", ["", "   ", "\t \n#\n#   ", "  YOUR ANSWER HERE  ",
+                                    "YOUR ANSWER HERE\n#\n# (later)"])
 def test_an_empty_answer_or_the_stub_is_not_an_answer(toy, answer):
     """Deleting the stub and leaving nothing, or only whitespace, answers nothing."""
     write_source(toy, answer=answer)
