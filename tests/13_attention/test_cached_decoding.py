@@ -263,13 +263,13 @@ def test_a_callers_mask_with_the_cache(E, H, Hkv, B, max_seq_length, prompt, chu
         x = np.stack([tokens[b][start[b]:start[b] + T] for b in range(B)])
         L = max(start) + T
         output = layer(x, kv_cache=cache, mask=caller_mask(layout, real, T, L)).data
-        for b in range(B):
-            outputs[b].append(output[b])
-            start[b] += T
+        for row in range(B):
+            outputs[row].append(output[row])
+            start[row] += T
     case = f"E={E}, H={H}, Hkv={Hkv}, B={B}, row 0's prompt {prompt}, chunks {chunks}, {layout} mask"
-    for b in range(B):
-        n = len(tokens[b])
-        keep = np.tril(np.ones((n, n), bool)) & real[b, :n][None, :]       # the past, and real
-        expected = heads_one_at_a_time(layer, tokens[b], keep)
-        np.testing.assert_allclose(np.concatenate(outputs[b]), expected, rtol=1e-4, atol=1e-5,
-                                   err_msg=f"{case}: row {b}")
+    for row, sequence in enumerate(tokens):
+        n = len(sequence)
+        keep = np.tril(np.ones((n, n), bool)) & real[row, :n][None, :]     # the past, and real
+        expected = heads_one_at_a_time(layer, sequence, keep)
+        np.testing.assert_allclose(np.concatenate(outputs[row]), expected, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{case}: row {row}")
