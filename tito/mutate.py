@@ -180,6 +180,8 @@ def mutate(root: Path, spec: str, only: str | None = None, timeout: float = 300,
                             exit_code=2)
     original = module.source.read_text(encoding="utf-8")
     mutated = [apply_mutation(mutation, original, shown) for mutation in mutations]   # all checked before any run
+    if not module.tests.is_dir():
+        raise TitoError(f"no grading tests for {module.folder_name}: expected them in {module.relative(module.tests)}")
     if on_start is not None:
         on_start(shown, len(mutations))
     results = []

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tito.export import read_source
+from tito.mutate import load_mutations
 from tito.release import BEGIN_SOLUTION, END_SOLUTION, release
 from tito.workspace import resolve_module
 
@@ -60,6 +61,12 @@ def test_no_solution_line_appears_anywhere_in_the_release(released, repo_root):
         outside = outside.replace(region, "")
     secret = {line for line in solution_lines(source) if line not in outside}
     assert len(secret) > 40                                             # the check looks at real content
+    # the mutation table quotes the solutions and their buggy variants: it stays with the instructor
+    assert (repo_root / "modules/13_attention/mutations.toml").is_file()
+    assert not list(released.rglob("mutations*")), "tito release shipped the mutation table"
+    mutations = load_mutations(resolve_module(repo_root, "13"))
+    secret |= {mutation.replace.strip() for mutation in mutations                # the buggy code, never written
+               if len(mutation.replace.strip()) > 20 and mutation.replace.strip() not in source}
     for path in released.rglob("*"):
         if path.is_file():
             text = path.read_text(encoding="utf-8")
