@@ -193,13 +193,19 @@ def mutate(root: Path, spec: str, only: str | None = None, timeout: float = 300,
         except TitoError as error:
             raise TitoError(f"the workspace does not export as it is, so no mutation was tried:\n{error}") from error
         _check_baseline(copy, module.number, sorted({mutation.part for mutation in mutations}), timeout)
+        points = {part.grade_id: part.points for part in graded_parts(copied)}
         for mutation, text in zip(mutations, mutated):
             write_atomic(copied.source, text)
-            export(copy, [copied])
-            graded = grade(copy, module.number, timeout=timeout, part=mutation.part)
-            part = next(part for part in graded["parts"] if part["grade_id"] == mutation.part)
-            result = MutationResult(mutation.name, mutation.part, part["earned"], part["points"], len(part["tests"]),
-                                    part["passed"], graded["problems"])
+            try:
+                export(copy, [copied])
+            except TitoError as error:                 # e.g. a replace that nbdev cannot export
+                problem = f"the mutated source does not export, so the package does not import: {error}"
+                result = MutationResult(mutation.name, mutation.part, 0.0, points[mutation.part], 0, 0, [problem])
+            else:
+                graded = grade(copy, module.number, timeout=timeout, part=mutation.part)
+                part = next(part for part in graded["parts"] if part["grade_id"] == mutation.part)
+                result = MutationResult(mutation.name, mutation.part, part["earned"], part["points"],
+                                        len(part["tests"]), part["passed"], graded["problems"])
             results.append(result)
             if on_result is not None:
                 on_result(result)

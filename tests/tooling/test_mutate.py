@@ -47,13 +47,16 @@ def test_the_course_table_is_valid_and_covers_every_code_region(repo_root):
 
 
 def test_mutate_reports_the_points_a_mutation_keeps_and_fails_when_one_keeps_half(workspace, tmp_path, repo_root):
-    """One real bug from the table, and one change that alters nothing but a comment: the run fails on the second."""
+    """One real bug from the table, a change that alters nothing but a comment, and one that does not parse:
+    the run fails on the last two."""
     shutil.copytree(repo_root / "tests/13_attention", workspace / "tests/13_attention")
     module = resolve_module(workspace, "13")
     tiled = next(mutation for mutation in load_mutations(module) if mutation.name == TILED)
     comment = {"name": "a comment reworded", "part": "test-repeat-kv-heads",
                "find": "# G query heads per kv head", "replace": "# query heads that share a kv head"}
-    (module.folder / "mutations.toml").write_text(table(vars(tiled), comment))
+    broken = {"name": "an unclosed parenthesis", "part": "test-repeat-kv-heads",
+              "find": "group = num_heads // x.shape[1]", "replace": "group = num_heads // (x.shape[1]"}
+    (module.folder / "mutations.toml").write_text(table(vars(tiled), comment, broken))
     report = tmp_path / "mutate.json"
     result = tito("mutate", "13", "--json", str(report), cwd=workspace)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -63,7 +66,10 @@ def test_mutate_reports_the_points_a_mutation_keeps_and_fails_when_one_keeps_hal
     assert found["a comment reworded"]["kept"] == 4 and found["a comment reworded"]["percent_kept"] == 100.0
     assert not found["a comment reworded"]["caught"]
     assert f"caught   {TILED}" in result.stdout and "MISSED   a comment reworded" in result.stdout
-    assert "1 of 2 mutations caught" in result.stdout
+    assert found["an unclosed parenthesis"]["broken"] and not found["an unclosed parenthesis"]["caught"]
+    assert "does not parse as Python" in found["an unclosed parenthesis"]["problems"][0]
+    assert "1 of 3 mutations caught" in result.stdout
+    assert "broken: 'an unclosed parenthesis' makes the package fail to import" in result.stdout
     assert "strengthen the tests of test-repeat-kv-heads" in result.stdout
     assert "np.repeat(x, group, axis=1)" in module.source.read_text()            # the workspace's source is untouched
 
