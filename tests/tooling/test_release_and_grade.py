@@ -137,6 +137,8 @@ def test_lock_flags_and_checksums_survive_the_students_export(tmp_path, repo_roo
     out = tmp_path / "student"
     assert tito("release", "13", "--out", str(out), cwd=repo_root).returncode == 0
     notebook_path, source = out / "modules/13_attention/attention_dev.ipynb", out / SOURCE
+    assert not list(out.rglob("*.bak*"))                               # the release wrote a consistent pair
+    assert tito("export", "13", cwd=out).stdout == "export: everything already up to date\n"
     source.write_text(fill_masks(source.read_text()))                  # the student edits the .py
     exported = tito("export", "13", cwd=out)
     assert exported.returncode == 0 and "wrote modules/13_attention/attention_dev.ipynb" in exported.stdout
