@@ -99,15 +99,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from tito.release import DEFAULT_OUT, nbgrader_available, release
+    from tito.release import DEFAULT_OUT, release
 
     root = find_root()
     module = resolve_module(root, args.module)
     out = args.out if args.out is not None else root / DEFAULT_OUT
     for line in release(root, module, out, force=args.force):
         print(line)
-    tool = "nbgrader's ClearSolutions" if nbgrader_available() else "tito's ClearSolutions (nbgrader not installed)"
-    print(f"solutions stripped with {tool}; student files: "
+    print("made with nbgrader's preprocessors: solutions stripped (ClearSolutions), test and provided cells "
+          "locked (LockCells), checksums recorded (ComputeChecksums), outputs cleared (ClearOutput); student files: "
           f"{out / module.relative(module.notebook)} and {out / module.relative(module.source)}")
     return 0
 
@@ -135,6 +135,27 @@ def cmd_grade(args: argparse.Namespace) -> int:
             raise TitoError(f"cannot write --json {args.json}: {error}") from error
         print(f"wrote {args.json}")
     return 0 if result["all_passed"] else 1
+
+
+def cmd_mutate(args: argparse.Namespace) -> int:
+    import json
+
+    if importlib.util.find_spec("tito.mutate") is None:
+        raise TitoError("tito mutate is a course tool: it is not part of a student workspace")
+    from tito.mutate import format_footer, format_header, format_result, mutate
+
+    root = find_root()
+    summary = mutate(root, args.module, only=args.only, timeout=args.timeout,
+                     on_start=lambda source, count: print(format_header(source, count), flush=True),
+                     on_result=lambda result: print(format_result(result), flush=True))
+    print(format_footer(summary))
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise TitoError(f"cannot write --json {args.json}: {error}") from error
+        print(f"wrote {args.json}")
+    return 0 if summary["all_caught"] else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -228,9 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     release = commands.add_parser(
         "release", help="write the student version of a module, solutions stripped",
-        description="Write a self-contained student workspace: the module's notebook and .py with every "
-        "solution region replaced by a stub (nbgrader's ClearSolutions semantics), the modules before "
-        "it, their tests, the package exported from them and the tito tools. Existing files are never "
+        description="Write a self-contained student workspace: the module's notebook and .py made by "
+        "nbgrader's own preprocessors (every solution region replaced by a stub, test and provided cells "
+        "locked, checksums recorded), the modules before it, their tests, the package exported from them "
+        "and the tito tools. Needs nbgrader: pip install -e \".[instructor]\". Existing files are never "
         "overwritten without --force, and with --force changed files are kept as .bak copies.",
     )
     release.add_argument("module", help=MODULE_HELP)
@@ -256,6 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--force", action="store_true",
                        help="export even over edited generated files, keeping them as .bak copies (as tito export --force)")
     grade.set_defaults(handler=cmd_grade)
+
+    mutate = commands.add_parser(
+        "mutate", help="check that the graded tests catch each realistic bug of the module's mutation table",
+        description=textwrap.fill(
+            "For each mutation in modules/NN_name/mutations.toml (a name, the grade_id of the part it should "
+            "cost, and a find/replace inside a solution region of the module's *_dev.py): apply it in a scratch "
+            "copy of the workspace, export, run that part's graded tests, and report the points the part keeps. "
+            "A mutation is caught when it keeps less than half of them. Exit status 1 when any mutation is "
+            "not caught. The table is instructor-side: tito release never ships it.", 90),
+    )
+    mutate.add_argument("module", help=MODULE_HELP)
+    mutate.add_argument("--only", default=None, metavar="SUBSTRING",
+                        help="run only the mutations whose name contains SUBSTRING (case-insensitive)")
+    mutate.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
+    mutate.add_argument("--timeout", type=float, default=300,
+                        help="seconds one mutation's tests may run; unfinished tests count as failed (default: 300)")
+    mutate.set_defaults(handler=cmd_mutate)
 
     bench = commands.add_parser(
         "bench", help="time attention against PyTorch on the CPU, each in its own process",

@@ -184,7 +184,15 @@ def export_package(root: Path, notebooks: dict[Source, str]) -> dict[str, str]:
                     f"{source.relative(source.path)} exported nothing: its first code cell must be "
                     f"'#| default_exp core.{source.name}'"
                 )
-            generated[source.relative(source.package_file)] = exported.read_text(encoding="utf-8")
+            text = exported.read_text(encoding="utf-8")
+            try:
+                compile(text, "<exported package file>", "exec")
+            except SyntaxError as error:                # code that Python cannot parse: say where, write nothing
+                lines = text.splitlines()
+                line = lines[error.lineno - 1].strip() if error.lineno and error.lineno <= len(lines) else ""
+                raise TitoError(f"{source.relative(source.path)} does not parse as Python ({error.msg}) at:\n    "
+                                f"{line}\nnothing was written; fix that line and export again") from error
+            generated[source.relative(source.package_file)] = text
         with _working_directory(scratch):
             _build_modidx(dest=package, nbs_path=scratch / "modules")
         generated[MODIDX.as_posix()] = (package / "_modidx.py").read_text(encoding="utf-8")

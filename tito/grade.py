@@ -5,7 +5,7 @@ student's package with `--package`, or in a student workspace to check one's own
 come from the nbgrader metadata of the module source (a grade cell's `points`); a pytest test
 grades the part named by its `@pytest.mark.grades("<grade_id>")` marker. A part earns its points
 in proportion to its tests that pass. Parts graded by hand (markdown answers) are listed with
-their points, and whether they still say "YOUR ANSWER HERE", but never counted as earned here.
+their points, and whether they are still empty or say "YOUR ANSWER HERE", but never counted as earned here.
 
 Failures are shown in the student's terms: the frames of the test and of the student's code,
 each package line mapped back to its line in `*_dev.py` (tito/tracemap.py);
@@ -42,7 +42,7 @@ class Part:
     tests: list[str] = field(default_factory=list)
     passed: int = 0
     failures: list[dict] = field(default_factory=list)
-    answered: bool | None = None   # a hand-graded answer: False while it still says YOUR ANSWER HERE
+    answered: bool | None = None   # a hand-graded answer: False while it is empty or says YOUR ANSWER HERE
     functions: list[str] = field(default_factory=list)   # what the part checks: "name (line N)" in the source
 
     @property
@@ -139,10 +139,15 @@ def select_part(module: Module, spec: str) -> str:
                     "(a function name, such as the one a part asks you to write, works too)", exit_code=2)
 
 
+def is_answered(text: str) -> bool:
+    """A written answer counts once it holds more than whitespace and no longer says YOUR ANSWER HERE."""
+    return bool(text.strip()) and TEXT_STUB not in text
+
+
 def _answers(module: Module, source: Path) -> dict[str, bool]:
-    """For each hand-graded markdown answer in `source`: True once it no longer says YOUR ANSWER HERE."""
+    """For each hand-graded markdown answer in `source`: whether it is answered (see `is_answered`)."""
     cells = read_source(module.main, source.read_text(encoding="utf-8")).cells
-    return {cell.metadata["nbgrader"]["grade_id"]: TEXT_STUB not in cell.source for cell in cells
+    return {cell.metadata["nbgrader"]["grade_id"]: is_answered(cell.source) for cell in cells
             if cell.cell_type == "markdown" and cell.metadata.get("nbgrader", {}).get("grade")}
 
 
@@ -404,8 +409,8 @@ def _answer_lines(result: dict) -> list[str]:
     missing = [part["grade_id"] for part in manual if part["answered"] is False]
     lines = []
     if missing:
-        lines.append(f"{len(missing)} of {len(manual)} written answers still say {TEXT_STUB!r}: {', '.join(missing)} "
-                     f"(markdown cells in {result['source']})")
+        lines.append(f"{len(missing)} of {len(manual)} written answers are still empty or say {TEXT_STUB!r}: "
+                     f"{', '.join(missing)} (markdown cells in {result['source']})")
     elif manual and all(part["answered"] for part in manual):
         lines.append(f"all {len(manual)} written answers are filled in; they are graded by hand")
     return lines

@@ -1,108 +1,75 @@
-"""`tito release`: the student version of a module, with every solution replaced by a stub.
+"""`tito release`: the student version of a module, made by nbgrader's own preprocessors.
 
-The stripping follows nbgrader's ClearSolutions: each code region between `### BEGIN SOLUTION`
-and `### END SOLUTION` becomes `# YOUR CODE HERE` and `raise NotImplementedError()` at the
-region's indentation; a markdown region becomes "YOUR ANSWER HERE"; a solution cell without a
-region is replaced whole. Outputs are cleared; every other cell and all nbgrader metadata are
-kept. With the `instructor` extra installed, nbgrader's own preprocessors do the work; without
-it, `clear_solutions` below does the same (tests/tooling compares the two).
+nbgrader (the `instructor` extra: `pip install -e ".[instructor]"`) processes every source the
+way its `generate_assignment` does, in the same order:
+
+- LockCells: test cells and provided (locked) cells become `editable: false` and
+  `deletable: false`, and solution cells `deletable: false`, so JupyterLab refuses to change them;
+- ClearSolutions: each region between `### BEGIN SOLUTION` and `### END SOLUTION` becomes
+  `# YOUR CODE HERE` and `raise NotImplementedError()` at the region's indentation, and a
+  markdown region becomes "YOUR ANSWER HERE";
+- ClearOutput clears outputs, and CheckCellMetadata checks the nbgrader metadata;
+- ComputeChecksums records each graded, solution and locked cell's checksum, so that
+  `nbgrader validate` and `nbgrader autograde` notice an edited test cell and an unanswered
+  written answer.
 
 The release is a complete student workspace: the stripped module, the modules before it, their
 tests, the package they export to, the `tito` tools and a manifest. Installed with
-`pip install -e ".[dev]"`, it needs nothing from the course repository, which holds the solutions.
+`pip install -e ".[dev]"`, it needs nothing from the course repository, which holds the solutions,
+and students need no nbgrader. The lock flags and checksums live in the cell metadata, which
+jupytext writes into the paired `.py` (`# %% nbgrader={...} deletable=false editable=false`), so
+they survive `tito export` in the student's workspace.
 """
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 
-from tito.export import assign_cell_ids, backup_path, export, notebook_text, read_source, write_atomic
+from tito.export import (assign_cell_ids, backup_path, export, notebook_text, notebook_to_source, read_source,
+                         write_atomic)
 from tito.workspace import Module, Source, TitoError, discover_modules
 
 BEGIN_SOLUTION, END_SOLUTION = "BEGIN SOLUTION", "END SOLUTION"
-CODE_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"
-TEXT_STUB = "YOUR ANSWER HERE"
+TEXT_STUB = "YOUR ANSWER HERE"    # what nbgrader's ClearSolutions writes in place of a written answer
 WORKSPACE_FILES = ["pyproject.toml", "module.yaml", "tinytorch/__init__.py", "tinytorch/core/__init__.py"]
 DEFAULT_OUT = Path("release")
+INSTRUCTOR_INSTALL = 'pip install -e ".[instructor]"'
 # Course tools that stay in the course repository: the benchmark holds its own generation loops and
-# attention calls, which a student workspace must not hold beside the functions students write.
-COURSE_TOOLS = {"bench.py"}
+# attention calls, which a student workspace must not hold beside the functions students write, and the
+# mutation check needs the course's table of bugs, which is never released.
+COURSE_TOOLS = {"bench.py", "mutate.py"}
 
 
-def is_solution_cell(cell) -> bool:
-    return bool(cell.metadata.get("nbgrader", {}).get("solution", False))
-
-
-def _replace_regions(source: str, stub: str) -> tuple[str, bool]:
-    """Replace each solution region of `source` by `stub`, indented like its BEGIN line."""
-    kept, inside, replaced = [], False, False
-    for line in source.split("\n"):
-        if BEGIN_SOLUTION in line:
-            if inside:
-                raise TitoError(f"nested {BEGIN_SOLUTION} in a cell:\n{source}")
-            inside = replaced = True
-            indent = line[: len(line) - len(line.lstrip())]
-            kept.extend(indent + stub_line for stub_line in stub.split("\n"))
-        elif END_SOLUTION in line:
-            inside = False
-        elif not inside:
-            kept.append(line)
-    if inside:
-        raise TitoError(f"{BEGIN_SOLUTION} without {END_SOLUTION} in a cell:\n{source}")
-    return "\n".join(kept), replaced
-
-
-def clear_solutions(notebook):
-    """A copy of `notebook` with solutions stubbed out and outputs cleared (nbgrader's semantics)."""
-    released = copy.deepcopy(notebook)
-    for cell in released.cells:
-        stub = CODE_STUB if cell.cell_type == "code" else TEXT_STUB
-        source, replaced = _replace_regions(cell.source, stub)
-        if replaced and not is_solution_cell(cell):
-            raise TitoError("a solution region lies in a cell that is not marked as a solution cell "
-                            f"(nbgrader metadata solution: true):\n{cell.source}")
-        cell.source = stub if is_solution_cell(cell) and not replaced else source
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    released.metadata.pop("celltoolbar", None)
-    return released
-
-
-def clear_solutions_with_nbgrader(notebook):
-    """The same release made by nbgrader's ClearSolutions and ClearOutput preprocessors."""
-    from nbgrader.preprocessors import ClearOutput, ClearSolutions
-
-    released = copy.deepcopy(notebook)
-    resources: dict = {}
-    released, resources = ClearSolutions().preprocess(released, resources)
-    released, resources = ClearOutput().preprocess(released, resources)
-    return released
-
-
-def nbgrader_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("nbgrader") is not None
-
-
-def release_notebook(source: Source, use_nbgrader: bool | None = None):
-    """A source's notebook with solutions stripped; nbgrader does it when installed."""
-    notebook = read_source(source)
-    if use_nbgrader is None:
-        use_nbgrader = nbgrader_available()
+def nbgrader_preprocessors() -> list:
+    """nbgrader's preprocessors that make a release, in the order `nbgrader generate_assignment` runs them."""
     try:
-        released = clear_solutions_with_nbgrader(notebook) if use_nbgrader else clear_solutions(notebook)
-    except RuntimeError as error:  # nbgrader's way of reporting a malformed solution region
-        raise TitoError(f"cannot release {source.relative(source.path)}: {error}") from error
+        from nbgrader.preprocessors import CheckCellMetadata, ClearOutput, ClearSolutions, ComputeChecksums, LockCells
+    except ModuleNotFoundError as error:
+        raise TitoError(f"tito release needs nbgrader, which makes the release (it locks the test cells and "
+                        f"records their checksums); install the instructor tools with {INSTRUCTOR_INSTALL}. "
+                        "Nothing was written.") from error
+    return [LockCells(), ClearSolutions(), ClearOutput(), CheckCellMetadata(), ComputeChecksums()]
+
+
+def release_notebook(source: Source):
+    """A source's notebook as nbgrader releases it: solutions stripped, cells locked, checksums recorded."""
+    preprocessors = nbgrader_preprocessors()
+    from nbgrader.nbgraderformat import ValidationError
+
+    released = read_source(source)
+    resources: dict = {}
+    for preprocessor in preprocessors:
+        try:
+            released, resources = preprocessor.preprocess(released, resources)
+        except (RuntimeError, ValidationError) as error:   # a malformed solution region, or bad metadata
+            raise TitoError(f"cannot release {source.relative(source.path)}: {error}") from error
+    released.metadata.pop("celltoolbar", None)
     assign_cell_ids(released)
     return released
 
 
 def _release_files(root: Path, target: Module) -> dict[str, str | Path]:
     """Relative path in the release -> new text, or a file to copy as it is."""
-    import jupytext
-
     files: dict[str, str | Path] = {name: root / name for name in WORKSPACE_FILES if (root / name).exists()}
     tooling = Path(__file__).resolve().parent                    # the tito package itself
     files.update({f"tito/{path.name}": path for path in sorted(tooling.glob("*.py"))
@@ -115,9 +82,10 @@ def _release_files(root: Path, target: Module) -> dict[str, str | Path]:
         for test in tests:
             files[module.relative(test)] = test
         for source in module.sources:      # provided sources hold no solutions and come out whole
-            released = release_notebook(source)
-            files[source.relative(source.notebook)] = notebook_text(released)
-            files[source.relative(source.path)] = jupytext.writes(released, fmt="py:percent")
+            notebook = notebook_text(release_notebook(source))
+            files[source.relative(source.notebook)] = notebook
+            # the .py from the notebook as stored (metadata keys sorted), so the pair reads as unedited
+            files[source.relative(source.path)] = notebook_to_source(source, notebook)
         if (module.folder / "README.md").exists():
             files[module.relative(module.folder / "README.md")] = module.folder / "README.md"
     files["README.md"] = STUDENT_README.format(module=target.folder_name, name=target.name, number=target.number)
@@ -156,6 +124,7 @@ the last export, so they always test what you wrote. A failure points at your ow
 def release(root: Path, module: Module, out: Path, force: bool = False) -> list[str]:
     """Write the student workspace for `module` into `out`; returns what was written."""
     out = out.resolve()
+    nbgrader_preprocessors()                     # before anything is written: a clear message without nbgrader
     if out == root.resolve():
         raise TitoError(f"--out {out} is the course workspace itself; releasing there would replace the solutions")
     files = _release_files(root, module)

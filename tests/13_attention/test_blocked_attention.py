@@ -10,8 +10,9 @@ import numpy as np
 from expected import weights_of, with_weights
 import pytest
 
+from tinytorch.core._attention_runtime import inputs_checked
 from tinytorch.core.attention import (MultiHeadAttention, ScaledDotProductAttention, blocked_attention,
-                                      create_causal_mask)
+                                      create_causal_mask, math_attention)
 from tinytorch.core.tensor import Tensor
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 result against a float64 reference
@@ -179,3 +180,61 @@ def test_layer_with_block_size_cannot_return_weights():
     with pytest.raises(ValueError, match="return_attention_weights=True needs the full weight matrix, which "
                                          "block_size=2 never forms"):
         MultiHeadAttention(8, 2, block_size=2)(x, return_attention_weights=True)
+
+
+# ---------------------------------------------------------------- every property on many workloads (graded)
+# Each workload checks everything at once against the student's own math_attention, so that any
+# single bug of the online softmax fails all of them: an explicit scale, a causal mask whose
+# early rows may see nothing (T > S) or whose future is skipped, and a random mask with a fully
+# masked row and a row masked only in the first key blocks.
+WORKLOAD_SHAPES = [((2, 3), 7, 9), ((2,), 9, 4), ((), 8, 8), ((3,), 6, 11), ((1, 2), 10, 6), ((2, 2), 6, 6),
+                   ((2,), 11, 7)]
+WORKLOADS = [(lead, T, S, block_size, 0.35 + 0.2 * (index % 5))
+             for index, ((lead, T, S), block_size) in enumerate(
+                 (shape, block_size) for shape in WORKLOAD_SHAPES for block_size in (1, 2, 3, 4, 5))]
+
+
+def never_reads_the_last_key(q, k, v, mask, scale, block_size):
+    """Blocked attention with NaN in the last value row, which only the last query may see.
+
+    The loop over key blocks stops at `last_key(i1)`, so every query block but the last never
+    reads that row and keeps a finite output. (`inputs_checked()` skips the NaN check, as the
+    layers do for arrays they checked themselves.) Returns the output and the first row of the
+    last query block.
+    """
+    poisoned = np.array(v, dtype=np.float32)
+    poisoned[..., -1, :] = np.nan
+    with inputs_checked():
+        output = blocked_attention(q, k, poisoned, mask=mask, scale=scale, block_size=block_size).data
+    return output, (q.shape[-2] - 1) // block_size * block_size
+
+
+@GRADES
+@pytest.mark.parametrize("lead, T, S, block_size, scale", WORKLOADS)
+def test_every_property_on_a_workload(lead, T, S, block_size, scale):
+    rng = np.random.default_rng(T * 100 + S * 10 + block_size)
+    q, k, v = rng.normal(size=lead + (T, 4)) * 2, rng.normal(size=lead + (S, 4)) * 2, rng.normal(size=lead + (S, 3))
+    case = f"lead {lead}, T={T}, S={S}, block_size={block_size}, scale={scale:.2f}"
+
+    causal = create_causal_mask(T, S)
+    expected = math_attention(q, k, v, causal, scale=scale)[0].data
+    output = blocked_attention(q, k, v, mask=causal, scale=scale, block_size=block_size).data
+    np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-5, err_msg=f"{case}, causal mask")
+    blind = max(0, T - S)                                                 # rows before any key: zero output
+    np.testing.assert_array_equal(output[..., :blind, :], 0.0, err_msg=f"{case}: rows that see no key")
+
+    poisoned, last_block = never_reads_the_last_key(q, k, v, causal, scale, block_size)
+    assert np.isfinite(poisoned[..., :last_block, :]).all(), (
+        f"{case}: query rows 0..{last_block - 1} read the last key, which lies in the future of all of them; "
+        f"stop each query block's loop over keys at last_key(i1)")
+    np.testing.assert_allclose(poisoned[..., :last_block, :], expected[..., :last_block, :], rtol=1e-4, atol=1e-5,
+                               err_msg=f"{case}: rows before the last query block")
+
+    keep = rng.random(lead + (T, S)) < 0.5
+    keep[..., 0, :] = False                                               # a fully masked row
+    keep[..., 1, :] = True
+    keep[..., 1, :2 * block_size] = False                                 # masked in the first key blocks only
+    expected = math_attention(q, k, v, keep, scale=scale)[0].data
+    output = blocked_attention(q, k, v, mask=keep, scale=scale, block_size=block_size).data
+    np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-5, err_msg=f"{case}, random mask")
+    np.testing.assert_array_equal(output[..., 0, :], 0.0, err_msg=f"{case}: a fully masked row")

@@ -10,7 +10,7 @@ import numpy as np
 from expected import weights_of, with_weights
 import pytest
 
-from tinytorch.core.attention import KVCache, MultiHeadAttention, create_causal_mask
+from tinytorch.core.attention import KVCache, MultiHeadAttention, create_causal_mask, math_attention
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 layer against a float64 reference
 GRADES = pytest.mark.grades("test-cached-decoding")
@@ -191,3 +191,86 @@ def test_cache_rejects_too_many_rows_and_other_lengths():
     with pytest.raises(ValueError, match="query has 2, key has 3"):
         layer(np.zeros((1, 2, 8)), np.zeros((1, 3, 8)), np.zeros((1, 3, 8)), kv_cache=cache)
     assert cache.cache_lengths.tolist() == [0]
+
+
+# ---------------------------------------------------------------- a caller's mask together with the cache (graded)
+# A batch of sequences decoded through a cache with a mask of the caller's, here which cached
+# positions are real tokens (False = padding). Row 0 first takes a prompt of its own, so the rows
+# sit at different lengths; then every row takes the same chunks. Each new query may see a key
+# only when it is both in its past (the cache's mask) and real (the caller's): every output must
+# equal that row's whole sequence attended at once with both masks, built one head at a time from
+# the layer's weights and the student's math_attention.
+MASKED_DECODING = [  # E, H, Hkv, B, max_seq_length, row 0's own prompt, chunks, layout
+    (16, 4, 2, 2, 9, 3, [2, 1, 1], "padding (B, 1, 1, L)"),
+    (16, 4, 4, 3, 8, 2, [3, 1], "(B, T, L)"),
+    (24, 6, 2, 2, 10, 4, [1, 2, 1], "(B, 1, T, L)"),
+    (12, 3, 1, 2, 7, 1, [4, 1], "(T, L)"),
+    (32, 8, 4, 1, 8, 3, [2, 2], "padding (B, 1, 1, L)"),
+    (16, 8, 2, 3, 9, 2, [2, 1, 2], "(B, T, L)"),
+    (24, 6, 3, 2, 8, 5, [1, 1, 1], "(B, 1, T, L)"),
+    (16, 4, 1, 2, 8, 0, [3, 2], "(T, L)"),
+    (12, 6, 2, 3, 7, 2, [2, 2], "padding (B, 1, 1, L)"),
+    (32, 4, 2, 2, 10, 1, [3, 3, 1], "(B, 1, T, L)"),
+    (24, 8, 4, 2, 9, 3, [1, 3], "(B, T, L)"),
+    (16, 4, 2, 4, 6, 2, [2, 1], "padding (B, 1, 1, L)"),
+    (20, 5, 1, 2, 8, 4, [2, 1, 1], "(T, L)"),
+    (24, 6, 2, 1, 9, 2, [3, 2], "(B, T, L)"),
+]
+
+
+def heads_one_at_a_time(layer, x, keep):
+    """Self-attention of x (B, T, E) with keep (T, T), one head at a time from column slices of the weights."""
+    hd, group = layer.head_dim, layer.num_heads // layer.num_kv_heads
+    context = np.zeros(x.shape)
+    for h in range(layer.num_heads):
+        g = h // group
+        q = x @ layer.w_q.data[:, h * hd:(h + 1) * hd]                        # (T, hd)
+        k = x @ layer.w_k.data[:, g * hd:(g + 1) * hd]                        # (T, hd)
+        v = x @ layer.w_v.data[:, g * hd:(g + 1) * hd]                        # (T, hd)
+        context[..., h * hd:(h + 1) * hd] = math_attention(q, k, v, keep)[0].data
+    return context @ layer.w_o.data
+
+
+def caller_mask(layout, real, T, L):
+    """The caller's mask for T new queries over L cached positions, in one layout; real is (B, max_seq_length)."""
+    real = real[:, :L]
+    if layout == "padding (B, 1, 1, L)":
+        return real[:, None, None, :]
+    if layout == "(B, T, L)":
+        return np.repeat(real[:, None, :], T, axis=1)
+    if layout == "(B, 1, T, L)":
+        return np.repeat(real[:, None, None, :], T, axis=2).astype(np.float32)
+    return np.repeat(real[:1], T, axis=0).astype(np.int64)                # (T, L): the same positions in every row
+
+
+@GRADES
+@pytest.mark.parametrize("E, H, Hkv, B, max_seq_length, prompt, chunks, layout", MASKED_DECODING)
+def test_a_callers_mask_with_the_cache(E, H, Hkv, B, max_seq_length, prompt, chunks, layout):
+    rng = np.random.default_rng(E + H + Hkv + B + prompt)
+    layer = MultiHeadAttention(E, H, num_kv_heads=Hkv, seed=B + prompt)
+    cache = KVCache(max_batch_size=B, max_seq_length=max_seq_length, num_heads=Hkv, head_dim=E // H)
+    real = rng.random((B, max_seq_length)) < 0.7                            # which positions are real tokens
+    real[:, 0] = True
+    if layout == "(T, L)":
+        real[:] = real[0]
+    real[:, 1] = False                                                      # every row holds a pad
+    tokens = [rng.normal(size=(prompt + sum(chunks) if b == 0 else sum(chunks), E)) for b in range(B)]
+    outputs = [[] for _ in range(B)]
+    if prompt:                                                              # row 0 alone: the rows now differ
+        outputs[0].append(layer(tokens[0][None, :prompt], kv_cache=cache,
+                                mask=caller_mask(layout, real[:1], prompt, prompt)).data[0])
+    start = [prompt] + [0] * (B - 1)
+    for T in chunks:
+        x = np.stack([tokens[b][start[b]:start[b] + T] for b in range(B)])
+        L = max(start) + T
+        output = layer(x, kv_cache=cache, mask=caller_mask(layout, real, T, L)).data
+        for row in range(B):
+            outputs[row].append(output[row])
+            start[row] += T
+    case = f"E={E}, H={H}, Hkv={Hkv}, B={B}, row 0's prompt {prompt}, chunks {chunks}, {layout} mask"
+    for row, sequence in enumerate(tokens):
+        n = len(sequence)
+        keep = np.tril(np.ones((n, n), bool)) & real[row, :n][None, :]     # the past, and real
+        expected = heads_one_at_a_time(layer, sequence, keep)
+        np.testing.assert_allclose(np.concatenate(outputs[row]), expected, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{case}: row {row}")

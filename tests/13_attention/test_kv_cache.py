@@ -166,6 +166,67 @@ def test_reset_empties_rows():
     assert cache.get_memory_usage()["tokens_cached"] == 0
 
 
+# ---------------------------------------------------------------- a cache in use, step by step (graded)
+# (max_batch_size, max_seq_length, num_heads, head_dim), then the operations: ("update", row, new_len),
+# ("reset", row) or ("reset", None) for every row. After each one, every row is checked against the
+# concatenation of what was appended to it since its last reset.
+SCHEDULES = [
+    ((3, 6, 2, 3), [("update", 0, 3), ("update", 2, 2), ("update", 0, 2), ("reset", 2), ("update", 2, 4),
+                    ("update", 1, 1)]),
+    ((2, 5, 1, 4), [("update", 1, 2), ("update", 0, 4), ("reset", 1), ("update", 1, 5), ("update", 0, 1)]),
+    ((4, 7, 3, 2), [("update", 3, 1), ("update", 1, 3), ("update", 3, 3), ("reset", 3), ("update", 1, 2),
+                    ("update", 3, 2), ("update", 0, 7)]),
+    ((3, 4, 2, 2), [("update", 0, 2), ("update", 1, 2), ("update", 2, 2), ("reset", 0), ("update", 1, 2),
+                    ("update", 0, 1), ("reset", None), ("update", 2, 3)]),
+    ((2, 8, 4, 1), [("update", 0, 1), ("update", 0, 1), ("update", 1, 6), ("update", 0, 3), ("reset", 1),
+                    ("update", 1, 2), ("update", 1, 2)]),
+    ((5, 3, 1, 3), [("update", 4, 2), ("update", 2, 3), ("reset", 4), ("update", 4, 1), ("update", 4, 1),
+                    ("update", 0, 2)]),
+    ((2, 6, 2, 2), [("update", 1, 4), ("update", 0, 2), ("reset", 0), ("update", 0, 3), ("update", 1, 2),
+                    ("reset", 1), ("update", 1, 1)]),
+]
+
+
+def check_every_row(cache, appended, case):
+    """Each row holds what was appended to it, in order, returned as views; nothing else is stored."""
+    assert cache.cache_lengths.tolist() == [sum(k.shape[1] for k, _ in chunks) for chunks in appended], (
+        f"{case}: lengths {cache.cache_lengths.tolist()}")
+    for row, chunks in enumerate(appended):
+        keys, values = cache.get_sequence(row)
+        empty = np.zeros((cache.num_heads, 0, cache.head_dim))
+        expected_keys = np.concatenate([k for k, _ in chunks], axis=1) if chunks else empty
+        expected_values = np.concatenate([v for _, v in chunks], axis=1) if chunks else empty
+        np.testing.assert_allclose(keys.data, expected_keys, rtol=1e-6, err_msg=f"{case}: row {row} keys")
+        np.testing.assert_allclose(values.data, expected_values, rtol=1e-6, err_msg=f"{case}: row {row} values")
+        if chunks:
+            views = (np.shares_memory(keys.data, cache.cached_keys)
+                     and np.shares_memory(values.data, cache.cached_values))
+            assert views, f"{case}: get_sequence({row}) must return views of the cache, not copies"
+    assert_nothing_past_the_lengths(cache)
+
+
+@GRADES
+@pytest.mark.parametrize("sizes, operations", SCHEDULES)
+def test_a_cache_in_use_step_by_step(sizes, operations):
+    rng = np.random.default_rng(sum(sizes) + len(operations))
+    cache = KVCache(*sizes)
+    appended = [[] for _ in range(cache.max_batch_size)]
+    for step, (operation, row, *new_len) in enumerate(operations, start=1):
+        case = f"KVCache{sizes}, step {step}: {operation}({row}{', ' + str(new_len[0]) if new_len else ''})"
+        if operation == "update":
+            chunk = random_kv(rng, cache.num_heads, new_len[0], cache.head_dim)
+            appended[row].append(chunk)
+            keys, values = cache.update(row, *chunk)
+            np.testing.assert_allclose(keys.data, np.concatenate([k for k, _ in appended[row]], axis=1), rtol=1e-6,
+                                       err_msg=f"{case}: the keys update returns")
+            assert np.shares_memory(keys.data, cache.cached_keys), f"{case}: update must return views"
+        else:
+            cache.reset(row)
+            for cleared in range(cache.max_batch_size) if row is None else [row]:
+                appended[cleared] = []
+        check_every_row(cache, appended, case)
+
+
 # ---------------------------------------------------------------- provided code and errors (not graded)
 def test_allocation():
     cache = KVCache(max_batch_size=2, max_seq_length=6, num_heads=2, head_dim=3)

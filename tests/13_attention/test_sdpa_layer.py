@@ -6,7 +6,7 @@ call, keeping a weight where the draw is >= p. The reference repeats that draw i
 import numpy as np
 import pytest
 
-from tinytorch.core.attention import ScaledDotProductAttention, create_causal_mask
+from tinytorch.core.attention import ScaledDotProductAttention, create_causal_mask, create_padding_mask
 from tinytorch.core.tensor import Tensor
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 result against a float64 reference
@@ -147,3 +147,69 @@ def test_block_size_cannot_return_weights():
     q, k, v = random_qkv(10)
     with pytest.raises(ValueError, match="return_attention_weights=True .* block_size=4"):
         ScaledDotProductAttention(block_size=4)(q, k, v, return_attention_weights=True)
+
+
+# ---------------------------------------------------------------- dropout with the layer's scale and masks (graded)
+@GRADES
+def test_dropout_at_a_temperature_and_with_a_mask_by_hand():
+    """Part 4's worked example at temperature 1/sqrt(2), so the scale is 1: weights e/(e+1) = 0.731 and 0.269.
+
+    With p = 0.5 each survivor doubles: the outcomes are (1.462, 0.538), (1.462, 0), (0, 0.538) and
+    (0, 0). With key 0 masked, the weights are (0, 1) and the outcomes (0, 2) and (0, 0).
+    """
+    q, k, v = np.array([[1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[10.0], [20.0]])
+    high, low = 2 * np.e / (np.e + 1), 2 / (np.e + 1)
+    for mask, expected in ((None, {(high, low), (high, 0.0), (0.0, low), (0.0, 0.0)}),
+                           (np.array([[0, 1]]), {(0.0, 2.0), (0.0, 0.0)})):
+        layer = ScaledDotProductAttention(dropout=0.5, temperature=1 / np.sqrt(2), seed=3)
+        outcomes = set()
+        for _ in range(60):
+            output, weights = layer(q, k, v, mask=mask, return_attention_weights=True)
+            np.testing.assert_allclose(output.data, weights.data @ v, rtol=1e-5, err_msg="output = dropped weights @ v")
+            outcomes.add(tuple(round(float(w), 3) for w in weights.data[0]))
+        assert outcomes == {tuple(round(w, 3) for w in pair) for pair in expected}, (
+            f"temperature 1/sqrt(2), p=0.5, mask {mask}: outcomes {sorted(outcomes)}")
+
+
+DROPOUT_CASES = [  # (p, temperature, seed, lead, T, S, mask)
+    (0.2, 0.5, 1, (2, 3), 5, 7, "causal"),
+    (0.5, 2.0, 2, (2,), 4, 6, "random"),
+    (0.3, 0.25, 3, (2, 2), 6, 6, "padding"),
+    (0.1, 3.0, 4, (), 5, 8, "random"),
+    (0.6, 0.7, 5, (3,), 7, 5, "causal"),
+    (0.4, 1.5, 6, (2, 1), 4, 9, "padding"),
+    (0.25, 0.4, 7, (1, 2), 6, 4, "random"),
+]
+
+
+def dropout_mask(kind, rng, lead, T, S):
+    """A mask with at least one fully masked query row, or a padding mask hiding the last keys of one row."""
+    if kind == "causal":
+        return create_causal_mask(T, S)                            # with T > S the first rows see nothing
+    if kind == "padding":
+        return create_padding_mask(np.array([S - 2, S][:lead[0]]), S)
+    keep = rng.random(lead + (T, S)) < 0.6
+    keep[..., 0, :] = False
+    return keep
+
+
+@GRADES
+@pytest.mark.parametrize("p, temperature, seed, lead, T, S, kind", DROPOUT_CASES)
+def test_dropout_uses_the_layers_scale_mask_and_generator(p, temperature, seed, lead, T, S, kind):
+    """Two calls in training mode: each drops exactly where the layer's seeded generator draws below p, from
+    the weights the same layer gives in eval mode (its temperature and the mask), and rescales the rest."""
+    rng = np.random.default_rng(seed + 100)
+    q, k, v = rng.normal(size=lead + (T, 4)), rng.normal(size=lead + (S, 4)), rng.normal(size=lead + (S, 3))
+    mask = dropout_mask(kind, rng, lead, T, S)
+    case = f"p={p}, temperature={temperature}, {kind} mask, lead {lead}, T={T}, S={S}"
+    layer = ScaledDotProductAttention(dropout=p, temperature=temperature, seed=seed)
+    _, plain = ScaledDotProductAttention(temperature=temperature).eval()(q, k, v, mask=mask,
+                                                                        return_attention_weights=True)
+    draws = np.random.default_rng(seed)                             # the layer's generator, drawn the same way
+    for call in ("first", "second"):
+        output, weights = layer(q, k, v, mask=mask, return_attention_weights=True)
+        expected = np.where(draws.random(plain.shape) >= p, plain.data / (1 - p), 0.0)
+        np.testing.assert_allclose(weights.data, expected, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{case}: {call} call, weights")
+        np.testing.assert_allclose(output.data, expected @ v, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{case}: {call} call, output")

@@ -10,7 +10,7 @@ from tito.bench import _busy_core
 from tito.cli import main
 from tito.workspace import TitoError, resolve_module
 
-SUBCOMMANDS = ["export", "test", "run", "release", "grade", "bench"]
+SUBCOMMANDS = ["export", "test", "run", "release", "grade", "mutate", "bench"]
 
 
 def tito(*args, cwd):
@@ -30,7 +30,7 @@ def test_module_names_resolve(repo_root, spec):
     assert resolve_module(repo_root, spec).folder_name == "13_attention"
 
 
-@pytest.mark.parametrize("command", ["export", "test", "run"])
+@pytest.mark.parametrize("command", ["export", "test", "run", "mutate"])
 def test_unknown_module_exits_2_and_lists_known_ones(repo_root, command):
     result = tito(command, "transformers", cwd=repo_root)
     assert result.returncode == 2

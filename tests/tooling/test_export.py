@@ -146,3 +146,14 @@ def test_source_that_does_not_parse_is_a_clear_error(workspace, capsys):
     source.write_text(source.read_text().replace("#| default_exp core.attention", "#| default_exp core.renamed"))
     assert main(["export", "13"]) == 1
     assert "first code cell must be '#| default_exp core.attention'" in capsys.readouterr().err
+
+
+def test_code_with_a_syntax_error_is_a_clear_error_and_writes_nothing(workspace, capsys):
+    source = workspace / "modules/13_attention/attention_dev.py"
+    source.write_text(source.read_text().replace("group = num_heads // x.shape[1]", "group = num_heads // (x.shape[1]"))
+    before = snapshot(workspace)
+    assert main(["export", "13"]) == 1
+    error = capsys.readouterr().err
+    assert "modules/13_attention/attention_dev.py does not parse as Python ('(' was never closed) at:" in error
+    assert "group = num_heads // (x.shape[1]" in error and "nothing was written" in error
+    assert snapshot(workspace) == before

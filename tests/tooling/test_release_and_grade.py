@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tito.export import read_source
-from tito.release import BEGIN_SOLUTION, END_SOLUTION, clear_solutions, release
+from tito.mutate import load_mutations
+from tito.release import BEGIN_SOLUTION, END_SOLUTION, release
 from tito.workspace import resolve_module
 
 SOURCE = "modules/13_attention/attention_dev.py"
@@ -62,6 +63,12 @@ def test_no_solution_line_appears_anywhere_in_the_release(released, repo_root):
         outside = outside.replace(region, "")
     secret = {line for line in solution_lines(source) if line not in outside}
     assert len(secret) > 40                                             # the check looks at real content
+    # the mutation table quotes the solutions and their buggy variants: it stays with the instructor
+    assert (repo_root / "modules/13_attention/mutations.toml").is_file()
+    assert not list(released.rglob("mutations*")), "tito release shipped the mutation table"
+    mutations = load_mutations(resolve_module(repo_root, "13"))
+    secret |= {mutation.replace.strip() for mutation in mutations                # the buggy code, never written
+               if len(mutation.replace.strip()) > 20 and mutation.replace.strip() not in source}
     for path in released.rglob("*"):
         if path.is_file():
             content = path.read_bytes()                                   # the stored expected values are binary
@@ -74,7 +81,9 @@ def test_release_replaces_regions_with_stubs_and_keeps_metadata(released, repo_r
     student = read_source(resolve_module(released, "13").main)
     assert len(student.cells) == len(original.cells)
     for before, after in zip(original.cells, student.cells):
-        assert after.metadata.get("nbgrader") == before.metadata.get("nbgrader")
+        added = {key: after.metadata.get("nbgrader", {}).get(key) for key in ("checksum", "cell_type")}
+        kept = {key: value for key, value in after.metadata.get("nbgrader", {}).items() if key not in added}
+        assert kept == before.metadata.get("nbgrader", {})                # nbgrader adds checksums, changes nothing
         meta = before.metadata.get("nbgrader", {})
         if meta.get("solution") and before.cell_type == "code":
             assert "# YOUR CODE HERE" in after.source and "raise NotImplementedError()" in after.source
@@ -85,16 +94,118 @@ def test_release_replaces_regions_with_stubs_and_keeps_metadata(released, repo_r
     assert CAUSAL_STUB in (released / SOURCE).read_text()               # stub at the region's indentation
 
 
-def test_fallback_matches_nbgrader(repo_root):
-    nbgrader_release = pytest.importorskip("nbgrader.preprocessors")
-    from tito.release import clear_solutions_with_nbgrader
+def nbgrader_cells(notebook_path: Path) -> list:
+    import nbformat
 
-    notebook = read_source(resolve_module(repo_root, "13").main)
-    ours, theirs = clear_solutions(notebook), clear_solutions_with_nbgrader(notebook)
-    assert nbgrader_release is not None
-    assert [cell.source for cell in ours.cells] == [cell.source for cell in theirs.cells]
-    assert [cell.metadata for cell in ours.cells] == [cell.metadata for cell in theirs.cells]
-    assert ours.metadata == theirs.metadata
+    return [cell for cell in nbformat.read(notebook_path, as_version=4).cells if "nbgrader" in cell.metadata]
+
+
+def assert_locked_and_checksummed(notebook_path: Path, answered=()) -> int:
+    """Every test and provided cell is non-editable and non-deletable, solution cells are non-deletable,
+    and every nbgrader cell carries the checksum nbgrader computes for it, except the solution cells
+    `answered` since the release, whose checksum no longer matches; returns the number of locked cells."""
+    from nbgrader.utils import compute_checksum, is_locked, is_solution
+
+    locked = 0
+    for cell in nbgrader_cells(notebook_path):
+        grade_id = cell.metadata.nbgrader["grade_id"]
+        matches = cell.metadata.nbgrader.get("checksum") == compute_checksum(cell)
+        assert matches != (grade_id in answered), f"{grade_id}: checksum"
+        assert cell.metadata.nbgrader.get("cell_type") == cell.cell_type, grade_id
+        assert cell.metadata.get("deletable") is False, f"{grade_id} can be deleted"
+        if is_locked(cell):
+            assert cell.metadata.get("editable") is False, f"{grade_id} can be edited"
+            locked += 1
+        else:
+            assert is_solution(cell) and cell.metadata.get("editable", True) is True, grade_id
+    return locked
+
+
+def test_test_and_provided_cells_are_locked_with_nbgrader_checksums(released):
+    notebook = released / "modules/13_attention/attention_dev.ipynb"
+    cells = nbgrader_cells(notebook)
+    tests = [cell for cell in cells if cell.metadata.nbgrader.get("grade") and cell.cell_type == "code"]
+    assert len(tests) == 12 and all(cell.metadata.nbgrader["locked"] for cell in tests)
+    assert assert_locked_and_checksummed(notebook) == 13                # 12 graded tests and the integration test
+    source = (released / SOURCE).read_text()                           # the paired .py carries them too
+    assert source.count(" deletable=false editable=false nbgrader=") == 13
+    assert source.count('"checksum": ') == len(cells)
+
+
+def test_lock_flags_and_checksums_survive_the_students_export(tmp_path, repo_root):
+    """tito export rebuilds the notebook from the .py, and copies notebook edits back into the .py."""
+    import nbformat
+
+    out = tmp_path / "student"
+    assert tito("release", "13", "--out", str(out), cwd=repo_root).returncode == 0
+    notebook_path, source = out / "modules/13_attention/attention_dev.ipynb", out / SOURCE
+    assert not list(out.rglob("*.bak*"))                               # the release wrote a consistent pair
+    assert tito("export", "13", cwd=out).stdout == "export: everything already up to date\n"
+    source.write_text(fill_masks(source.read_text()))                  # the student edits the .py
+    exported = tito("export", "13", cwd=out)
+    assert exported.returncode == 0 and "wrote modules/13_attention/attention_dev.ipynb" in exported.stdout
+    assert any(CAUSAL_DONE in cell.source for cell in nbgrader_cells(notebook_path))
+    assert assert_locked_and_checksummed(notebook_path, answered={"masks"}) == 13
+
+    notebook = nbformat.read(notebook_path, as_version=4)              # then edits the notebook, as Jupyter saves it
+    answer = next(cell for cell in notebook.cells
+                  if cell.metadata.get("nbgrader", {}).get("grade_id") == "reflection-memory")
+    answer.source = "Blocked attention never forms the 128 GiB of weights."
+    nbformat.write(notebook, notebook_path)
+    exported = tito("export", "13", cwd=out)
+    assert exported.returncode == 0 and "updated from the edits made in" in exported.stdout, exported.stdout
+    assert "Blocked attention never forms" in source.read_text()
+    assert source.read_text().count(" deletable=false editable=false nbgrader=") == 13
+    assert assert_locked_and_checksummed(notebook_path, answered={"masks", "reflection-memory"}) == 13
+
+
+def nbgrader_validate(notebook: Path, workspace: Path) -> str:
+    """`nbgrader validate` as a student runs it (it executes the notebook); its report, whitespace normalised."""
+    result = subprocess.run(["nbgrader", "validate", str(notebook)], capture_output=True, text=True,
+                            cwd=notebook.parent, env=dict(os.environ, PYTHONPATH=str(workspace)))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def reported_cells(report: str, heading: str) -> list[str]:
+    """The first source line of each cell that `nbgrader validate` reports under `heading`."""
+    blocks = report.split("=" * 90)[1:]
+    return [block.split(heading, 1)[1].strip().splitlines()[0].strip() for block in blocks if heading in block]
+
+
+def test_nbgrader_validate_lists_the_unanswered_answers_and_failing_tests(released):
+    report = nbgrader_validate(released / "modules/13_attention/attention_dev.ipynb", released)
+    assert " ".join(report.split()).startswith("VALIDATION FAILED ON 15 CELL(S)!")
+    failed = reported_cells(report, "The following cell failed:")
+    assert failed.count("YOUR ANSWER HERE") == 3                       # the three written answers
+    assert "You did not provide a response." in report
+    tests = [line for line in failed if line != "YOUR ANSWER HERE"]
+    assert len(tests) == 12 and "def test_unit_masks():" in tests and "NotImplementedError" in report
+
+
+def test_nbgrader_validate_flags_an_edited_test_cell(released, tmp_path):
+    import nbformat
+
+    notebook = nbformat.read(released / "modules/13_attention/attention_dev.ipynb", as_version=4)
+    test_cell = next(cell for cell in notebook.cells
+                     if cell.metadata.get("nbgrader", {}).get("grade_id") == "test-masks")
+    assert "assert offset_mask.offset == 3" in test_cell.source
+    test_cell.source = test_cell.source.replace("assert offset_mask.offset == 3", "assert offset_mask.offset >= 0")
+    edited = tmp_path / "attention_dev.ipynb"
+    nbformat.write(notebook, edited)
+    report = nbgrader_validate(edited, released)
+    assert "THE CONTENTS OF 1 TEST CELL(S) HAVE CHANGED!" in " ".join(report.split())
+    assert reported_cells(report, "The following cell has changed:") == ["def test_unit_masks():"]
+
+
+def test_release_without_nbgrader_stops_and_writes_nothing(tmp_path, repo_root):
+    out = tmp_path / "student"
+    without_nbgrader = ("import sys; sys.modules['nbgrader'] = None; from tito.cli import main; "
+                        f"sys.exit(main(['release', '13', '--out', {str(out)!r}]))")
+    result = subprocess.run([sys.executable, "-c", without_nbgrader], capture_output=True, text=True, cwd=repo_root)
+    assert result.returncode == 1
+    assert 'tito release needs nbgrader' in result.stderr and 'pip install -e ".[instructor]"' in result.stderr
+    assert "Nothing was written" in result.stderr and not out.exists()
 
 
 def test_release_never_overwrites_without_force(tmp_path, repo_root):

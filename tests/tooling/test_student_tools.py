@@ -315,13 +315,31 @@ def test_tracemap_maps_every_exported_line_of_the_course_package_to_the_same_tex
 def test_grade_names_the_answers_still_to_write(toy):
     result = tito("grade", "97", cwd=toy)
     assert re.search(r"^reflection-why\s+TODO\s+-\s+1$", result.stdout, flags=re.M), result.stdout
-    assert ("1 of 1 written answers still say 'YOUR ANSWER HERE': reflection-why "
+    assert ("1 of 1 written answers are still empty or say 'YOUR ANSWER HERE': reflection-why "
             "(markdown cells in modules/97_toy/toy_dev.py)") in result.stdout
     write_source(toy, answer="Because a half of a half is a quarter.")
     result = tito("grade", "97", "--json", "-", cwd=toy)
     assert "all 1 written answers are filled in" in result.stderr
     manual = [part for part in json.loads(result.stdout)["parts"] if part["manual"]]
     assert [(part["grade_id"], part["answered"]) for part in manual] == [("reflection-why", True)]
+
+
+@pytest.mark.parametrize("answer", ["", "   ", "\t \n#\n#   ", "  YOUR ANSWER HERE  ",
+                                    "YOUR ANSWER HERE\n#\n# (later)"])
+def test_an_empty_answer_or_the_stub_is_not_an_answer(toy, answer):
+    """Deleting the stub and leaving nothing, or only whitespace, answers nothing."""
+    write_source(toy, answer=answer)
+    result = tito("grade", "97", "--json", "-", cwd=toy)
+    assert "1 of 1 written answers are still empty or say 'YOUR ANSWER HERE': reflection-why" in result.stderr
+    manual = [part for part in json.loads(result.stdout)["parts"] if part["manual"]]
+    assert [(part["grade_id"], part["answered"]) for part in manual] == [("reflection-why", False)]
+
+
+def test_is_answered_needs_text_other_than_the_stub():
+    from tito.grade import is_answered
+
+    assert not any(is_answered(text) for text in ("", " ", "\n\t\n", "YOUR ANSWER HERE", "\nYOUR ANSWER HERE\n"))
+    assert is_answered("The cache holds 2 x 32 x 128 numbers per token.")
 
 
 # ----------------------------------------------------------------------------- run timings
