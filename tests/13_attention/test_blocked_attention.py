@@ -10,7 +10,7 @@ import numpy as np
 from expected import weights_of, with_weights
 import pytest
 
-from tinytorch.core._attention_runtime import inputs_checked
+from tinytorch.core._attention_runtime import keep_mask
 from tinytorch.core.attention import (MultiHeadAttention, ScaledDotProductAttention, blocked_attention,
                                       create_causal_mask, math_attention)
 from tinytorch.core.tensor import Tensor
@@ -197,15 +197,18 @@ WORKLOADS = [(lead, T, S, block_size, 0.35 + 0.2 * (index % 5))
 def never_reads_the_last_key(q, k, v, mask, scale, block_size):
     """Blocked attention with NaN in the last value row, which only the last query may see.
 
-    The loop over key blocks stops at `last_key(i1)`, so every query block but the last never
-    reads that row and keeps a finite output. (`inputs_checked()` skips the NaN check, as the
-    layers do for arrays they checked themselves.) Returns the output and the first row of the
+    The loop over key blocks stops at the last key a block's last row may see, so every query block
+    but the last never reads that row and keeps a finite output. The public entry point refuses NaN,
+    so the student's function is called as the boundary calls it: with float32 arrays and the causal
+    mask as the boolean array that carries its offset. Returns the output and the first row of the
     last query block.
     """
     poisoned = np.array(v, dtype=np.float32)
     poisoned[..., -1, :] = np.nan
-    with inputs_checked():
-        output = blocked_attention(q, k, poisoned, mask=mask, scale=scale, block_size=block_size).data
+    q, k = np.asarray(q, dtype=np.float32), np.asarray(k, dtype=np.float32)
+    keep = keep_mask(mask, q.shape[:-2] + (q.shape[-2], k.shape[-2]))
+    with np.errstate(invalid="ignore"):                      # the last query block does read the NaN row
+        output = blocked_attention.student_function(q, k, poisoned, keep, scale, block_size)
     return output, (q.shape[-2] - 1) // block_size * block_size
 
 

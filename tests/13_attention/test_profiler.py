@@ -109,13 +109,13 @@ def test_compare_generation_outputs_agree():
     dict(durations=[10.0, 7.0, 1.0, 6.0], warmup=1, median=6.0, spread=6.5 - 3.5, exponent=2.5, nbytes=6 * MiB, heads=(12, 3, 3)),
     dict(durations=[4.0, 4.0, 4.0, 1.0, 2.0, 9.0, 10.0, 3.0], warmup=3, median=3.0, spread=9.0 - 2.0, exponent=3.0, nbytes=3 * MiB,
          heads=(8, 4, 2)),
-    dict(durations=[12.0, 3.0, 5.0, 4.0], warmup=1, exponent=1.8, nbytes=5 * MiB, heads=(24, 6, 2), batch=2),
-    dict(durations=[8.0, 8.0, 2.0, 6.0, 1.0, 7.0, 3.0], warmup=2, exponent=2.2, nbytes=7 * MiB, heads=(16, 8, 4),
+    dict(durations=[12.0, 3.0, 5.0, 4.0], warmup=1, median=4.0, spread=4.5 - 3.5, exponent=1.8, nbytes=5 * MiB, heads=(24, 6, 2), batch=2),
+    dict(durations=[8.0, 8.0, 2.0, 6.0, 1.0, 7.0, 3.0], warmup=2, median=3.0, spread=6.0 - 2.0, exponent=2.2, nbytes=7 * MiB, heads=(16, 8, 4),
          batch=3),
-    dict(durations=[20.0, 1.0, 3.0, 2.0, 11.0, 5.0], warmup=1, exponent=0.5, nbytes=1 * MiB, heads=(12, 6, 3)),
-    dict(durations=[6.0, 6.0, 6.0, 6.0, 2.0, 1.0, 4.0], warmup=4, exponent=2.0, nbytes=2 * MiB, heads=(32, 8, 2),
+    dict(durations=[20.0, 1.0, 3.0, 2.0, 11.0, 5.0], warmup=1, median=3.0, spread=5.0 - 2.0, exponent=0.5, nbytes=1 * MiB, heads=(12, 6, 3)),
+    dict(durations=[6.0, 6.0, 6.0, 6.0, 2.0, 1.0, 4.0], warmup=4, median=2.0, spread=3.0 - 1.5, exponent=2.0, nbytes=2 * MiB, heads=(32, 8, 2),
          batch=2),
-    dict(durations=[3.0, 9.0, 2.0, 8.0, 4.0], warmup=1, exponent=1.2, nbytes=8 * MiB, heads=(16, 4, 1), batch=2),
+    dict(durations=[3.0, 9.0, 2.0, 8.0, 4.0], warmup=1, median=6.0, spread=8.25 - 3.5, exponent=1.2, nbytes=8 * MiB, heads=(16, 4, 1), batch=2),
 ])
 def test_profiling_session_reports_the_measured_numbers(monkeypatch, case):
     """Time a call, fit how the cost grows, measure memory under a tracing profiler, compare generation."""
