@@ -23,6 +23,7 @@ they survive `tito export` in the student's workspace.
 from __future__ import annotations
 
 import shutil
+import re
 from pathlib import Path
 
 from tito.export import (assign_cell_ids, backup_path, export, notebook_text, notebook_to_source, read_source,
@@ -51,14 +52,46 @@ def nbgrader_preprocessors() -> list:
     return [LockCells(), ClearSolutions(), ClearOutput(), CheckCellMetadata(), ComputeChecksums()]
 
 
+def name_stubs(notebook) -> None:
+    """Make each `raise NotImplementedError()` stub say which function it is and which part it belongs to.
+
+    The first error a student meets then reads `NotImplementedError: create_causal_mask, Part 1
+    (masks): your code goes here` instead of an empty message.
+    """
+    part = None
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown" and (heading := re.search(r"^#+\s*(Part \d+)", cell.source, flags=re.M)):
+            part = heading.group(1)
+        meta = cell.metadata.get("nbgrader", {})
+        if cell.cell_type != "code" or not meta.get("solution"):
+            continue
+        where = " ".join(filter(None, [part, f"({meta['grade_id']})" if meta.get("grade_id") else None]))
+        lines, owner, function = cell.source.split("\n"), None, None
+        for index, line in enumerate(lines):
+            if found := re.match(r"^class (\w+)", line):
+                owner = found.group(1)
+            elif found := re.match(r"^(\s*)def (\w+)\(", line):
+                if not found.group(1):
+                    owner = None
+                if not (function and len(found.group(1)) > (4 if owner else 0)):   # not a closure inside it
+                    function = f"{owner}.{found.group(2)}" if owner and found.group(1) else found.group(2)
+            if line.strip() == "raise NotImplementedError()" and index and lines[index - 1].strip() == "# YOUR CODE HERE":
+                message = f"{function or 'this cell'}{', ' + where if where else ''}: your code goes here"
+                lines[index] = line.replace("NotImplementedError()", f"NotImplementedError({message!r})")
+        cell.source = "\n".join(lines)
+
+
 def release_notebook(source: Source):
-    """A source's notebook as nbgrader releases it: solutions stripped, cells locked, checksums recorded."""
+    """A source's notebook as nbgrader releases it: solutions stripped and their stubs named, cells locked,
+    checksums recorded."""
     preprocessors = nbgrader_preprocessors()
     from nbgrader.nbgraderformat import ValidationError
 
     released = read_source(source)
     resources: dict = {}
     for preprocessor in preprocessors:
+        if type(preprocessor).__name__ == "ComputeChecksums":
+            name_stubs(released)                       # before the checksums, which then match the named stubs
         try:
             released, resources = preprocessor.preprocess(released, resources)
         except (RuntimeError, ValidationError) as error:   # a malformed solution region, or bad metadata
@@ -89,7 +122,21 @@ def _release_files(root: Path, target: Module) -> dict[str, str | Path]:
         if (module.folder / "README.md").exists():
             files[module.relative(module.folder / "README.md")] = module.folder / "README.md"
     files["README.md"] = STUDENT_README.format(module=target.folder_name, name=target.name, number=target.number)
+    files[".gitignore"] = STUDENT_GITIGNORE
     return files
+
+
+# What the install, Jupyter and the tools create in a workspace; a student's own files (.bak copies
+# included) stay visible to git.
+STUDENT_GITIGNORE = """\
+.venv/
+*.egg-info/
+__pycache__/
+.ipynb_checkpoints/
+.pytest_cache/
+.hypothesis/
+tito-output/
+"""
 
 
 STUDENT_README = """\

@@ -103,7 +103,7 @@ def cheat(source: str) -> tuple[str, set[str]]:
             function = None
         elif stripped.startswith("def ") and (function is None or indent <= depth):   # not a closure inside it
             function, depth = stripped[4:].split("(")[0], indent
-        if stripped == "# YOUR CODE HERE" and function in CHEATS and lines[index + 1].strip() == "raise NotImplementedError()":
+        if stripped == "# YOUR CODE HERE" and function in CHEATS and lines[index + 1].strip().startswith("raise NotImplementedError("):
             lines[index + 1] = line[: len(line) - len(line.lstrip())] + CHEATS[function]
             replaced.add(function)
     return "\n".join(lines), replaced
