@@ -31,6 +31,10 @@
 # 4. **The tuned kernel's entry points**: `fast_attention` and the adapters the layers call; the
 #    kernel itself, its techniques and its worker pool are in `_attention_kernel_dev.py`.
 # 5. **Blocked attention on every core**: the parallel driver of the lesson's blocked attention.
+# 6. **The layers' input checks** and the provided part of the caches (`KVCacheBase`,
+#    `PagedKVCacheBase`); 7. the profiler's sweeps; 8. the serving measurements' checks.
+# 9. **The public boundary**: `@checked`, which runs each entry point's checks once, before the
+#    student's code, and the table of those checks.
 #
 # `tinytorch/core/_attention_runtime.py` is generated from this file; `tinytorch.core.attention`
 # re-exports the public names.
@@ -58,9 +62,10 @@ from tinytorch.core.tensor import Tensor
 # holding NaN or inf raises a `ValueError` that names it. The only exception is the score input
 # of `masked_softmax`, where −inf is the documented way to say "masked out".
 #
-# A layer checks what its caller gave it once. Inside `with inputs_checked():` the functions it
-# calls on arrays derived from those inputs skip the scan for NaN and inf, which would otherwise
-# read a whole KV cache again at every decoding step; they still check shapes and types.
+# Every entry point checks what its caller gave it once (section 9). Inside
+# `with inputs_checked():`, the block a checked call runs the student's code in, the module's own
+# functions take their arrays as given: nothing derived from checked inputs is scanned for NaN and
+# inf again, which would otherwise read a whole KV cache at every decoding step.
 
 # %%
 #| export
@@ -70,7 +75,7 @@ _inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", d
 
 @contextmanager
 def inputs_checked():
-    """Inside a layer whose inputs were checked: skip the NaN/inf scan of arrays derived from them."""
+    """Inside a checked call: the module's functions take their arrays as given, checked once already."""
     token = _inputs_checked.set(True)
     try:
         yield

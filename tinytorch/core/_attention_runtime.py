@@ -23,14 +23,14 @@ import numpy as np
 from . import _attention_kernel as kernel
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #9a153d66
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #77e1aa36
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 _inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", default=False)
 
 
 @contextmanager
 def inputs_checked():
-    """Inside a layer whose inputs were checked: skip the NaN/inf scan of arrays derived from them."""
+    """Inside a checked call: the module's functions take their arrays as given, checked once already."""
     token = _inputs_checked.set(True)
     try:
         yield
