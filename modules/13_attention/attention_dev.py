@@ -462,9 +462,10 @@ print("shuffling the tokens shuffles the output the same way:",
 # Part 7 shows the one switch that turns the tuned kernel on, and measures what it buys.
 #
 # **Your task**: `attention_with_dropout`, which the layer below runs in training mode when
-# `dropout > 0`: attention whose weights are dropped out as described above, using one uniform
-# random number per weight from `rng`, and the output those weights give. Return the output
-# and the dropped weights.
+# `dropout > 0`: attention whose weights are dropped out as described above, and the output
+# those weights give. Draw one uniform random number per weight from `rng`, all in one call, and
+# keep a weight when its number is at least p (so that it survives with probability 1 − p).
+# Return the output and the dropped weights.
 
 # %% nbgrader={"grade": false, "grade_id": "sdpa-layer", "locked": false, "schema_version": 3, "solution": true}
 #| export

@@ -10,7 +10,7 @@ import numpy as np
 from expected import weights_of, with_weights
 import pytest
 
-from tinytorch.core.attention import KVCache, MultiHeadAttention, create_causal_mask, math_attention
+from tinytorch.core.attention import KVCache, MultiHeadAttention, create_causal_mask
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 layer against a float64 reference
 GRADES = pytest.mark.grades("test-cached-decoding")
@@ -198,8 +198,8 @@ def test_cache_rejects_too_many_rows_and_other_lengths():
 # positions are real tokens (False = padding). Row 0 first takes a prompt of its own, so the rows
 # sit at different lengths; then every row takes the same chunks. Each new query may see a key
 # only when it is both in its past (the cache's mask) and real (the caller's): every output must
-# equal that row's whole sequence attended at once with both masks, built one head at a time from
-# the layer's weights and the student's math_attention.
+# equal the reference's attention of that row's whole sequence at once, with both masks, from the
+# weights the test gave the layer.
 MASKED_DECODING = [  # E, H, Hkv, B, max_seq_length, row 0's own prompt, chunks, layout
     (16, 4, 2, 2, 9, 3, [2, 1, 1], "padding (B, 1, 1, L)"),
     (16, 4, 4, 3, 8, 2, [3, 1], "(B, T, L)"),
@@ -218,19 +218,6 @@ MASKED_DECODING = [  # E, H, Hkv, B, max_seq_length, row 0's own prompt, chunks,
 ]
 
 
-def heads_one_at_a_time(layer, x, keep):
-    """Self-attention of x (B, T, E) with keep (T, T), one head at a time from column slices of the weights."""
-    hd, group = layer.head_dim, layer.num_heads // layer.num_kv_heads
-    context = np.zeros(x.shape)
-    for h in range(layer.num_heads):
-        g = h // group
-        q = x @ layer.w_q.data[:, h * hd:(h + 1) * hd]                        # (T, hd)
-        k = x @ layer.w_k.data[:, g * hd:(g + 1) * hd]                        # (T, hd)
-        v = x @ layer.w_v.data[:, g * hd:(g + 1) * hd]                        # (T, hd)
-        context[..., h * hd:(h + 1) * hd] = math_attention(q, k, v, keep)[0].data
-    return context @ layer.w_o.data
-
-
 def caller_mask(layout, real, T, L):
     """The caller's mask for T new queries over L cached positions, in one layout; real is (B, max_seq_length)."""
     real = real[:, :L]
@@ -245,9 +232,9 @@ def caller_mask(layout, real, T, L):
 
 @GRADES
 @pytest.mark.parametrize("E, H, Hkv, B, max_seq_length, prompt, chunks, layout", MASKED_DECODING)
-def test_a_callers_mask_with_the_cache(E, H, Hkv, B, max_seq_length, prompt, chunks, layout):
+def test_a_callers_mask_with_the_cache(ref, E, H, Hkv, B, max_seq_length, prompt, chunks, layout):
     rng = np.random.default_rng(E + H + Hkv + B + prompt)
-    layer = MultiHeadAttention(E, H, num_kv_heads=Hkv, seed=B + prompt)
+    layer = with_weights(MultiHeadAttention(E, H, num_kv_heads=Hkv, seed=B + prompt), B + prompt)
     cache = KVCache(max_batch_size=B, max_seq_length=max_seq_length, num_heads=Hkv, head_dim=E // H)
     real = rng.random((B, max_seq_length)) < 0.7                            # which positions are real tokens
     real[:, 0] = True
@@ -271,6 +258,6 @@ def test_a_callers_mask_with_the_cache(E, H, Hkv, B, max_seq_length, prompt, chu
     for row, sequence in enumerate(tokens):
         n = len(sequence)
         keep = np.tril(np.ones((n, n), bool)) & real[row, :n][None, :]     # the past, and real
-        expected = heads_one_at_a_time(layer, sequence, keep)
+        expected = ref.multihead(weights_of(layer), H, Hkv, sequence[None], keep=keep)[0][0]
         np.testing.assert_allclose(np.concatenate(outputs[row]), expected, rtol=1e-4, atol=1e-5,
                                    err_msg=f"{case}: row {row}")

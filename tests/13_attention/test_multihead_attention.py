@@ -13,7 +13,7 @@ import numpy as np
 from expected import weights_of, with_weights
 import pytest
 
-from tinytorch.core.attention import MultiHeadAttention, create_causal_mask, create_padding_mask, math_attention
+from tinytorch.core.attention import MultiHeadAttention, create_causal_mask, create_padding_mask
 from tinytorch.core.tensor import Tensor
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 layer against a float64 reference
@@ -269,40 +269,16 @@ def test_a_kv_cache_that_is_not_a_kvcache_raises_type_error():
 
 # ---------------------------------------------------------------- the layer checked head by head (graded)
 # Each workload is cross-attention (keys from another sequence of another length) with fewer
-# key/value heads than query heads, each shared by several, and a mask with a fully masked row. It
-# checks the seeded initialisation, then the output with and without the attention weights
-# against the layer built one head at a time from its weights' column slices and the student's
-# own math_attention, so that one bug anywhere in the layer fails every workload.
+# key/value heads than query heads, each shared by several, and a mask with a fully masked row. The
+# test gives the layer its weights, then checks the output with and without the attention weights
+# against the reference's head-by-head answer (stored), so that one bug anywhere in the forward
+# pass fails every workload.
 HEAD_CONFIGS = [  # E, H, Hkv, B, T, S
     (16, 4, 2, 2, 3, 5), (24, 6, 2, 1, 4, 6), (24, 6, 3, 3, 5, 3), (32, 8, 2, 2, 2, 7), (32, 8, 4, 2, 6, 4),
     (12, 4, 2, 3, 3, 8), (16, 8, 2, 2, 4, 4)]
 MASK_LAYOUTS = ["(T, S)", "(B, T, S)", "padding (B, 1, 1, S)", "(B, H, T, S)", "causal"]
 HEAD_WORKLOADS = [(*config, MASK_LAYOUTS[(i + j) % len(MASK_LAYOUTS)], 10 * i + j)
                   for i, config in enumerate(HEAD_CONFIGS) for j in range(3)]
-
-
-def seeded_weights(seed, E, H, Hkv):
-    """w_q, w_k, w_v, w_o as the layer's contract draws them: default_rng(seed), standard normal float32 / sqrt(E)."""
-    rng, std, kv_dim = np.random.default_rng(seed), np.float32(1 / np.sqrt(E)), Hkv * (E // H)
-    return [rng.standard_normal(shape, dtype=np.float32) * std for shape in ((E, E), (E, kv_dim), (E, kv_dim), (E, E))]
-
-
-def heads_one_at_a_time(layer, x_q, x_kv, keep):
-    """(output, weights) of the layer, head h from column slices h*hd..(h+1)*hd of w_q and, for its key/value
-    head g = h // (H // Hkv), of w_k and w_v, attended with math_attention; keep broadcasts to (B, H, T, S)."""
-    hd, group = layer.head_dim, layer.num_heads // layer.num_kv_heads
-    B, T, S = x_q.shape[0], x_q.shape[1], x_kv.shape[1]
-    keep = np.ones((1, 1, T, S), bool) if keep is None else keep
-    keep = np.broadcast_to(keep, (B, layer.num_heads, T, S))
-    context, weights = np.zeros((B, T, layer.embed_dim)), np.zeros((B, layer.num_heads, T, S))
-    for h in range(layer.num_heads):
-        g = h // group
-        q = x_q @ layer.w_q.data[:, h * hd:(h + 1) * hd]                     # (B, T, hd)
-        k = x_kv @ layer.w_k.data[:, g * hd:(g + 1) * hd]                    # (B, S, hd)
-        v = x_kv @ layer.w_v.data[:, g * hd:(g + 1) * hd]                    # (B, S, hd)
-        output, head_weights = math_attention(q, k, v, keep[:, h])
-        context[:, :, h * hd:(h + 1) * hd], weights[:, h] = output.data, head_weights.data
-    return context @ layer.w_o.data, weights
 
 
 def layout_mask(layout, rng, B, H, T, S):
@@ -321,16 +297,13 @@ def layout_mask(layout, rng, B, H, T, S):
 
 @GRADES
 @pytest.mark.parametrize("E, H, Hkv, B, T, S, layout, seed", HEAD_WORKLOADS)
-def test_layer_head_by_head(E, H, Hkv, B, T, S, layout, seed):
+def test_layer_head_by_head(ref, E, H, Hkv, B, T, S, layout, seed):
     rng = np.random.default_rng(seed)
-    layer = MultiHeadAttention(E, H, num_kv_heads=Hkv, seed=seed)
+    layer = with_weights(MultiHeadAttention(E, H, num_kv_heads=Hkv, seed=seed), seed)
     case = f"E={E}, H={H}, Hkv={Hkv}, B={B}, T={T}, S={S}, {layout} mask, seed {seed}"
-    for name, actual, expected in zip(("w_q", "w_k", "w_v", "w_o"), layer.parameters, seeded_weights(seed, E, H, Hkv)):
-        assert actual.shape == expected.shape, f"{case}: {name} has shape {actual.shape}, expected {expected.shape}"
-        np.testing.assert_allclose(actual.data, expected, rtol=1e-6, err_msg=f"{case}: {name} as drawn from the seed")
     x_q, x_kv = rng.normal(size=(B, T, E)), rng.normal(size=(B, S, E))
     mask, keep = layout_mask(layout, rng, B, H, T, S)
-    expected_output, expected_weights = heads_one_at_a_time(layer, x_q, x_kv, keep)
+    expected_output, expected_weights = ref.multihead(weights_of(layer), H, Hkv, x_q, x_kv, x_kv, keep)
     output = layer(x_q, x_kv, x_kv, mask=mask)
     np.testing.assert_allclose(output.data, expected_output, rtol=1e-4, atol=1e-5, err_msg=f"{case}: output")
     output, weights = layer(x_q, x_kv, x_kv, mask=mask, return_attention_weights=True)

@@ -195,21 +195,19 @@ def dropout_mask(kind, rng, lead, T, S):
 
 @GRADES
 @pytest.mark.parametrize("p, temperature, seed, lead, T, S, kind", DROPOUT_CASES)
-def test_dropout_uses_the_layers_scale_mask_and_generator(p, temperature, seed, lead, T, S, kind):
+def test_dropout_uses_the_layers_scale_mask_and_generator(ref, p, temperature, seed, lead, T, S, kind):
     """Two calls in training mode: each drops exactly where the layer's seeded generator draws below p, from
-    the weights the same layer gives in eval mode (its temperature and the mask), and rescales the rest."""
+    the weights the layer's temperature and the mask give, and rescales the rest."""
     rng = np.random.default_rng(seed + 100)
     q, k, v = rng.normal(size=lead + (T, 4)), rng.normal(size=lead + (S, 4)), rng.normal(size=lead + (S, 3))
     mask = dropout_mask(kind, rng, lead, T, S)
     case = f"p={p}, temperature={temperature}, {kind} mask, lead {lead}, T={T}, S={S}"
     layer = ScaledDotProductAttention(dropout=p, temperature=temperature, seed=seed)
-    _, plain = ScaledDotProductAttention(temperature=temperature).eval()(q, k, v, mask=mask,
-                                                                        return_attention_weights=True)
-    draws = np.random.default_rng(seed)                             # the layer's generator, drawn the same way
-    for call in ("first", "second"):
+    scale = 1.0 / (2.0 * temperature)                                # d_k = 4
+    for number, call in enumerate(("first", "second")):
         output, weights = layer(q, k, v, mask=mask, return_attention_weights=True)
-        expected = np.where(draws.random(plain.shape) >= p, plain.data / (1 - p), 0.0)
-        np.testing.assert_allclose(weights.data, expected, rtol=1e-5, atol=1e-6,
+        expected_output, expected_weights = ref.dropout_attention(q, k, v, mask, p, seed, scale, number)
+        np.testing.assert_allclose(weights.data, expected_weights, rtol=1e-5, atol=1e-6,
                                    err_msg=f"{case}: {call} call, weights")
-        np.testing.assert_allclose(output.data, expected @ v, rtol=1e-4, atol=1e-5,
+        np.testing.assert_allclose(output.data, expected_output, rtol=1e-4, atol=1e-5,
                                    err_msg=f"{case}: {call} call, output")

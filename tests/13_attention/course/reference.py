@@ -185,10 +185,14 @@ def cached_visible(lengths_after, new_len, longest):
     return visible
 
 
-def dropout_attention(q, k, v, keep, p, seed, scale=None):
-    """Attention whose weights take the layer's first draw from default_rng(seed): a weight survives where
-    its uniform number is >= p and is then divided by 1 - p. Returns (output, dropped weights)."""
+def dropout_attention(q, k, v, keep, p, seed, scale=None, call=0):
+    """Attention whose weights take the layer's draw for call number `call` (0 first) from default_rng(seed):
+    a weight survives where its uniform number is >= p and is then divided by 1 - p.
+    Returns (output, dropped weights)."""
     _, weights = attention(q, k, v, keep, scale)
-    survives = np.random.default_rng(seed).random(weights.shape) >= p
+    draws = np.random.default_rng(seed)
+    for _ in range(call):
+        draws.random(weights.shape)
+    survives = draws.random(weights.shape) >= p
     dropped = np.where(survives, weights / (1 - p), 0.0)
     return dropped @ as_float64(v), dropped
