@@ -20,7 +20,7 @@ def _plain(text: str) -> str:
     return text if sys.stdout.isatty() else ANSI_ESCAPE.sub("", text)
 
 
-PART_HEADING = re.compile(r"^#+\s*(Part \d+)", re.M)
+SECTION_HEADING = re.compile(r"^##\s+(Part \d+|[^:\n]+)", re.M)   # "## Part 3: ..." is "Part 3", else the title
 IPYTHON_PLACE = re.compile(r"Cell In\[(\d+)\], line (\d+)")
 
 
@@ -32,8 +32,8 @@ def _places(notebook, source_name: str) -> list[tuple[str, str]]:
     markers = [index + 1 for index, line in enumerate(lines) if line.startswith("# %%")]
     places, part = [], "introduction"
     for cell, marker in zip(notebook.cells, markers):
-        if cell.cell_type == "markdown" and (heading := PART_HEADING.search(cell.source)):
-            part = heading.group(1)
+        if cell.cell_type == "markdown" and (heading := SECTION_HEADING.search(cell.source)):
+            part = heading.group(1).strip()
         places.append((f"{source_name}:{marker + 1}", part))
     return places
 
@@ -42,6 +42,13 @@ def _cell_label(cell, place: tuple[str, str]) -> str:
     grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
     first_line = next((line for line in cell.source.splitlines() if line.strip() and not line.startswith("#|")), "")
     return f"{place[0]} ({place[1]}) {grade_id or first_line[:50]}"
+
+
+def _traceback_only(text: str) -> str:
+    """nbclient's error text without the copy of the cell's source it starts with (printed lines above)."""
+    separator = "-" * 18 + "\n"
+    parts = text.split(separator)
+    return parts[2].lstrip("\n") if len(parts) >= 3 and text.startswith("An error occurred") else text
 
 
 def _in_source_terms(text: str, starts: dict[int, str]) -> str:
@@ -140,7 +147,7 @@ def run_module(module: Module, figures_dir: Path | None = None, timeout: int = 9
                     starts[cell.get("execution_count") or -1] = places[index][0]
                     _print_outputs(cell, figures_dir, figure_name)
                     print(f"{label}  FAILED")
-                    print(_in_source_terms(_plain(str(error)), starts))
+                    print(_in_source_terms(_plain(_traceback_only(str(error))), starts))
                     _write_timings(json_path, module, timings, time.perf_counter() - started, passed=False)
                     return 1
                 starts[cell.get("execution_count") or -1] = places[index][0]

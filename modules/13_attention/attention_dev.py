@@ -1400,7 +1400,8 @@ test_unit_blocked_attention()
 # - `compare_generation`: a fixed random (B, prompt_length + new_tokens, E) sequence from
 #   `np.random.default_rng(self.seed)`; then prefill a new `KVCache` with the prompt and decode
 #   one position per call through it, timing each call; then, for the same positions, recompute
-#   a causal forward over everything so far and keep its last position. Size the cache for the
+#   a causal forward over everything so far and keep its last position (time the whole step,
+#   making its causal mask included, as a server would pay for it). Size the cache for the
 #   layer. Return what you measured: `prefill_ms`, the lists `cached_ms` and `recompute_ms`
 #   (one time per new token), and `cached_out` and `recompute_out`, the (B, 1, E) outputs of
 #   each step, so that the two ways can be compared. The boundary adds the medians and the
@@ -1967,8 +1968,9 @@ test_unit_paged_decoding()
 # 1. Time runs in steps. At each step, every running request generates one token, oldest first,
 #    so its length grows by 1. If the slots it then holds would take the running requests past
 #    the budget, the **newest** running request is **preempted**: it gives back all its slots and
-#    returns to the front of the queue, keeping the tokens it generated. Repeat until there is
-#    room; the request that needs room may itself be the newest. (vLLM preempts the same way,
+#    returns to the front of the queue, keeping the tokens it generated before this step. Repeat
+#    until there is room; the request that needs room may itself be the newest, and then it
+#    generates nothing this step. (vLLM preempts the same way,
 #    and recomputes a preempted request's cache when it is readmitted.)
 # 2. Then waiting requests are admitted in order of arrival, while the first of them has arrived
 #    and its slots fit. Its prompt, and any tokens it generated before a preemption, are
@@ -1999,9 +2001,10 @@ test_unit_paged_decoding()
 # time, finish steps [1, 1], and 16 of 18: 89%.
 #
 # **Your task**: `simulate_serving`, the four rules. A helper inside it for the slots a request
-# holds keeps one loop for both schemes. Fill the lists `tokens`, `allocated` and `running_count`
-# (one number per step), `finish_step` (the step at which each request generated its last
-# token) and `preemptions`.
+# holds keeps one loop for both schemes. Return the dict its docstring names: `tokens`,
+# `allocated` and `running` as integer NumPy arrays with one number per step (the cells below do
+# arithmetic on them), `finish_step` (the step at which each request generated its last token,
+# one per request) and `preemptions`.
 
 # %% nbgrader={"grade": false, "grade_id": "serving-simulation", "locked": false, "schema_version": 3, "solution": true}
 #| export
