@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ class Part:
     failures: list[dict] = field(default_factory=list)
     answered: bool | None = None   # a hand-graded answer: False while it is empty or says YOUR ANSWER HERE
     functions: list[str] = field(default_factory=list)   # what the part checks: "name (line N)" in the source
+    section: str = ""              # the lesson's "Part N" the grade cell stands in
 
     @property
     def earned(self) -> float:
@@ -53,16 +55,19 @@ class Part:
 def graded_parts(module: Module) -> list[Part]:
     """The graded cells of the module's notebook, in order, with their points and, for an auto-graded
     part, the functions of the solution cells since the previous grade cell (what its tests check)."""
-    parts, written, previous = [], [], []
+    parts, written, previous, section = [], [], [], ""
     source_lines = module.main.path.read_text(encoding="utf-8").splitlines()
     for cell in read_source(module.main).cells:
         meta = cell.metadata.get("nbgrader", {})
+        if cell.cell_type == "markdown" and (heading := re.search(r"^##\s+(Part \d+)?", cell.source, flags=re.M)):
+            section = heading.group(1) or ""
         if meta.get("solution") and cell.cell_type == "code":
             written += _written_functions(cell.source)
         if meta.get("grade"):
             manual = cell.cell_type == "markdown"
             functions = [] if manual else [_with_line(name, source_lines) for name in written] or previous
-            parts.append(Part(meta["grade_id"], float(meta.get("points", 0)), manual=manual, functions=functions))
+            parts.append(Part(meta["grade_id"], float(meta.get("points", 0)), manual=manual, functions=functions,
+                              section=section))
             previous, written = (previous if manual else functions), []
     return parts
 
@@ -416,18 +421,26 @@ def _answer_lines(result: dict) -> list[str]:
     return lines
 
 
+def _section_width(parts: list[dict]) -> int:
+    """The width of the lesson's "Part N" column: none when the lesson has no numbered parts."""
+    return max((len(part.get("section", "")) for part in parts), default=0) + 1 if any(
+        part.get("section") for part in parts) else 0
+
+
 def format_report(result: dict, source_hint: str) -> str:
     """The table `tito grade` prints, with what to do next for each failing part."""
+    width = _section_width(result["parts"])
     lines = [f"graded: {result['graded_file']}", f"tests:  {result['tests']}", "",
-             f"{'part':<28} {'tests':>7} {'points':>8} {'of':>6}"]
+             f"{'':<{width}}{'part':<28} {'tests':>7} {'points':>8} {'of':>6}"]
     for part in result["parts"]:
+        where = f"{part.get('section', ''):<{width}}"
         if part["manual"]:
             status = {True: "answered", False: "TODO", None: "manual"}[part["answered"]]
-            lines.append(f"{part['grade_id']:<28} {status:>8} {'-':>7} {part['points']:>6g}")
+            lines.append(f"{where}{part['grade_id']:<28} {status:>8} {'-':>7} {part['points']:>6g}")
         else:
             tests = f"{part['passed']}/{len(part['tests'])}"
-            lines.append(f"{part['grade_id']:<28} {tests:>7} {part['earned']:>8.2f} {part['points']:>6g}")
-    lines.append(f"{'total (auto-graded)':<28} {'':>7} {result['earned']:>8.2f} {result['possible']:>6g}")
+            lines.append(f"{where}{part['grade_id']:<28} {tests:>7} {part['earned']:>8.2f} {part['points']:>6g}")
+    lines.append(f"{'':<{width}}{'total (auto-graded)':<28} {'':>7} {result['earned']:>8.2f} {result['possible']:>6g}")
     if result["manual_points"]:
         lines.append(f"{result['manual_points']:g} more points are graded by hand (the written answers).")
     lines.extend(_answer_lines(result))
@@ -457,9 +470,11 @@ def format_summary(result: dict, source_hint: str, selected: bool) -> str:
     ungraded = result["ungraded"]
     if ungraded["tests"]:
         rows.append((UNGRADED_ROW, ungraded))
+    width = _section_width(result["parts"])
+    sections = {part_name(part["grade_id"]): part.get("section", "") for part in result["parts"]}
     lines = [f"tito test {result['module']}: the tests of {result['tests']} against {result['graded_file']}",
              f"(lines below are those of {source_hint})", "",
-             f"{'part':<26} {'passed':>7}  status"]
+             f"{'':<{width}}{'part':<26} {'passed':>7}  status"]
     details: list[str] = []
     for name, row in rows:
         count = row["tests"] if isinstance(row["tests"], int) else len(row["tests"])
@@ -479,7 +494,7 @@ def format_summary(result: dict, source_hint: str, selected: bool) -> str:
             if row.get("functions"):
                 details.append(f"    it checks your {', '.join(row['functions'])}")
             details += ["    " + line for line in failure_text(first, frame_limit=4, message_limit=10)]
-        lines.append(f"{name:<26} {str(row['passed']) + '/' + str(count):>7}  {status}")
+        lines.append(f"{sections.get(name, ''):<{width}}{name:<26} {str(row['passed']) + '/' + str(count):>7}  {status}")
     lines.extend(_answer_lines(result))
     for problem in result["problems"]:
         lines += ["", "problem: " + "\n".join(problem.strip().splitlines()[-15:])]
@@ -488,7 +503,5 @@ def format_summary(result: dict, source_hint: str, selected: bool) -> str:
         lines += ["", f"One part's tests: tito test {result['number']} PART (e.g. tito test {result['number']} "
                   f"{rows[0][0]}); pytest's full output: tito test {result['number']} -v"]
     skipped = f", {result['skipped']} skipped" if result["skipped"] else ""
-    if ungraded["tests"]:
-        lines += ["", f"other checks (not graded): {ungraded['passed']} of {ungraded['tests']} pass"]
     lines += ["", f"{passed} passed, {total - passed} failed{skipped}"]
     return "\n".join(lines)

@@ -392,6 +392,6 @@ def test_tito_test_on_the_blank_release_is_short_and_names_every_part(released):
     parts = [part for part in graded_parts(resolve_module(released, "13")) if not part.manual]
     assert parts
     for part in parts:
-        assert re.search(rf"^{re.escape(part_name(part.grade_id))}\s+0/\d+\s+not done yet: ", result.stdout,
+        assert re.search(rf"^{part.section}\s+{re.escape(part_name(part.grade_id))}\s+0/\d+\s+not done yet: ", result.stdout,
                          flags=re.M), f"{part.grade_id} not named as not done yet:\n{result.stdout}"
     assert re.fullmatch(r"\d+ passed, \d+ failed(, \d+ skipped)?", lines[-1])   # ungraded checks of provided code pass
