@@ -80,6 +80,27 @@ def test_hand_computed_case_fixes_the_scale():
 
 
 @GRADES
+@pytest.mark.parametrize("block_size", [1, 2, 3])
+def test_offset_causal_mask_by_hand(block_size):
+    """All-zero queries weigh every visible key alike, so each row is the mean of the values it may see.
+
+    create_causal_mask(4, 9) has offset 5: query i sees keys 0..i+5. With value j = (2j, 1) the rows
+    are the means of 0, 2, ..., 2(i+5): (5, 1), (6, 1), (7, 1), (8, 1). A loop that stops at the
+    block's last row without adding the offset averages only the first keys; one that reads every
+    key block reads the last key, which only the last query may see, in the earlier query blocks too.
+    """
+    q, k = np.zeros((4, 2)), np.random.default_rng(5).normal(size=(9, 2))
+    v = np.stack([2.0 * np.arange(9), np.ones(9)], axis=1)
+    mask = create_causal_mask(4, 9)
+    output = blocked_attention(q, k, v, mask=mask, block_size=block_size).data
+    np.testing.assert_allclose(output, [[5.0, 1.0], [6.0, 1.0], [7.0, 1.0], [8.0, 1.0]], rtol=1e-6,
+                               err_msg=f"create_causal_mask(4, 9), offset 5, block_size={block_size}")
+    poisoned, last_block = never_reads_the_last_key(q, k, v, mask, 1.0, block_size)
+    assert last_block > 0 and np.isfinite(poisoned[:last_block]).all(), (
+        f"block_size={block_size}: query rows 0..{last_block - 1} read the last key, which only query 3 may see")
+
+
+@GRADES
 def test_running_maximum_rises_across_blocks(ref):
     """The largest score sits in the last block and scores span about 1e5: the rescaling must be exact."""
     q = np.array([[1e5, 0, 0, 0], [-1e5, 0, 0, 0]])
@@ -186,9 +207,11 @@ def test_layer_with_block_size_cannot_return_weights():
 # Each workload checks everything at once against the student's own math_attention, so that any
 # single bug of the online softmax fails all of them: an explicit scale, a causal mask whose
 # early rows may see nothing (T > S) or whose future is skipped, and a random mask with a fully
-# masked row and a row masked only in the first key blocks.
+# masked row and a row masked only in the first key blocks. The last four shapes are decoding's:
+# a few queries after a longer cache (S > T), so each block's causal stop lies `offset` keys past
+# its last row.
 WORKLOAD_SHAPES = [((2, 3), 7, 9), ((2,), 9, 4), ((), 8, 8), ((3,), 6, 11), ((1, 2), 10, 6), ((2, 2), 6, 6),
-                   ((2,), 11, 7)]
+                   ((2,), 11, 7), ((2,), 4, 9), ((2,), 5, 10), ((1,), 6, 13), ((), 3, 7)]
 WORKLOADS = [(lead, T, S, block_size, 0.35 + 0.2 * (index % 5))
              for index, ((lead, T, S), block_size) in enumerate(
                  (shape, block_size) for shape in WORKLOAD_SHAPES for block_size in (1, 2, 3, 4, 5))]
