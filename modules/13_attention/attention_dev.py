@@ -795,7 +795,25 @@ class MultiHeadAttention(Layer):
         return {"parameter_counts": counts, "kv_cache_bytes_per_token": bytes_per_token}
         ### END SOLUTION
 
-# %% nbgrader={"grade": true, "grade_id": "test-multihead-attention", "locked": true, "points": 11, "schema_version": 3, "solution": false}
+# %% nbgrader={"grade": true, "grade_id": "test-multihead-init", "locked": true, "points": 3, "schema_version": 3, "solution": false}
+def test_unit_multihead_init():
+    """Your initialisation: the projections' shapes, a spread that keeps a projection at its input's scale, seeds."""
+    layer = MultiHeadAttention(embed_dim=256, num_heads=8, num_kv_heads=2, seed=0)
+    shapes = {"w_q": (256, 256), "w_k": (256, 64), "w_v": (256, 64), "w_o": (256, 256)}
+    x = np.random.default_rng(1).standard_normal((4, 16, 256))                # unit variance
+    for name, shape in shapes.items():
+        weight = getattr(layer, name).data
+        assert weight.shape == shape, f"{name}: expected shape {shape}, got {weight.shape}"
+        spread = (x @ weight).std()
+        assert 0.5 < spread < 1.6, f"x @ {name} of a unit-variance x has standard deviation {spread:.3f}, not about 1"
+    again = MultiHeadAttention(embed_dim=256, num_heads=8, num_kv_heads=2, seed=0)
+    np.testing.assert_array_equal(again.w_q.data, layer.w_q.data, err_msg="the same seed must give the same weights")
+    print("multi-head init: shapes, spread and seeds as they should be")
+
+
+test_unit_multihead_init()
+
+# %% nbgrader={"grade": true, "grade_id": "test-multihead-attention", "locked": true, "points": 8, "schema_version": 3, "solution": false}
 def test_unit_multihead_attention():
     """The worked example (plain, causal and grouped), and a padded row that reads as if alone."""
     x = np.array([[[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]])              # (B, T, E) = (1, 2, 4)

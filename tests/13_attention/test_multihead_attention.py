@@ -126,7 +126,10 @@ def test_forward_reads_the_current_weights(ref):
 
 
 # ---------------------------------------------------------------- the initialisation, by its properties
-@GRADES
+INIT = pytest.mark.grades("test-multihead-init")
+
+
+@INIT
 @pytest.mark.parametrize("E, H, Hkv", [(256, 8, None), (256, 8, 2), (192, 4, 1)])
 def test_weights_have_the_projection_shapes_and_keep_the_input_scale(E, H, Hkv):
     layer = MultiHeadAttention(E, H, num_kv_heads=Hkv, seed=1)
@@ -142,11 +145,11 @@ def test_weights_have_the_projection_shapes_and_keep_the_input_scale(E, H, Hkv):
     x = np.random.default_rng(2).standard_normal((4, 16, E))                  # unit variance
     for name in shapes:
         spread = (x @ getattr(layer, name).data).std()
-        assert 0.4 < spread < 2.5, (f"E={E}: x @ {name} of a unit-variance x has standard deviation {spread:.3f}; "
+        assert 0.5 < spread < 1.6, (f"E={E}: x @ {name} of a unit-variance x has standard deviation {spread:.3f}; "
                                     "scale the weights so that a projection keeps its input's scale (about 1)")
 
 
-@GRADES
+@INIT
 def test_the_same_seed_gives_the_same_weights_and_another_seed_others():
     first, again, other = (MultiHeadAttention(32, 4, num_kv_heads=2, seed=seed) for seed in (7, 7, 8))
     for name in ("w_q", "w_k", "w_v", "w_o"):

@@ -128,10 +128,10 @@ def test_test_and_provided_cells_are_locked_with_nbgrader_checksums(released):
     notebook = released / "modules/13_attention/attention_dev.ipynb"
     cells = nbgrader_cells(notebook)
     tests = [cell for cell in cells if cell.metadata.nbgrader.get("grade") and cell.cell_type == "code"]
-    assert len(tests) == 16 and all(cell.metadata.nbgrader["locked"] for cell in tests)
-    assert assert_locked_and_checksummed(notebook) == 17                # 16 graded tests and the integration test
+    assert len(tests) == 17 and all(cell.metadata.nbgrader["locked"] for cell in tests)
+    assert assert_locked_and_checksummed(notebook) == 18                # 17 graded tests and the integration test
     source = (released / SOURCE).read_text()                           # the paired .py carries them too
-    assert source.count(" deletable=false editable=false nbgrader=") == 17
+    assert source.count(" deletable=false editable=false nbgrader=") == 18
     assert source.count('"checksum": ') == len(cells)
 
 
@@ -148,7 +148,7 @@ def test_lock_flags_and_checksums_survive_the_students_export(tmp_path, repo_roo
     exported = tito("export", "13", cwd=out)
     assert exported.returncode == 0 and "wrote modules/13_attention/attention_dev.ipynb" in exported.stdout
     assert any(CAUSAL_DONE in cell.source for cell in nbgrader_cells(notebook_path))
-    assert assert_locked_and_checksummed(notebook_path, answered={"masks"}) == 17
+    assert assert_locked_and_checksummed(notebook_path, answered={"masks"}) == 18
 
     notebook = nbformat.read(notebook_path, as_version=4)              # then edits the notebook, as Jupyter saves it
     answer = next(cell for cell in notebook.cells
@@ -158,8 +158,8 @@ def test_lock_flags_and_checksums_survive_the_students_export(tmp_path, repo_roo
     exported = tito("export", "13", cwd=out)
     assert exported.returncode == 0 and "updated from the edits made in" in exported.stdout, exported.stdout
     assert "Blocked attention never forms" in source.read_text()
-    assert source.read_text().count(" deletable=false editable=false nbgrader=") == 17
-    assert assert_locked_and_checksummed(notebook_path, answered={"masks", "reflection-memory"}) == 17
+    assert source.read_text().count(" deletable=false editable=false nbgrader=") == 18
+    assert assert_locked_and_checksummed(notebook_path, answered={"masks", "reflection-memory"}) == 18
 
 
 def nbgrader_validate(notebook: Path, workspace: Path) -> str:
@@ -178,12 +178,12 @@ def reported_cells(report: str, heading: str) -> list[str]:
 
 def test_nbgrader_validate_lists_the_unanswered_answers_and_failing_tests(released):
     report = nbgrader_validate(released / "modules/13_attention/attention_dev.ipynb", released)
-    assert " ".join(report.split()).startswith("VALIDATION FAILED ON 19 CELL(S)!")
+    assert " ".join(report.split()).startswith("VALIDATION FAILED ON 20 CELL(S)!")
     failed = reported_cells(report, "The following cell failed:")
     assert failed.count("YOUR ANSWER HERE") == 3                       # the three written answers
     assert "You did not provide a response." in report
     tests = [line for line in failed if line != "YOUR ANSWER HERE"]
-    assert len(tests) == 16 and "def test_unit_masks():" in tests and "NotImplementedError" in report
+    assert len(tests) == 17 and "def test_unit_masks():" in tests and "NotImplementedError" in report
 
 
 def test_nbgrader_validate_flags_an_edited_test_cell(released, tmp_path):
