@@ -1127,14 +1127,17 @@ def _(a):
     a["new_keys"], a["new_values"] = keys, values
 
 
-@entry_point("KVCache.append", publish=lambda result, a: result)
-def _(a):
+def _check_cache_append(a):
+    """Either cache's `append(new_keys, new_values)`: one (B, Hkv, T, hd) shape, and room for all of it."""
     keys, values = as_float32(a["new_keys"], "new_keys"), as_float32(a["new_values"], "new_values")
     if keys.ndim != 4 or values.shape != keys.shape:
         raise ValueError(f"new_keys and new_values must have one shape (batch, num_heads, new_len, head_dim), "
                          f"got {keys.shape} and {values.shape}")
     a["self"].check_append(*keys.shape)
     a["new_keys"], a["new_values"] = keys, values
+
+
+entry_point("KVCache.append", publish=lambda result, a: result)(_check_cache_append)
 
 
 def _cache_memory(figures, a) -> dict:
@@ -1252,14 +1255,7 @@ def _finished(result, a):
 entry_point("PagedKVCache.free", publish=_finished)(_check_known_sequence)
 
 
-@entry_point("PagedKVCache.append", publish=lambda result, a: result)
-def _(a):
-    keys, values = as_float32(a["new_keys"], "new_keys"), as_float32(a["new_values"], "new_values")
-    if keys.ndim != 4 or values.shape != keys.shape:
-        raise ValueError(f"new_keys and new_values must have one shape (batch, num_heads, new_len, head_dim), "
-                         f"got {keys.shape} and {values.shape}")
-    a["self"].check_append(*keys.shape)
-    a["new_keys"], a["new_values"] = keys, values
+entry_point("PagedKVCache.append", publish=lambda result, a: result)(_check_cache_append)
 
 
 @entry_point("simulate_serving", publish=lambda result, a: result)

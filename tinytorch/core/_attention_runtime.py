@@ -736,7 +736,7 @@ def check_capacity_inputs(memory_bytes, num_parameters, num_layers, num_kv_heads
 # checked form. It may also hand back a finished result, which the student's code then never
 # computes: the multi-head layer does this when the tuned kernel is switched on.
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #830dc79e
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #ba86b223
 import contextlib
 import functools
 import inspect
@@ -1009,14 +1009,17 @@ def _(a):
     a["new_keys"], a["new_values"] = keys, values
 
 
-@entry_point("KVCache.append", publish=lambda result, a: result)
-def _(a):
+def _check_cache_append(a):
+    """Either cache's `append(new_keys, new_values)`: one (B, Hkv, T, hd) shape, and room for all of it."""
     keys, values = as_float32(a["new_keys"], "new_keys"), as_float32(a["new_values"], "new_values")
     if keys.ndim != 4 or values.shape != keys.shape:
         raise ValueError(f"new_keys and new_values must have one shape (batch, num_heads, new_len, head_dim), "
                          f"got {keys.shape} and {values.shape}")
     a["self"].check_append(*keys.shape)
     a["new_keys"], a["new_values"] = keys, values
+
+
+entry_point("KVCache.append", publish=lambda result, a: result)(_check_cache_append)
 
 
 def _cache_memory(figures, a) -> dict:
@@ -1134,14 +1137,7 @@ def _finished(result, a):
 entry_point("PagedKVCache.free", publish=_finished)(_check_known_sequence)
 
 
-@entry_point("PagedKVCache.append", publish=lambda result, a: result)
-def _(a):
-    keys, values = as_float32(a["new_keys"], "new_keys"), as_float32(a["new_values"], "new_values")
-    if keys.ndim != 4 or values.shape != keys.shape:
-        raise ValueError(f"new_keys and new_values must have one shape (batch, num_heads, new_len, head_dim), "
-                         f"got {keys.shape} and {values.shape}")
-    a["self"].check_append(*keys.shape)
-    a["new_keys"], a["new_values"] = keys, values
+entry_point("PagedKVCache.append", publish=lambda result, a: result)(_check_cache_append)
 
 
 @entry_point("simulate_serving", publish=lambda result, a: result)
