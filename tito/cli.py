@@ -129,19 +129,28 @@ def cmd_grade(args: argparse.Namespace) -> int:
     if to_stdout:
         print(json.dumps(result, indent=2))
     elif args.json is not None:
-        try:
-            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        except OSError as error:
-            raise TitoError(f"cannot write --json {args.json}: {error}") from error
-        print(f"wrote {args.json}")
+        _write_json(args.json, result)
     return 0 if result["all_passed"] else 1
+
+def _write_json(path: Path, data) -> None:
+    """A command's --json output, or a clear error when the file cannot be written."""
+    import json
+
+    try:
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise TitoError(f"cannot write --json {path}: {error}") from error
+    print(f"wrote {path}")
+
+
+def _require_course_tool(name: str) -> None:
+    """Stop with a clear message where a course tool (not shipped in a student workspace) is missing."""
+    if importlib.util.find_spec(f"tito.{name}") is None:
+        raise TitoError(f"tito {name} is a course tool: it is not part of a student workspace")
 
 
 def cmd_mutate(args: argparse.Namespace) -> int:
-    import json
-
-    if importlib.util.find_spec("tito.mutate") is None:
-        raise TitoError("tito mutate is a course tool: it is not part of a student workspace")
+    _require_course_tool("mutate")
     from tito.mutate import format_footer, format_header, format_result, mutate
 
     root = find_root()
@@ -150,19 +159,12 @@ def cmd_mutate(args: argparse.Namespace) -> int:
                      on_result=lambda result: print(format_result(result), flush=True))
     print(format_footer(summary))
     if args.json is not None:
-        try:
-            args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        except OSError as error:
-            raise TitoError(f"cannot write --json {args.json}: {error}") from error
-        print(f"wrote {args.json}")
+        _write_json(args.json, summary)
     return 0 if summary["all_caught"] else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
-    if importlib.util.find_spec("tito.bench") is None:
-        raise TitoError("tito bench is a course tool: it is not part of a student workspace")
+    _require_course_tool("bench")
     from tito.bench import (format_ablation, format_profiler_check, format_table, plot_sweep, profiler_check,
                             run_ablation, run_bench)
 
@@ -170,19 +172,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = run_ablation(quick=args.quick)
         print(format_ablation(result))
         if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            _write_json(args.json, result)
         return 0
     if args.profiler_check:
         check = profiler_check(load=not args.no_load)
         print(format_profiler_check(check))
         if args.json is not None:
-            args.json.write_text(json.dumps(check, indent=2) + "\n", encoding="utf-8")
+            _write_json(args.json, check)
         return 0 if check["passed"] else 1
     result = run_bench(quick=args.quick, rounds=args.rounds)
     print(format_table(result))
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+        _write_json(args.json, result)
     if args.plot is not None:
         plot_sweep(result, args.plot)
         print(f"wrote {args.plot}")
