@@ -247,7 +247,7 @@ test_unit_masks()
 #    attend to, so define its weights as all zero, never `nan`.
 #
 # **Your task**: the masked, numerically stable softmax over the last axis, for scores of any
-# number of leading axes (…, T, S). `keep` is a boolean array that broadcasts to `scores`, or
+# number of leading axes (…, T, S). `mask` is a boolean array that broadcasts to `scores`, or
 # `None` for no mask. A score that is already −inf also counts as masked. Hints: `np.where`
 # picks between two arrays by a condition; `max` and `sum` take `axis=-1, keepdims=True` so the
 # result still broadcasts against the row; `max` also takes `initial=` for rows with no entries.
@@ -348,7 +348,7 @@ test_unit_masked_softmax()
 # `np.swapaxes(k, -1, -2)`; `.T` would reverse all of them.
 #
 # **Your task**: the formula, using your `masked_softmax`. The checked inputs are float32
-# arrays `q`, `k`, `v`, the boolean mask `keep` (or `None`), and `scale`, the number that
+# arrays `query`, `key`, `value`, the boolean `mask` (or `None`), and `scale`, the number that
 # multiplies the scores: 1/√d_k unless the caller passed another `scale`. Use `scale`, not
 # your own 1/√d_k: the layer of Part 4 passes a different one. Return the output and the
 # weights as arrays.
@@ -463,9 +463,12 @@ print("shuffling the tokens shuffles the output the same way:",
 #
 # **Your task**: `attention_with_dropout`, which the layer below runs in training mode when
 # `dropout > 0`: attention whose weights are dropped out as described above, and the output
-# those weights give. Draw one uniform random number per weight from `rng`, all in one call, and
-# keep a weight when its number is at least p (so that it survives with probability 1 − p).
-# Return the output and the dropped weights.
+# those weights give. `rng` is the layer's generator, `np.random.default_rng(seed)`: draw one
+# uniform random number per weight from it (`rng.random(weights.shape)` draws them all at once)
+# and keep a weight with probability 1 − p, for instance when its number is at least p. Any such
+# draw is right: the tests check what dropout is, not one stream of numbers (each weight is 0 or
+# its value / (1 − p), about 1 − p of them survive, the same seed drops the same weights, and the
+# output comes from the dropped weights). Return the output and the dropped weights.
 
 # %% nbgrader={"grade": false, "grade_id": "sdpa-layer", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -540,6 +543,17 @@ def test_unit_scaled_dot_product_attention():
         np.testing.assert_allclose(output.data, weights.data @ v, rtol=1e-5, err_msg="output = dropped weights @ V")
     assert outcomes == {(1.34, 0.66), (1.34, 0.0), (0.0, 0.66), (0.0, 0.0)}, \
         f"dropout p=0.5 of [0.670, 0.330]: expected the four outcomes of the worked example, got {sorted(outcomes)}"
+
+    q, k, v = (np.random.default_rng(seed).normal(size=(4, 4, 24, 24)) for seed in (1, 2, 3))   # 9216 weights
+    undropped = math_attention(q, k, v)[1].data
+    for p in (0.2, 0.7):
+        weights = ScaledDotProductAttention(dropout=p, seed=0)(q, k, v, return_attention_weights=True)[1].data
+        kept = weights != 0
+        np.testing.assert_allclose(weights[kept], undropped[kept] / (1 - p), rtol=1e-5,
+                                   err_msg=f"p={p}: each survivor is its weight / (1 - p)")
+        bound = 5 * np.sqrt(kept.size * p * (1 - p))               # 5 standard deviations of Binomial(n, 1 - p)
+        assert abs(kept.sum() - kept.size * (1 - p)) < bound, \
+            f"p={p}: kept {kept.mean():.3f} of the weights, expected 1 - p = {1 - p} (each survives with 1 - p)"
     np.testing.assert_allclose(layer.eval()(q, k, v).data, [[13.30]], atol=1e-2, err_msg="eval(): no dropout")
     print("attention layer: formula, temperature, and dropout in training only, as worked by hand")
 
@@ -1279,14 +1293,15 @@ test_unit_fast_attention()
 # Two details keep it exact under masks. Masked scores are −∞ and contribute $e^{-\infty} = 0$.
 # A row that has seen only masked keys so far has $m = -\infty$; use 0 in its place when
 # exponentiating (as in Part 2), so that nothing becomes `nan`, and divide by 1 when ℓ = 0 at the
-# end. With a `CausalMask`, the key blocks past a query block's last row are every row's future:
-# `last_key` tells you where to stop, and nothing after it is computed.
+# end. With a causal mask of offset S − T, a query block of rows i0..i1 − 1 ends with the query
+# at position i1 − 1 + offset, so the keys from min(S, i1 + offset) on are every row's future:
+# the loop over key blocks stops there, and nothing after it is computed.
 #
 # ```
-#   T = S = 12, block_size = 4, causal        key blocks →   0..3    4..7    8..11
-#   query block 0..3   reads key block 0 only                [diag]  skip    skip
-#   query block 4..7   reads key blocks 0, 1                 [full]  [diag]  skip
-#   query block 8..11  reads key blocks 0, 1, 2              [full]  [full]  [diag]
+#   T = S = 12, block_size = 4, causal (offset 0)     key blocks →   0..3    4..7    8..11
+#   query block 0..3   stops at key 4: reads key block 0 only        [diag]  skip    skip
+#   query block 4..7   stops at key 8: reads key blocks 0, 1         [full]  [diag]  skip
+#   query block 8..11  stops at key 12: reads key blocks 0, 1, 2     [full]  [full]  [diag]
 #   per query block, running m, ℓ, a: (rows, 1), (rows, 1), (rows, d_v); never a (T, S) array
 # ```
 
@@ -1301,10 +1316,16 @@ draw_blocked_loop(seq_len=12, key_len=12, block_size=4, causal=True)
 # **Your task**: the whole loop. For each block of `block_size` query rows, scale its queries,
 # start m, ℓ and a, walk over the key blocks, updating them, and write a / ℓ into the block's
 # rows of the output. Leading axes (batch, heads) broadcast as in `math_attention`. With a
-# causal mask, stop each query block at the last key its last row may see: a causal mask
-# arrives with its offset as `mask.offset` (`getattr(mask, "offset", None)` is None for any
-# other mask), and no key block after that stop may be read. Keep every array the shape of its
-# comment: m and ℓ (…, rows, 1), a (…, rows, d_v).
+# causal mask, stop each query block at min(S, i1 + offset), after the last key its last row may
+# see: a causal mask arrives with its offset as `mask.offset` (`getattr(mask, "offset", None)`
+# is None for any other mask), and no key after that stop may be read, not even in a block that
+# straddles it. Keep m and ℓ of shape (…, rows, 1) and a of shape (…, rows, d_v), so that they
+# broadcast against each block's (…, rows, cols) scores.
+#
+# A mask may have axes of size 1 that broadcast, such as a (B, 1, 1, S) padding mask: one row of
+# flags serves every query. Slicing such an axis at rows i0:i1 gives an empty array past the first
+# row, so broadcast the mask to (…, T, S) first (`np.broadcast_to` makes a view, not a copy) and
+# slice that.
 
 # %% nbgrader={"grade": false, "grade_id": "blocked-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -1349,7 +1370,8 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
 
 # %% nbgrader={"grade": true, "grade_id": "test-blocked-attention", "locked": true, "points": 10, "schema_version": 3, "solution": false}
 def test_unit_blocked_attention():
-    """The worked example, then every mask and block size against math_attention."""
+    """The worked example, every mask and block size against math_attention, and the causal stop."""
+    from tinytorch.core._attention_runtime import keep_mask
     output = blocked_attention(np.array([[1.0]]), np.array([[1.0], [3.0]]), np.array([[10.0], [20.0]]),
                                scale=1.0, block_size=1)
     np.testing.assert_allclose(output.data, [[18.81]], atol=1e-2, err_msg="worked example: scores [1, 3], blocks of 1")
@@ -1358,6 +1380,7 @@ def test_unit_blocked_attention():
     q, k, v = rng.normal(size=(2, 3, 37, 8)) * 3, rng.normal(size=(2, 3, 53, 8)) * 3, rng.normal(size=(2, 3, 53, 5))
     cases = {"no mask": (k, v, None), "offset causal": (k, v, create_causal_mask(37, 53)),
              "random mask": (k, v, rng.random((2, 1, 37, 53)) > 0.6),
+             "padding (2, 1, 1, 53): one row of flags for every query": (k, v, create_padding_mask(np.array([40, 53]), 53)),
              "causal, first 17 rows see nothing": (k[..., :20, :], v[..., :20, :], create_causal_mask(37, 20))}
     for name, (keys, values, mask) in cases.items():
         expected = math_attention(q, keys, values, mask)[0].data
@@ -1369,7 +1392,21 @@ def test_unit_blocked_attention():
     np.testing.assert_allclose(layer(q, k, v, mask=create_causal_mask(37, 53)).data,
                                math_attention(q, k, v, create_causal_mask(37, 53))[0].data, rtol=1e-4, atol=1e-4,
                                err_msg="ScaledDotProductAttention(block_size=16), offset causal")
-    print("blocked attention: the worked example, and math_attention's output for every mask and block size")
+
+    # The causal stop: with create_causal_mask(4, 9) (offset 5) and blocks of 2, rows 0-1 see keys 0..6 and
+    # stop at key 7; only row 3 sees key 8. A NaN in value row 8 must not reach rows 0-1. The input checks
+    # refuse NaN, so this calls your function as the layer does, past them, with the causal mask as the
+    # boolean array that keeps its offset.
+    poisoned = np.arange(18, dtype=np.float32).reshape(9, 2)
+    poisoned[8] = np.nan
+    causal = keep_mask(create_causal_mask(4, 9), (4, 9))
+    with np.errstate(invalid="ignore"):
+        output = blocked_attention.student_function(np.zeros((4, 2), np.float32), np.ones((9, 2), np.float32),
+                                                    poisoned, causal, 1.0, 2)
+    assert np.isfinite(output[:2]).all(), \
+        "create_causal_mask(4, 9), blocks of 2: query rows 0-1 read key 8, past their stop min(S, i1 + offset) = 7"
+    print("blocked attention: the worked example, math_attention's output for every mask and block size, "
+          "and no key read past the causal stop")
 
 
 test_unit_blocked_attention()
@@ -1693,16 +1730,25 @@ plot_generation(generation)
 #
 # A appends a7: block 1 is A's alone now (refs 1), so A writes in place: A's table stays [0, 1]
 # free(A): block 0 refs 2 -> 1 (B still holds it), block 1 refs 1 -> 0 -> free [3, 4, 5, 6, 7, 1]
+#
+# C appends 4 tokens, then 20: it takes block 3, then 4, 5, 6, 7 and 1, in the free list's order
+#     C  length 24  table [3, 4, 5, 6, 7, 1]       C's tokens 20-23 live in block 1, after block 7
 # ```
 #
 # The 7 tokens the fork shares take 2 blocks, not 4. Without paging, A and B would each hold a
-# region of `max_seq_length`.
+# region of `max_seq_length`. And a table is in block-id order only until blocks are freed and
+# handed out again, or copied on write: C's table reads block 1 last.
 #
-# **Your task**: four methods of `PagedKVCache`. `__init__` sets up the pool, the free list, the
-# reference counts, the block tables and the lengths. The provided base class checks every call
-# before your code runs (an unknown or already freed sequence, too few free blocks), refuses
+# **Your task**: five methods of `PagedKVCache`: `append_tokens`, `get_sequence`, `fork` and
+# `free` here, and `append` in the next section. The provided base class, `PagedKVCacheBase`,
+# makes everything the cache holds: the pool `key_blocks` and `value_blocks`
+# (num_blocks, Hkv, block_size, hd), the list `free_blocks` (all ids, in order, at the start),
+# the array `ref_counts` (num_blocks,), the dicts `block_tables` and `lengths` keyed by sequence
+# id, the set `finished` of freed ids and the list `batch` that `set_batch` names. It checks every
+# call before your code runs (an unknown or already freed sequence, too few free blocks), refuses
 # anything that does not fit before a single number is written, creates sequences
-# (`add_sequence()` returns a new id with an empty table), and reports memory.
+# (`add_sequence()` returns a new id with an empty table), records each freed id in `finished`,
+# and reports memory.
 #
 # - `append_tokens` writes the (Hkv, T, hd) new keys and values after the sequence's last token.
 #   First, if the last block is partly filled and shared (its count is above 1), copy it to a new
@@ -1712,7 +1758,7 @@ plot_generation(generation)
 #   may span several blocks. (Indexing `self.key_blocks[blocks, :, slots]` with two arrays of
 #   T numbers picks T (Hkv, hd) slices at once.)
 # - `get_sequence` returns the sequence's keys and values in order, (Hkv, length, hd), read
-#   through its block table. Indexing with the table, `self.key_blocks[table]`, gives
+#   through its block table, in the table's order (C's table above ends with block 1). Indexing with the table, `self.key_blocks[table]`, gives
 #   (blocks, Hkv, block_size, hd); move the block axis next to the slots and join them.
 # - `fork` gives a new sequence the parent's table and length, and counts it as one more holder
 #   of each block.
@@ -1737,8 +1783,9 @@ plot_generation(generation)
 # Part 6: sequences holding 3 and 1 tokens, 2 appended to each, give lengths 5 and 3, L = 5, and
 # the same mask as there.
 #
-# **Your task** for decoding: the `append` method of the class below. L is the longest sequence
-# after appending. Decoding through it must give exactly the outputs of decoding through your
+# **Your task** for decoding: the `append` method of the class below. Row b of the batch is
+# sequence `self.batch[b]`, the list of ids that `set_batch` was given. L is the longest
+# sequence after appending. Decoding through it must give exactly the outputs of decoding through your
 # `KVCache`: the test after the cache's own compares the two, with 4, 2 and 1 kv heads, and with
 # forked samples.
 
@@ -1853,7 +1900,8 @@ def _assert_same_state(before, after, case):
 
 
 def test_unit_paged_kv_cache():
-    """The worked example: appends of 5, 1 and 1, a fork, copy-on-write, a free; then refusals that change nothing."""
+    """The worked example: appends of 5, 1 and 1, a fork, copy-on-write, a free, refusals that change nothing,
+    and a table out of id order."""
     def tokens(*numbers):                                            # (1, T, 1): one number per token
         return np.array(numbers, dtype=np.float32).reshape(1, -1, 1)
 
@@ -1901,6 +1949,11 @@ def test_unit_paged_kv_cache():
         except ValueError:
             pass
         _assert_same_state(before, _paged_state(cache), case)
+
+    cache.append_tokens(c, tokens(*range(5, 25)), tokens(*range(5, 25)))  # 20 more: blocks 4, 5, 6, 7, then 1
+    assert cache.block_tables[c] == [3, 4, 5, 6, 7, 1], f"C takes the free blocks in order: {cache.block_tables[c]}"
+    assert keys_of(c) == list(range(1, 25)), \
+        f"C's table [3, 4, 5, 6, 7, 1] is out of id order; read it in table order: got {keys_of(c)}"
     print("paged KV cache: block tables, reference counts, copy-on-write and the free list match the worked example")
 
 
@@ -1995,7 +2048,9 @@ test_unit_paged_decoding()
 #    prefilled, and the prefill generates its next token: it holds `prompt + generated + 1`
 #    tokens. A request never overtakes an earlier one.
 # 3. The step's memory is recorded: the real tokens of the running requests, the slots they hold,
-#    and how many of them run.
+#    and how many of them run. A step at which nothing runs, while the server waits for the next
+#    arrival, is recorded too, with zeros: a request is never admitted before its arrival step,
+#    however much room there is.
 # 4. A request that has generated all its output tokens finishes, and its slots are free at the
 #    end of the step.
 #
@@ -2091,7 +2146,7 @@ def simulate_serving(requests, budget_tokens: int, max_seq_length: int, block_si
 
 # %% nbgrader={"grade": true, "grade_id": "test-serving-simulation", "locked": true, "points": 5, "schema_version": 3, "solution": false}
 def test_unit_serving_simulation():
-    """The worked example both ways, then a paged run that must preempt."""
+    """The worked example both ways, a paged run that must preempt, and a request that arrives to an idle server."""
     def check(case, result, expected):
         for key, value in expected.items():
             actual = result[key].tolist() if isinstance(result[key], np.ndarray) else result[key]
@@ -2109,7 +2164,13 @@ def test_unit_serving_simulation():
           simulate_serving(np.array([[0, 3, 2], [0, 2, 3], [1, 1, 2]]), 8, 8, block_size=2),
           {"tokens": [7, 5, 6, 5, 3], "allocated": [8, 6, 6, 6, 4], "running": [2, 1, 2, 1, 1],
            "finish_step": [1, 3, 4], "preemptions": 2})
-    print("serving simulation: the worked example with reserved regions and with pages, and preemption, as worked by hand")
+    # r1 arrives at step 4, after r0 has finished: steps 2 and 3 run nothing, though there is room.
+    check("requests (0, 3, 2) and (4, 2, 2), paged in blocks of 2",
+          simulate_serving(np.array([[0, 3, 2], [4, 2, 2]]), 12, 8, block_size=2),
+          {"tokens": [4, 5, 0, 0, 3, 4], "allocated": [4, 6, 0, 0, 4, 4], "running": [1, 1, 0, 0, 1, 1],
+           "finish_step": [1, 5], "preemptions": 0})
+    print("serving simulation: the worked example with reserved regions and with pages, preemption, and a late "
+          "arrival, as worked by hand")
 
 
 test_unit_serving_simulation()

@@ -209,7 +209,7 @@ def test_layer_with_block_size_cannot_return_weights():
 # early rows may see nothing (T > S) or whose future is skipped, and a random mask with a fully
 # masked row and a row masked only in the first key blocks. The last four shapes are decoding's:
 # a few queries after a longer cache (S > T), so each block's causal stop lies `offset` keys past
-# its last row.
+# its last row. Each workload also takes a mask whose query axis has size 1, as a padding mask has.
 WORKLOAD_SHAPES = [((2, 3), 7, 9), ((2,), 9, 4), ((), 8, 8), ((3,), 6, 11), ((1, 2), 10, 6), ((2, 2), 6, 6),
                    ((2,), 11, 7), ((2,), 4, 9), ((2,), 5, 10), ((1,), 6, 13), ((), 3, 7)]
 WORKLOADS = [(lead, T, S, block_size, 0.35 + 0.2 * (index % 5))
@@ -252,7 +252,7 @@ def test_every_property_on_a_workload(lead, T, S, block_size, scale):
     poisoned, last_block = never_reads_the_last_key(q, k, v, causal, scale, block_size)
     assert np.isfinite(poisoned[..., :last_block, :]).all(), (
         f"{case}: query rows 0..{last_block - 1} read the last key, which lies in the future of all of them; "
-        f"stop each query block's loop over keys at last_key(i1)")
+        f"stop each query block's loop over keys at min(S, i1 + offset)")
     np.testing.assert_allclose(poisoned[..., :last_block, :], expected[..., :last_block, :], rtol=1e-4, atol=1e-5,
                                err_msg=f"{case}: rows before the last query block")
 
@@ -264,3 +264,10 @@ def test_every_property_on_a_workload(lead, T, S, block_size, scale):
     output = blocked_attention(q, k, v, mask=keep, scale=scale, block_size=block_size).data
     np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-5, err_msg=f"{case}, random mask")
     np.testing.assert_array_equal(output[..., 0, :], 0.0, err_msg=f"{case}: a fully masked row")
+
+    padding = rng.random(lead[:1] + (1,) * len(lead[1:]) + (1, S)) < 0.6   # one row of flags for every query
+    padding[..., 0] = True
+    expected = math_attention(q, k, v, padding, scale=scale)[0].data
+    output = blocked_attention(q, k, v, mask=padding, scale=scale, block_size=block_size).data
+    np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-5,
+                               err_msg=f"{case}, a mask of shape {padding.shape}: its query axis of size 1 broadcasts to all T rows")

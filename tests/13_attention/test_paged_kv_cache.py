@@ -14,7 +14,9 @@ any correct cache:
 Most cases fork a sequence whose last block is partly filled and then write to both sides, and
 most end by freeing everything, so a cache without copy-on-write, or one that leaks or never
 releases a block, fails most of them. Keys and values use two kv heads, so a read that mixes up
-heads and blocks shows.
+heads and blocks shows. Every case but the worked example starts from a pool whose free list is
+shuffled, as in a server after many sequences came and went, so the block tables are out of id
+order and a read that sorts them, or takes a sequence's blocks in id order, shows.
 """
 import re
 
@@ -35,9 +37,11 @@ def blocks_for(length, block_size):
 class Replay:
     """A cache, and what each of its sequences must hold: the chunks appended to it, in order."""
 
-    def __init__(self, num_blocks, block_size, seed=0):
+    def __init__(self, num_blocks, block_size, seed=0, shuffled=True):
         self.cache = PagedKVCache(num_blocks=num_blocks, block_size=block_size, num_heads=HEADS, head_dim=HEAD_DIM)
         self.rng = np.random.default_rng(seed)
+        if shuffled:                                     # blocks handed out in this order: tables out of id order
+            self.cache.free_blocks[:] = [int(block) for block in self.rng.permutation(num_blocks)]
         self.expected = {}                               # sequence id -> (keys, values), (Hkv, length, hd)
         self.history = []
 
@@ -138,8 +142,8 @@ def assert_same_state(before, after, case):
 # ---------------------------------------------------------------- graded
 @GRADES
 def test_the_worked_example_block_by_block():
-    """Appends of 5, 1 and 1 to A, B = fork(A), B and A each append one token, then free A and B."""
-    replay = Replay(num_blocks=8, block_size=4)
+    """Appends of 5, 1 and 1 to A, B = fork(A), B and A each append one token, free A, C's table out of id order."""
+    replay = Replay(num_blocks=8, block_size=4, shuffled=False)
     cache, a = replay.cache, replay.new()
     for length in (5, 1, 1):
         replay.append(a, length)
@@ -156,7 +160,13 @@ def test_the_worked_example_block_by_block():
         f"A then holds block 1 alone and writes in place: table {cache.block_tables[a]}, free {cache.free_blocks}"
     replay.free(a)
     assert cache.free_blocks == [3, 4, 5, 6, 7, 1], f"free(A) returns block 1 only, to the end: {cache.free_blocks}"
+    c = replay.new()
+    replay.append(c, 4)
+    replay.append(c, 20)                             # blocks 4, 5, 6, 7, then the freed block 1
+    assert cache.block_tables[c] == [3, 4, 5, 6, 7, 1], \
+        f"C takes blocks from the front of the free list [3, 4, 5, 6, 7, 1]: table {cache.block_tables[c]}"
     replay.free(b)
+    replay.free_all()
 
 
 @GRADES

@@ -1,7 +1,7 @@
 """Part 4, `ScaledDotProductAttention`: dropout on the weights (graded), temperature and masks (provided).
 
-The layer draws its dropout from `np.random.default_rng(seed)`: one `random(weights.shape)` per
-call, keeping a weight where the draw is >= p. The reference repeats that draw independently.
+The layer hands the student's dropout its generator, `np.random.default_rng(seed)`. The tests
+check what dropout is, whatever the draw: see `check_dropout`.
 """
 import numpy as np
 import pytest
@@ -19,31 +19,75 @@ def random_qkv(seed, lead=(2, 3), T=5, S=7, d_k=4, d_v=3):
 
 
 # ---------------------------------------------------------------- dropout (the student's code)
+# Dropout is graded by what it is, not by one random stream: any draw of one uniform number per
+# weight from the layer's generator passes (`rng.random(shape)` kept where >= p,
+# `rng.random(shape, dtype=np.float32)` kept where < 1 - p, ...). For every call, each weight is 0
+# or its undropped value divided by 1 - p, masked weights stay 0, and the output is the dropped
+# weights @ v. Over all calls of a case, the number of positive weights kept is Binomial(n, 1 - p):
+# it must lie within 5 standard deviations, 5 * sqrt(n p (1 - p)), of n (1 - p), which a correct
+# draw misses with probability below 1e-6. Two layers with the same seed drop the same weights.
+SIGMAS = 5
+
+
+def check_dropout(ref, case, q, k, v, mask, p, scale=None, calls=1, seed=7, temperature=1.0):
+    """Run `calls` training-mode calls of two layers seeded alike; check every call and the pooled kept count."""
+    layer = ScaledDotProductAttention(dropout=p, temperature=temperature, seed=seed)
+    twin = ScaledDotProductAttention(dropout=p, temperature=temperature, seed=seed)
+    _, undropped = ref.attention(q, k, v, mask, scale)
+    positive = undropped > 0
+    kept = trials = 0
+    for call in range(calls):
+        output, weights = layer(q, k, v, mask=mask, return_attention_weights=True)
+        weights = weights.data
+        where = f"{case}, call {call + 1}"
+        survived = weights != 0.0
+        np.testing.assert_array_equal(survived & ~positive, False,
+                                      err_msg=f"{where}: a weight the mask hides (0 before dropout) must stay 0")
+        np.testing.assert_allclose(weights[survived], undropped[survived] / (1 - p), rtol=RTOL, atol=ATOL,
+                                   err_msg=f"{where}: each surviving weight must be its undropped value / (1 - p)")
+        np.testing.assert_allclose(output.data, weights.astype(np.float64) @ v, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{where}: the output must be the dropped weights @ v")
+        _, twin_weights = twin(q, k, v, mask=mask, return_attention_weights=True)
+        np.testing.assert_array_equal(twin_weights.data != 0.0, survived,
+                                      err_msg=f"{where}: a second layer with seed={seed} must drop the same weights "
+                                              f"(draw from the layer's generator `rng`)")
+        kept += int(survived.sum())
+        trials += int(positive.sum())
+    expected, bound = trials * (1 - p), SIGMAS * np.sqrt(trials * p * (1 - p)) + 1
+    assert abs(kept - expected) <= bound, (
+        f"{case}: kept {kept} of {trials} weights over {calls} calls ({kept / max(trials, 1):.3f}); each weight "
+        f"survives with probability 1 - p = {1 - p}, so expected {expected:.0f} +- {bound:.0f}")
+
+
 @GRADES
 @pytest.mark.parametrize("p, masked", [(0.1, True), (0.25, False), (0.5, True)])
-def test_dropout_matches_the_seeded_reference(ref, p, masked):
+def test_dropout_zeroes_or_rescales_each_weight(ref, p, masked):
     q, k, v = random_qkv(5, lead=(2,), T=6, S=8)
     keep = np.tril(np.ones((6, 8)), 2) if masked else None
-    output, weights = ScaledDotProductAttention(dropout=p, seed=7)(q, k, v, mask=keep, return_attention_weights=True)
-    expected_output, expected_weights = ref.dropout_attention(q, k, v, keep, p, seed=7)
-    case = f"dropout p={p}, seed 7, {'causal-offset mask' if masked else 'no mask'}"
-    np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL, err_msg=f"{case}: weights")
-    np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL, err_msg=f"{case}: output")
+    check_dropout(ref, f"dropout p={p}, {'causal-offset mask' if masked else 'no mask'}", q, k, v, keep, p, calls=40)
 
 
 @GRADES
-def test_dropped_weights_are_zero_or_rescaled_and_the_output_uses_them(ref):
-    """Each weight is 0 or weight / (1 - p), about p of them are 0, and output = dropped weights @ v."""
-    p = 0.2
-    q, k, v = random_qkv(6, lead=(4,), T=16, S=16)
-    _, expected_weights = ref.attention(q, k, v)
-    output, weights = ScaledDotProductAttention(dropout=p, seed=3)(q, k, v, return_attention_weights=True)
-    dropped = weights.data == 0.0
-    np.testing.assert_allclose(weights.data[~dropped], expected_weights[~dropped] / (1 - p), rtol=RTOL, atol=ATOL,
-                               err_msg="surviving weights must be divided by 1 - p = 0.8")
-    assert abs(dropped.mean() - p) < 0.06, f"dropped {dropped.mean():.3f} of the weights, expected about {p}"
-    np.testing.assert_allclose(output.data, weights.data.astype(np.float64) @ v, rtol=RTOL, atol=ATOL,
-                               err_msg="output must be the dropped weights @ v")
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.7])
+def test_the_kept_fraction_is_one_minus_p(ref, p):
+    """One call on 4 x 4 x 24 x 24 = 9216 weights: about (1 - p) of them survive."""
+    q, k, v = random_qkv(6, lead=(4, 4), T=24, S=24)
+    check_dropout(ref, f"dropout p={p}, 9216 weights", q, k, v, None, p, seed=3)
+
+
+@GRADES
+def test_the_same_seed_repeats_the_draws_and_each_call_draws_anew():
+    q, k, v = random_qkv(9, lead=(4,), T=16, S=16)
+    first, second = (ScaledDotProductAttention(dropout=0.3, seed=7) for _ in range(2))
+    calls = [[layer(q, k, v, return_attention_weights=True)[1].data for _ in range(2)] for layer in (first, second)]
+    for number in range(2):
+        np.testing.assert_array_equal(calls[0][number] == 0, calls[1][number] == 0,
+                                      err_msg=f"seed 7, call {number + 1}: two layers with the same seed must drop "
+                                              f"the same weights")
+    assert ((calls[0][0] == 0) != (calls[0][1] == 0)).any(), \
+        "two calls of one layer dropped exactly the same 1024 weights: each call must draw new numbers from `rng`"
+    other = ScaledDotProductAttention(dropout=0.3, seed=8)(q, k, v, return_attention_weights=True)[1].data
+    assert ((other == 0) != (calls[0][0] == 0)).any(), "seeds 7 and 8 dropped exactly the same 1024 weights"
 
 
 @GRADES
@@ -196,18 +240,11 @@ def dropout_mask(kind, rng, lead, T, S):
 @GRADES
 @pytest.mark.parametrize("p, temperature, seed, lead, T, S, kind", DROPOUT_CASES)
 def test_dropout_uses_the_layers_scale_mask_and_generator(ref, p, temperature, seed, lead, T, S, kind):
-    """Two calls in training mode: each drops exactly where the layer's seeded generator draws below p, from
-    the weights the layer's temperature and the mask give, and rescales the rest."""
+    """Thirty calls in training mode: each drops weights of the layer's temperature and mask, rescales the rest,
+    and draws from the layer's seeded generator."""
     rng = np.random.default_rng(seed + 100)
     q, k, v = rng.normal(size=lead + (T, 4)), rng.normal(size=lead + (S, 4)), rng.normal(size=lead + (S, 3))
     mask = dropout_mask(kind, rng, lead, T, S)
     case = f"p={p}, temperature={temperature}, {kind} mask, lead {lead}, T={T}, S={S}"
-    layer = ScaledDotProductAttention(dropout=p, temperature=temperature, seed=seed)
-    scale = 1.0 / (2.0 * temperature)                                # d_k = 4
-    for number, call in enumerate(("first", "second")):
-        output, weights = layer(q, k, v, mask=mask, return_attention_weights=True)
-        expected_output, expected_weights = ref.dropout_attention(q, k, v, mask, p, seed, scale, number)
-        np.testing.assert_allclose(weights.data, expected_weights, rtol=1e-5, atol=1e-6,
-                                   err_msg=f"{case}: {call} call, weights")
-        np.testing.assert_allclose(output.data, expected_output, rtol=1e-4, atol=1e-5,
-                                   err_msg=f"{case}: {call} call, output")
+    check_dropout(ref, case, q, k, v, mask, p, scale=1.0 / (2.0 * temperature), calls=30, seed=seed,   # d_k = 4
+                  temperature=temperature)

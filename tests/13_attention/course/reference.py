@@ -183,16 +183,3 @@ def cached_visible(lengths_after, new_len, longest):
             for j in range(longest):
                 visible[b, 0, i, j] = j <= position
     return visible
-
-
-def dropout_attention(q, k, v, keep, p, seed, scale=None, call=0):
-    """Attention whose weights take the layer's draw for call number `call` (0 first) from default_rng(seed):
-    a weight survives where its uniform number is >= p and is then divided by 1 - p.
-    Returns (output, dropped weights)."""
-    _, weights = attention(q, k, v, keep, scale)
-    draws = np.random.default_rng(seed)
-    for _ in range(call):
-        draws.random(weights.shape)
-    survives = draws.random(weights.shape) >= p
-    dropped = np.where(survives, weights / (1 - p), 0.0)
-    return dropped @ as_float64(v), dropped
