@@ -150,8 +150,8 @@ Install it once, from this folder (Python 3.10 or newer), in a fresh virtual env
     jupyter lab
 
 Your work goes in `modules/{module}/{name}_dev.ipynb`, or its paired
-`modules/{module}/{name}_dev.py`: replace each `raise NotImplementedError()` under
-`# YOUR CODE HERE`, and each `YOUR ANSWER HERE`. In JupyterLab, open the `.ipynb`, or right-click
+`modules/{module}/{name}_dev.py`: replace each `raise NotImplementedError(...)` under
+`# YOUR CODE HERE` (its message names the function and its part), and each `YOUR ANSWER HERE`. In JupyterLab, open the `.ipynb`, or right-click
 the `.py` and choose Open With > Jupytext Notebook (a double-click opens it as plain text).
 Saving either one in JupyterLab writes both. You can also edit the `.py` in any editor.
 

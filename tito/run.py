@@ -40,7 +40,9 @@ def _places(notebook, source_name: str) -> list[tuple[str, str]]:
 
 def _cell_label(cell, place: tuple[str, str]) -> str:
     grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
-    first_line = next((line for line in cell.source.splitlines() if line.strip() and not line.startswith("#|")), "")
+    lines = [line for line in cell.source.splitlines() if line.strip()]
+    # A cell of directives alone ("#| default_exp ...") is named by its first directive.
+    first_line = next((line for line in lines if not line.startswith("#|")), lines[0] if lines else "")
     return f"{place[0]} ({place[1]}) {grade_id or first_line[:50]}"
 
 

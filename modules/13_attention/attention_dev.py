@@ -50,8 +50,8 @@
 # | 1 | `create_causal_mask` and `create_padding_mask`: which keys each query may see |
 # | 2 | `masked_softmax`: a softmax that survives huge logits and fully masked rows |
 # | 3 | `math_attention`: softmax(Q Kᵀ / √d_k) V, exactly as written |
-# | 4 | `ScaledDotProductAttention`: the layer, and dropout on the attention weights |
-# | 5 | `split_heads`, `merge_heads`, `repeat_kv_heads` and `MultiHeadAttention.forward` |
+# | 4 | `attention_with_dropout`: dropout on the attention weights, which the provided `ScaledDotProductAttention` layer runs in training |
+# | 5 | `split_heads`, `merge_heads`, `repeat_kv_heads`, and `MultiHeadAttention`'s `__init__`, `forward` and `get_memory_usage` |
 # | 6 | `KVCache`: the cache update, its memory cost, and the positions of cached decoding |
 # | 7 | (read) how a fast kernel computes the same numbers, with a short tiled kernel to run |
 # | 8 | `blocked_attention`: the online softmax that never forms the T × S matrix |
@@ -86,8 +86,8 @@ from tinytorch.core._attention_runtime import KVCacheBase, Layer, PagedKVCacheBa
 
 # %%
 from tinytorch.core._attention_figures import (
-    draw_attention_flow, draw_block_tables, draw_blocked_loop, draw_head_split, draw_kv_cache, plot_generation,
-    plot_head_weights, plot_scaling, plot_serving_memory,
+    draw_attention_flow, draw_block_tables, draw_blocked_loop, draw_head_split, draw_kv_cache, generation_spikes,
+    plot_generation, plot_head_weights, plot_scaling, plot_serving_memory,
 )
 
 # %% [markdown]
@@ -544,10 +544,11 @@ def test_unit_scaled_dot_product_attention():
     assert outcomes == {(1.34, 0.66), (1.34, 0.0), (0.0, 0.66), (0.0, 0.0)}, \
         f"dropout p=0.5 of [0.670, 0.330]: expected the four outcomes of the worked example, got {sorted(outcomes)}"
 
-    q, k, v = (np.random.default_rng(seed).normal(size=(4, 4, 24, 24)) for seed in (1, 2, 3))   # 9216 weights
-    undropped = math_attention(q, k, v)[1].data
+    big_q, big_k, big_v = (np.random.default_rng(seed).normal(size=(4, 4, 24, 24)) for seed in (1, 2, 3))
+    undropped = math_attention(big_q, big_k, big_v)[1].data                   # 9216 weights
     for p in (0.2, 0.7):
-        weights = ScaledDotProductAttention(dropout=p, seed=0)(q, k, v, return_attention_weights=True)[1].data
+        weights = ScaledDotProductAttention(dropout=p, seed=0)(big_q, big_k, big_v,
+                                                               return_attention_weights=True)[1].data
         kept = weights != 0
         np.testing.assert_allclose(weights[kept], undropped[kept] / (1 - p), rtol=1e-5,
                                    err_msg=f"p={p}: each survivor is its weight / (1 - p)")
@@ -732,7 +733,14 @@ test_unit_repeat_kv_heads()
 # - `get_memory_usage`: the two numbers a serving engineer asks first. `parameter_counts`, a
 #   dict of each weight's number of parameters by name (w_q, w_k, w_v, w_o), and
 #   `kv_cache_bytes_per_token`, the bytes one token adds to a KV cache for this layer. The
-#   provided boundary adds the totals and the names module 14 reads.
+#   provided boundary adds the totals and the names module 14 reads: `parameter_count`,
+#   `parameter_mb` and `kv_cache_saving` (H / Hkv) among them.
+#
+# The provided code (the tuned kernel, the `dropout` property, module 14) reads your layer's
+# attributes by name, so `__init__` must set them: `embed_dim`, `num_heads`, `num_kv_heads`
+# (Hkv; the provided check has already replaced a None by `num_heads`), `head_dim` (hd), the
+# four weights, and `attention`, the inner `ScaledDotProductAttention`, whose `block_size` and
+# `dropout` it reads in turn.
 
 # %% nbgrader={"grade": false, "grade_id": "multihead-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -944,7 +952,9 @@ draw_kv_cache(prompt_length=4, steps=3, max_seq_length=8)
 #   cached keys each new query may see.
 # - `get_memory_usage`: `total_bytes`, what the cache allocates for keys and values together;
 #   `bytes_per_token`, what one cached token takes; and `utilization`, the fraction of the
-#   cache's positions, over all rows, that are filled.
+#   cache's positions, over all rows, that are filled. The caller gets them through the provided
+#   boundary, which turns `total_bytes` into `total_mb` (MiB) and adds `mb_per_sequence`: the
+#   cells and tests below read `total_mb`.
 
 # %% nbgrader={"grade": false, "grade_id": "kv-cache", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -1216,18 +1226,21 @@ with single_threaded_blas():                                    # one core for b
 switch_layer = ScaledDotProductAttention().eval()
 q_switch, k_switch, v_switch = (rng.standard_normal((1, 8, 512, 64), dtype=np.float32) for _ in range(3))
 switch_times = {}
-for backend in ("math", "fast"):
-    with attention_backend(backend):
-        switch_layer(q_switch, k_switch, v_switch)                # warm-up, not timed
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            switch_layer(q_switch, k_switch, v_switch)
-            times.append(time.perf_counter() - start)
-        switch_times[backend] = float(np.median(times))
-print(f"your math path: {switch_times['math'] * 1e3:6.1f} ms; with attention_backend('fast'): "
-      f"{switch_times['fast'] * 1e3:6.1f} ms; median of 3 calls each")
-print(f"the tuned kernel is {switch_times['math'] / switch_times['fast']:.1f}x faster here")
+with single_threaded_blas():                  # as Part 9 measures: BLAS threads would fight the timing
+    for backend in ("math", "fast"):
+        with attention_backend(backend):
+            switch_layer(q_switch, k_switch, v_switch)            # warm-up, not timed
+            times = []
+            for _ in range(9):
+                start = time.perf_counter()
+                switch_layer(q_switch, k_switch, v_switch)
+                times.append(time.perf_counter() - start)
+            switch_times[backend] = np.percentile(times, [25, 50, 75])
+for backend, label in (("math", "your math path"), ("fast", "attention_backend('fast')")):
+    q25, median, q75 = switch_times[backend] * 1e3
+    print(f"{label:>26}: median {median:6.1f} ms, spread {q75 - q25:5.1f} ms over 9 calls")
+print(f"the tuned kernel is {switch_times['math'][1] / switch_times['fast'][1]:.1f}x faster here "
+      f"(BLAS held at one thread; the tuned kernel runs its own thread per core)")
 
 # %%
 def test_unit_fast_attention():
@@ -1459,8 +1472,11 @@ test_unit_blocked_attention()
 #   making its causal mask included, as a server would pay for it). Size the cache for the
 #   layer. Return what you measured: `prefill_ms`, the lists `cached_ms` and `recompute_ms`
 #   (one time per new token), and `cached_out` and `recompute_out`, the (B, 1, E) outputs of
-#   each step, so that the two ways can be compared. The boundary adds the medians and the
-#   speed-up.
+#   each step, so that the two ways can be compared. The caller gets a report made from them by
+#   the provided boundary: your lists come back as `cached_token_ms` and `recompute_token_ms`,
+#   beside their medians `cached_ms_per_token` and `recompute_ms_per_token`, the ratio of the
+#   total times `speedup`, and `max_abs_difference` between the two ways' outputs. The test and
+#   the cells below read those names.
 
 # %% nbgrader={"grade": false, "grade_id": "attention-profiler", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -1640,11 +1656,13 @@ plot_scaling(scaling, fits)
 #   time exponent anywhere from about 1.6 to 2.8 is a measurement, not a mistake; the spread
 #   column tells you which sizes were disturbed. The math path's peak is several times the
 #   weights' size: the formula holds the scores, the exponentials and the weights at once.
-# - **The fast path** computes every score too, but at these sizes its fitted time exponent
-#   usually comes out below the math path's, often well below 2: a fixed cost per call (handing
-#   tiles to threads) weighs most at the smallest T, which flattens the slope; only at larger T
-#   does the T² work dominate. Its memory is smaller: it never holds more than a tile of rows
-#   per thread, and each tile spans all S keys, so its peak grows more slowly than T².
+# - **The fast path** computes every score too, so its time grows as T² in the end. Compare
+#   your two fitted time exponents: a fixed cost per call (handing tiles to threads) weighs most
+#   at the smallest T and pulls the fast path's slope down, while the T² work pulls it back up to
+#   2; which effect shows at these sizes depends on your machine's cores and on what else runs on
+#   them, so your fast exponent may come out below the math path's or level with it. Its
+#   memory is smaller: it never holds more than a tile of rows per thread, and each tile spans
+#   all S keys, so its peak grows more slowly than T².
 # - **Blocked attention** holds a few block-sized tiles and the output, so its peak memory
 #   should grow at most linearly in T (a fitted exponent of 1 or less at these sizes), not as
 #   T², while its time still grows as T².
@@ -1667,8 +1685,11 @@ generation_layer = MultiHeadAttention(embed_dim=256, num_heads=8, seed=0).eval()
 generation = profiler.compare_generation(generation_layer, prompt_length=32, new_tokens=96)
 print(f"prefill of {generation['prompt_length']} tokens: {generation['prefill_ms']:.2f} ms")
 print(f"per generated token, median: cached {generation['cached_ms_per_token']:.3f} ms, "
-      f"recomputed {generation['recompute_ms_per_token']:.3f} ms")
-print(f"total time of all steps, recomputed / cached: {generation['speedup']:.1f}x "
+      f"recomputed {generation['recompute_ms_per_token']:.3f} ms: "
+      f"{generation['recompute_ms_per_token'] / generation['cached_ms_per_token']:.1f}x")
+spike_counts = {way: int(generation_spikes(generation[f"{way}_token_ms"]).sum()) for way in ("cached", "recompute")}
+print(f"total time of all steps, recomputed / cached: {generation['speedup']:.1f}x; spikes counted in it: "
+      f"{spike_counts['cached']} cached, {spike_counts['recompute']} recomputed "
       f"(outputs agree to {generation['max_abs_difference']:.1e})")
 plot_generation(generation)
 
@@ -1676,8 +1697,10 @@ plot_generation(generation)
 # Without the cache, each new token recomputes the projections of every earlier token and a
 # T × T attention, so the time per token should climb as the text grows. With the cache a token
 # costs one projection and one row of attention over the cached keys, so its time should grow
-# only slowly. Check both against your plot. A spike in one step is the machine doing something
-# else: the medians per token ignore it, while the ratio of total times counts it.
+# only slowly. Check both against your plot. A **spike** is a step more than 3 times slower than
+# the median of the 9 steps around it (the plot marks each with an ×): the machine was doing
+# something else. The medians per token, and the plot's headline ratio, leave spikes out; the
+# ratio of total times counts them, so under load it can come out well below the medians' ratio.
 
 # %% [markdown]
 # ## Part 10: Serving many requests: a paged KV cache

@@ -12,7 +12,7 @@ import pytest
 
 from tinytorch.core._attention_figures import (
     _block_fill, _cache_states, _tile_kinds, draw_attention_flow, draw_block_tables, draw_blocked_loop, draw_head_split,
-    draw_kv_cache, plot_generation, plot_head_weights, plot_scaling, plot_serving_memory)
+    draw_kv_cache, generation_spikes, plot_generation, plot_head_weights, plot_scaling, plot_serving_memory)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -245,11 +245,25 @@ def generation(new_tokens=5):
 
 def test_generation_plots_each_token_at_its_sequence_length():
     axes = plot_generation(generation()).axes[0]
-    recompute, cached = axes.get_lines()
+    recompute, recompute_spikes, cached, cached_spikes = axes.get_lines()
     np.testing.assert_array_equal(recompute.get_xdata(), [5, 6, 7, 8, 9])
     np.testing.assert_array_equal(recompute.get_ydata(), [0, 1, 2, 3, 4])
     np.testing.assert_array_equal(cached.get_ydata(), [0.1] * 5)
-    assert axes.get_title() == "Generation, measured: the cache is 20.0x faster in total"
+    assert len(recompute_spikes.get_xdata()) == len(cached_spikes.get_xdata()) == 0
+    assert axes.get_title() == ("Generation, measured: the cache's median step is 20.0x faster (spikes left out); "
+                                "in total, spikes included, 20.0x")
+
+
+def test_a_spike_is_a_step_over_three_times_its_neighbours_median():
+    times = [1.0, 1.1, 0.9, 3.5, 1.0, 1.0, 2.9, 1.0, 1.0, 1.0, 1.2, 8.0]
+    np.testing.assert_array_equal(generation_spikes(times), [t in (3.5, 8.0) for t in times])
+    steady_growth = np.linspace(1.0, 40.0, 96)                   # recomputing: slower every step, never a spike
+    assert not generation_spikes(steady_growth).any()
+    spiky = {**generation(), "cached_token_ms": [0.1, 0.1, 0.5, 0.1, 0.1], "speedup": 12.0}
+    _, _, cached, cached_spikes = plot_generation(spiky).axes[0].get_lines()
+    np.testing.assert_array_equal(cached_spikes.get_xdata(), [7])
+    assert "median step is 20.0x faster (spikes left out); in total, spikes included, 12.0x" in \
+        plot_generation(spiky).axes[0].get_title()
 
 
 def test_generation_rejects_missing_keys_and_wrong_lengths():

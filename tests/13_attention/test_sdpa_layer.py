@@ -60,11 +60,13 @@ def check_dropout(ref, case, q, k, v, mask, p, scale=None, calls=1, seed=7, temp
 
 
 @GRADES
-@pytest.mark.parametrize("p, masked", [(0.1, True), (0.25, False), (0.5, True)])
-def test_dropout_zeroes_or_rescales_each_weight(ref, p, masked):
+@pytest.mark.parametrize("p, masked, temperature", [(0.1, True, 0.5), (0.25, False, 2.0), (0.5, True, 0.8)])
+def test_dropout_zeroes_or_rescales_each_weight(ref, p, masked, temperature):
     q, k, v = random_qkv(5, lead=(2,), T=6, S=8)
     keep = np.tril(np.ones((6, 8)), 2) if masked else None
-    check_dropout(ref, f"dropout p={p}, {'causal-offset mask' if masked else 'no mask'}", q, k, v, keep, p, calls=40)
+    case = f"dropout p={p}, temperature {temperature}, {'causal-offset mask' if masked else 'no mask'}"
+    check_dropout(ref, case, q, k, v, keep, p, scale=1 / (2.0 * temperature), calls=40,   # d_k = 4
+                  temperature=temperature)
 
 
 @GRADES
