@@ -1398,7 +1398,10 @@ def test_unit_blocked_attention():
     for name, (keys, values, mask) in cases.items():
         expected = math_attention(q, keys, values, mask)[0].data
         for block_size in (1, 8, 16, 64):
-            actual = blocked_attention(q, keys, values, mask, block_size=block_size).data
+            try:
+                actual = blocked_attention(q, keys, values, mask, block_size=block_size).data
+            except ValueError as error:                                 # e.g. a mask block of the wrong shape
+                raise AssertionError(f"mask: {name}, block_size={block_size}: {error}") from error
             np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4,
                                        err_msg=f"mask: {name}, block_size={block_size}")
     layer = ScaledDotProductAttention(block_size=16)                 # the layer runs blocks on every core
@@ -1781,8 +1784,9 @@ plot_generation(generation)
 #   may span several blocks. (Indexing `self.key_blocks[blocks, :, slots]` with two arrays of
 #   T numbers picks T (Hkv, hd) slices at once.)
 # - `get_sequence` returns the sequence's keys and values in order, (Hkv, length, hd), read
-#   through its block table, in the table's order (C's table above ends with block 1). Indexing with the table, `self.key_blocks[table]`, gives
-#   (blocks, Hkv, block_size, hd); move the block axis next to the slots and join them.
+#   through its block table, in the table's order (C's table above ends with block 1).
+#   Indexing with the table, `self.key_blocks[table]`, gives (blocks, Hkv, block_size, hd);
+#   move the block axis next to the slots and join them.
 # - `fork` gives a new sequence the parent's table and length, and counts it as one more holder
 #   of each block.
 # - `free` gives up a sequence's blocks, returns to the end of the free list each block that no
@@ -1808,9 +1812,9 @@ plot_generation(generation)
 #
 # **Your task** for decoding: the `append` method of the class below. Row b of the batch is
 # sequence `self.batch[b]`, the list of ids that `set_batch` was given. L is the longest
-# sequence after appending. Decoding through it must give exactly the outputs of decoding through your
-# `KVCache`: the test after the cache's own compares the two, with 4, 2 and 1 kv heads, and with
-# forked samples.
+# sequence after appending. Decoding through it must give exactly the outputs of decoding
+# through your `KVCache`: the test after the cache's own compares the two, with 4, 2 and 1 kv
+# heads, and with forked samples.
 
 # %% nbgrader={"grade": false, "grade_id": "paged-kv-cache", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -2557,9 +2561,10 @@ plot_head_weights(open_weights.data[0], words, title="no mask")
 #
 # - `create_causal_mask`, `create_padding_mask` and `masked_softmax`: one mask convention, and a
 #   softmax that neither overflows nor produces `nan` for rows with nothing to attend to.
-# - `math_attention` and `ScaledDotProductAttention`: softmax(Q Kᵀ / √d_k) V, with temperature,
-#   dropout in training mode only, and a choice of kernels. Without positions it is blind to
-#   word order, which is why module 12's positional encodings come first.
+# - `math_attention` and `attention_with_dropout`: softmax(Q Kᵀ / √d_k) V, and its dropout, which
+#   the provided `ScaledDotProductAttention` layer runs in training mode only, with temperature
+#   and a choice of kernels. Without positions attention is blind to word order, which is why
+#   module 12's positional encodings come first.
 # - `split_heads`, `merge_heads`, `repeat_kv_heads`, `MultiHeadAttention`: many heads in the
 #   price of one, and grouped key/value heads that shrink the cache.
 # - `KVCache` and cached decoding: one projection per generated token instead of t, each query

@@ -2,7 +2,9 @@
 
 Query i of a chunk of T new positions in row b sits at position lengths[b] - T + i (lengths after
 appending) and sees the keys at or before it. Most graded cases give the rows different
-histories, so positions taken from the longest row, or from 0, show.
+histories, so positions taken from the longest row, or from 0, show, and most use a cache with
+more rows than the batch, as a server's is, so an append that reads every row of the cache
+instead of the batch's B shows too.
 """
 import re
 
@@ -74,10 +76,10 @@ def test_prefill_then_decode_rows_of_different_lengths(ref, num_kv_heads):
     rng = np.random.default_rng(num_kv_heads)
     layer = with_weights(MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, seed=1), 1)
     first, second = rng.normal(size=(7, 16)), rng.normal(size=(4, 16))
-    cache = KVCache(max_batch_size=2, max_seq_length=9, num_heads=num_kv_heads, head_dim=4)
+    cache = KVCache(max_batch_size=3, max_seq_length=9, num_heads=num_kv_heads, head_dim=4)   # a row to spare
     prompt = layer(first[None, :3], kv_cache=cache).data
     steps = decode(layer, np.stack([first[3:], second]), [2, 1, 1], cache)
-    assert cache.cache_lengths.tolist() == [7, 4]
+    assert cache.cache_lengths.tolist() == [7, 4, 0]
     case = f"num_kv_heads={num_kv_heads}, rows at lengths 3 and 0"
     np.testing.assert_allclose(prompt[0], causal_reference(ref, layer, first)[:3], rtol=RTOL, atol=ATOL,
                                err_msg=f"{case}: prompt")
@@ -94,7 +96,7 @@ def test_any_chunking_gives_the_causal_outputs(ref, chunks):
     rng = np.random.default_rng(10)
     layer = with_weights(MultiHeadAttention(12, 3, seed=2), 2)
     first, second = rng.normal(size=(7, 12)), rng.normal(size=(5, 12))
-    cache = KVCache(max_batch_size=2, max_seq_length=8, num_heads=3, head_dim=4)
+    cache = KVCache(max_batch_size=3, max_seq_length=8, num_heads=3, head_dim=4)    # one row more than the batch
     layer(first[None, :2], kv_cache=cache)
     outputs = decode(layer, np.stack([first[2:], second]), chunks, cache)
     np.testing.assert_allclose(outputs[0], causal_reference(ref, layer, first)[2:], rtol=RTOL, atol=ATOL,
@@ -108,7 +110,7 @@ def test_reset_row_starts_a_new_sequence(ref):
     """Row 1 is reset and restarts at position 0 while row 0 continues at position 4."""
     rng = np.random.default_rng(13)
     layer = with_weights(MultiHeadAttention(8, 2, seed=5), 5)
-    cache = KVCache(max_batch_size=2, max_seq_length=7, num_heads=2, head_dim=4)
+    cache = KVCache(max_batch_size=4, max_seq_length=7, num_heads=2, head_dim=4)    # rows 2 and 3 stay unused
     first, old = rng.normal(size=(6, 8)), rng.normal(size=(4, 8))
     decode(layer, np.stack([first[:4], old]), [4], cache)
     cache.reset(1)
@@ -235,7 +237,7 @@ def caller_mask(layout, real, T, L):
 def test_a_callers_mask_with_the_cache(ref, E, H, Hkv, B, max_seq_length, prompt, chunks, layout):
     rng = np.random.default_rng(E + H + Hkv + B + prompt)
     layer = with_weights(MultiHeadAttention(E, H, num_kv_heads=Hkv, seed=B + prompt), B + prompt)
-    cache = KVCache(max_batch_size=B, max_seq_length=max_seq_length, num_heads=Hkv, head_dim=E // H)
+    cache = KVCache(max_batch_size=B + 1, max_seq_length=max_seq_length, num_heads=Hkv, head_dim=E // H)  # a spare row
     real = rng.random((B, max_seq_length)) < 0.7                            # which positions are real tokens
     real[:, 0] = True
     if layout == "(T, L)":

@@ -154,6 +154,9 @@ def test_blocks_of_one_token_hold_exactly_the_tokens():
     requests = workload(3, 40, 32)
     paged = simulate_serving(requests, 64, 32, block_size=1)
     np.testing.assert_array_equal(paged["allocated"], paged["tokens"], err_msg="blocks of 1: slots held = tokens")
+    assert paged["allocated"].max() <= 64 and paged["preemptions"] > 0, \
+        f"blocks of 1 under a budget of 64: the running requests outgrow it and must be preempted to stay within " \
+        f"it; held at most {paged['allocated'].max()}, {paged['preemptions']} preemptions"
     reserved = simulate_serving(requests, 64, 32)
     arrival = requests[:, 0]
     paged_time, reserved_time = (int((run["finish_step"] - arrival).sum()) for run in (paged, reserved))

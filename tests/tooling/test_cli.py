@@ -67,6 +67,8 @@ def test_every_cell_of_module_13_stays_within_nbgrader_time_limits(repo_root, tm
     slow = [(cell["cell"], cell["label"], cell["seconds"]) for cell in timings["cells"] if cell["seconds"] >= 10]
     assert not slow, f"cells taking 10 s or more: {slow}"
     assert timings["total_seconds"] < 60
+    untitled = [cell["label"] for cell in timings["cells"] if not cell["label"].split(") ", 1)[1].strip()]
+    assert not untitled, f"cells labelled without a title: {untitled}"
 
 
 def test_tito_run_reports_a_failing_cell_and_exits_nonzero(workspace):
