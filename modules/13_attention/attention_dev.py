@@ -1663,8 +1663,8 @@ plot_scaling(scaling, fits)
 #   your two fitted time exponents: a fixed cost per call (handing tiles to threads) weighs most
 #   at the smallest T and pulls the fast path's slope down, while the T² work pulls it back up to
 #   2; which effect shows at these sizes depends on your machine's cores and on what else runs on
-#   them, so your fast exponent may come out below the math path's or level with it. Its
-#   memory is smaller: it never holds more than a tile of rows per thread, and each tile spans
+#   them, so your fast exponent may come out below the math path's, level with it or above it:
+#   read which one yours did. Its memory is smaller: it never holds more than a tile of rows per thread, and each tile spans
 #   all S keys, so its peak grows more slowly than T².
 # - **Blocked attention** holds a few block-sized tiles and the output, so its peak memory
 #   should grow at most linearly in T (a fitted exponent of 1 or less at these sizes), not as
