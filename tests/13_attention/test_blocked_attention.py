@@ -265,9 +265,10 @@ def test_every_property_on_a_workload(lead, T, S, block_size, scale):
     np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-5, err_msg=f"{case}, random mask")
     np.testing.assert_array_equal(output[..., 0, :], 0.0, err_msg=f"{case}: a fully masked row")
 
-    padding = rng.random(lead[:1] + (1,) * len(lead[1:]) + (1, S)) < 0.6   # one row of flags for every query
+    padding = rng.random(lead[:1] + (1,) * len(lead[1:]) + (1, S)) < 0.6   # one row of flags, every query
     padding[..., 0] = True
     expected = math_attention(q, k, v, padding, scale=scale)[0].data
     output = blocked_attention(q, k, v, mask=padding, scale=scale, block_size=block_size).data
     np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-5,
-                               err_msg=f"{case}, a mask of shape {padding.shape}: its query axis of size 1 broadcasts to all T rows")
+                               err_msg=f"{case}, a mask of shape {padding.shape}: its query axis of size 1 "
+                                       f"broadcasts to all T rows")

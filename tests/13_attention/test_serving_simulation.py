@@ -13,7 +13,10 @@ workloads check what must hold for any correct run of the rules:
 - a paged request holds whole blocks and wastes less than one of them, so the slots held less
   the tokens is a multiple-of-the-block remainder below running x block_size.
 
-Every case runs both schemes, so a bug in either shows in most cases.
+Every case runs both schemes, so a bug in either shows in most cases. The seeded runs are also
+compared step by step with the course's own run of the rules (stored for a release), so a bug
+that breaks none of the properties, such as a preempted request sent to the back of the queue or
+one admitted before it arrives, still shows.
 """
 import numpy as np
 import pytest
@@ -31,6 +34,22 @@ def check(case, result, expected):
     got = as_lists(result)
     for key, value in expected.items():
         assert got[key] == value, f"{case}: {key} expected {value}, got {got[key]}"
+
+
+def check_step_by_step(ref, case, result, requests, budget, max_seq_length, block_size=None):
+    """Every step's record, every finish step and the preemptions against the course's own run of the four rules."""
+    expected = ref.serving(requests, budget, max_seq_length, block_size)
+    for name, value in zip(("tokens", "allocated", "running", "finish_step"), expected):
+        got = np.asarray(result[name])
+        if got.shape != value.shape or (got != value).any():
+            shorter = min(len(got), len(value))
+            first = next((i for i in range(shorter) if got[i] != value[i]), shorter)
+            what = "step" if name != "finish_step" else "request"
+            raise AssertionError(f"{case}: {name} has {len(got)} entries, expected {len(value)}; first difference at "
+                                 f"{what} {first}: expected {value[first:first + 3].tolist()}, "
+                                 f"got {got[first:first + 3].tolist()}")
+    assert result["preemptions"] == int(expected[4]), \
+        f"{case}: preemptions expected {int(expected[4])}, got {result['preemptions']}"
 
 
 def workload(seed, count, max_seq_length):
@@ -92,25 +111,27 @@ def test_no_request_overtakes_an_earlier_one():
 
 @GRADES
 def test_a_request_waits_for_its_arrival():
-    """Budget 12, max_seq_length 8: (0, 3, 2), then (4, 2, 2), which arrives after r0 has finished.
+    """Budget 12, max_seq_length 8: (0, 3, 2), then (4, 2, 3) and (4, 1, 1), which arrive after r0 has finished.
 
     r0 runs at steps 0 and 1. Nothing runs at steps 2 and 3, which are recorded with zeros, though
-    there is room: r1 has not arrived. It is admitted at step 4, with 3 tokens, and finishes at 5.
+    there is room: r1 and r2 have not arrived. Paged, both are admitted at step 4, and r2, which
+    has only its prefill's token to generate, finishes there, before r1 (step 6). With regions of
+    8, r2 waits for r1's region and runs at step 7.
     """
-    requests = np.array([[0, 3, 2], [4, 2, 2]])
+    requests = np.array([[0, 3, 2], [4, 2, 3], [4, 1, 1]])
     check("reserved regions of 8", simulate_serving(requests, 12, 8),
-          {"tokens": [4, 5, 0, 0, 3, 4], "allocated": [8, 8, 0, 0, 8, 8], "running": [1, 1, 0, 0, 1, 1],
-           "finish_step": [1, 5], "preemptions": 0})
+          {"tokens": [4, 5, 0, 0, 3, 4, 5, 2], "allocated": [8, 8, 0, 0, 8, 8, 8, 8],
+           "running": [1, 1, 0, 0, 1, 1, 1, 1], "finish_step": [1, 6, 7], "preemptions": 0})
     check("paged, blocks of 2", simulate_serving(requests, 12, 8, block_size=2),
-          {"tokens": [4, 5, 0, 0, 3, 4], "allocated": [4, 6, 0, 0, 4, 4], "running": [1, 1, 0, 0, 1, 1],
-           "finish_step": [1, 5], "preemptions": 0})
+          {"tokens": [4, 5, 0, 0, 5, 4, 5], "allocated": [4, 6, 0, 0, 6, 4, 6], "running": [1, 1, 0, 0, 2, 1, 1],
+           "finish_step": [1, 6, 4], "preemptions": 0})
 
 
 # ---------------------------------------------------------------- graded: properties of seeded runs
 @GRADES
 @pytest.mark.parametrize("seed, count, max_seq_length, regions, block_size", [
     (0, 60, 40, 3, 4), (1, 80, 64, 4, 8), (2, 50, 30, 2, 3)])
-def test_runs_keep_the_budget_and_serve_every_token(seed, count, max_seq_length, regions, block_size):
+def test_runs_keep_the_budget_and_serve_every_token(ref, seed, count, max_seq_length, regions, block_size):
     requests = workload(seed, count, max_seq_length)
     arrival, prompt, output = requests.T
     held_tokens = int((prompt * output + output * (output + 1) // 2).sum())
@@ -147,10 +168,12 @@ def test_runs_keep_the_budget_and_serve_every_token(seed, count, max_seq_length,
     assert paged["running"].max() > regions, \
         f"seed {seed}: the paged cache runs more than {regions} requests at once, got {paged['running'].max()}"
     assert (paged["tokens"].sum() / paged["allocated"].sum()) > (reserved["tokens"].sum() / reserved["allocated"].sum())
+    check_step_by_step(ref, f"seed {seed}, reserved", reserved, requests, budget, max_seq_length)
+    check_step_by_step(ref, f"seed {seed}, paged", paged, requests, budget, max_seq_length, block_size)
 
 
 @GRADES
-def test_blocks_of_one_token_hold_exactly_the_tokens():
+def test_blocks_of_one_token_hold_exactly_the_tokens(ref):
     requests = workload(3, 40, 32)
     paged = simulate_serving(requests, 64, 32, block_size=1)
     np.testing.assert_array_equal(paged["allocated"], paged["tokens"], err_msg="blocks of 1: slots held = tokens")
@@ -167,6 +190,8 @@ def test_blocks_of_one_token_hold_exactly_the_tokens():
     prompt, output = requests[:, 1], requests[:, 2]
     assert paged["tokens"].sum() == reserved["tokens"].sum() == (prompt * output + output * (output + 1) // 2).sum(), \
         "in its k-th running step a request holds prompt + k tokens, in either scheme"
+    check_step_by_step(ref, "blocks of 1, budget 64", paged, requests, 64, 32, 1)
+    check_step_by_step(ref, "reserved regions of 32, budget 64", reserved, requests, 64, 32)
 
 
 # ---------------------------------------------------------------- not graded: the provided checks

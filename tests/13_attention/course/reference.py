@@ -183,3 +183,49 @@ def cached_visible(lengths_after, new_len, longest):
             for j in range(longest):
                 visible[b, 0, i, j] = j <= position
     return visible
+
+
+def serving(requests, budget_tokens, max_seq_length, block_size=None):
+    """Part 10's serving rules, one step at a time. Returns (tokens, allocated, running, finish_step,
+    preemptions): three lists with one number per step, one finish step per request, and a count."""
+    def held(length):                                     # slots a request of `length` tokens holds
+        return max_seq_length if block_size is None else -(-int(length) // block_size) * block_size
+
+    arrival, prompt, output = (list(map(int, column)) for column in np.asarray(requests).T) if len(requests) \
+        else ([], [], [])
+    queue = list(range(len(arrival)))                     # waiting, in the order they will be admitted
+    active, size = [], {}                                 # running, oldest first; tokens each holds
+    generated, finish = [0] * len(arrival), [-1] * len(arrival)
+    tokens, allocated, running, preemptions, step = [], [], [], 0, 0
+    while queue or active:
+        for r in list(active):                            # rule 1: each running request, oldest first
+            if r not in active:                           # preempted earlier in this step
+                continue
+            while sum(held(size[x]) for x in active) - held(size[r]) + held(size[r] + 1) > budget_tokens:
+                victim = active.pop()                     # the newest gives back its slots
+                del size[victim]
+                queue.insert(0, victim)
+                preemptions += 1
+                if victim == r:
+                    break
+            if r in active:
+                size[r] += 1
+                generated[r] += 1
+        while queue and arrival[queue[0]] <= step:        # rule 2: admit in order, while it fits
+            r = queue[0]
+            if sum(held(size[x]) for x in active) + held(prompt[r] + generated[r] + 1) > budget_tokens:
+                break
+            queue.pop(0)
+            active.append(r)
+            size[r] = prompt[r] + generated[r] + 1
+            generated[r] += 1
+        tokens.append(sum(size.values()))                 # rule 3: record the step
+        allocated.append(sum(held(size[x]) for x in active))
+        running.append(len(active))
+        for r in [r for r in active if generated[r] == output[r]]:   # rule 4: finish
+            active.remove(r)
+            del size[r]
+            finish[r] = step
+        step += 1
+    return (np.array(tokens, dtype=np.int64), np.array(allocated, dtype=np.int64),
+            np.array(running, dtype=np.int64), np.array(finish, dtype=np.int64), np.array(preemptions))
