@@ -647,7 +647,7 @@ def repeat_kv_heads_backward(d_x, num_kv_heads: int):
     return groups.sum(axis=2)                                          # (B, Hkv, S, hd)
     ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #47b3c14d
+# %% ../../modules/13_attention/attention_dev.ipynb #b40c32e8
 @checked
 def blocked_attention_backward(d_output, query, key, value, output, logsumexp, mask=None, scale=None,
                                block_size: int = 128):
@@ -665,7 +665,7 @@ def blocked_attention_backward(d_output, query, key, value, output, logsumexp, m
     ### BEGIN SOLUTION
     lead = np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     T, S = query.shape[-2], key.shape[-2]
-    offset = getattr(mask, "offset", None)                              # a causal mask's offset, or None
+    diagonal = getattr(mask, "offset", None)                            # a causal mask's offset, or None
     keep = None if mask is None else np.broadcast_to(mask, lead + (T, S))
     d_query = np.zeros(lead + query.shape[-2:], dtype=np.float32)      # (..., T, d_k)
     d_key = np.zeros(lead + key.shape[-2:], dtype=np.float32)          # (..., S, d_k)
@@ -674,20 +674,21 @@ def blocked_attention_backward(d_output, query, key, value, output, logsumexp, m
     row_lse = np.where(np.isneginf(logsumexp), 0.0, logsumexp)[..., None]   # (..., T, 1): no key seen -> 0
     for i0 in range(0, T, block_size):
         i1 = min(i0 + block_size, T)
-        stop = S if offset is None else min(S, max(0, i1 + offset))   # keys after it: every row's future
-        q_block = query[..., i0:i1, :] * np.float32(scale)             # (..., rows, d_k)
+        key_stop = S if diagonal is None else min(S, max(0, i1 + diagonal))   # the forward's causal stop
+        q_scaled = query[..., i0:i1, :] * np.float32(scale)            # (..., rows, d_k), scaled once
         d_out = d_output[..., i0:i1, :]                                # (..., rows, d_v)
-        for j0 in range(0, stop, block_size):
-            j1 = min(j0 + block_size, stop)
-            scores = q_block @ np.swapaxes(key[..., j0:j1, :], -1, -2)     # (..., rows, cols)
+        for j0 in range(0, key_stop, block_size):
+            j1 = min(j0 + block_size, key_stop)
+            scores = q_scaled @ np.swapaxes(key[..., j0:j1, :], -1, -2)     # (..., rows, cols)
             if mask is not None:
-                scores = np.where(keep[..., i0:i1, j0:j1], scores, -np.inf)
+                block_keep = keep[..., i0:i1, j0:j1]                        # (..., rows, cols)
+                scores = np.where(block_keep, scores, -np.inf)
             weights = np.exp(scores - row_lse[..., i0:i1, :])               # P, recomputed: (..., rows, cols)
             d_value[..., j0:j1, :] += np.swapaxes(weights, -1, -2) @ d_out
             d_weights = d_out @ np.swapaxes(value[..., j0:j1, :], -1, -2)   # dP: (..., rows, cols)
             d_scores = weights * (d_weights - row_dot[..., i0:i1, :])       # dS: (..., rows, cols)
             d_query[..., i0:i1, :] += d_scores @ key[..., j0:j1, :]         # scaled once, below
-            d_key[..., j0:j1, :] += np.swapaxes(d_scores, -1, -2) @ q_block  # q_block carries the scale
+            d_key[..., j0:j1, :] += np.swapaxes(d_scores, -1, -2) @ q_scaled  # q_scaled carries the scale
     return d_query * np.float32(scale), d_key, d_value
     ### END SOLUTION
 
