@@ -57,9 +57,10 @@
 # | 8 | `blocked_attention`: the online softmax that never forms the T × S matrix |
 # | 9 | `AttentionProfiler`: robust timing and the log-log fit of measured costs |
 # | 10 | `PagedKVCache` with forks, `simulate_serving` and `kv_cache_capacity`: serving many requests from one memory budget |
+# | 11 | `attention_backward`, `repeat_kv_heads_backward`, the logsumexp and `blocked_attention_backward`: training attention, and the memory FlashAttention saves |
 #
 # **Prerequisites**: module 02 (`Tensor`) and module 12 (`Embedding`, `PositionalEncoding`).
-# **Time**: 6-7 hours. **Next**: module 14 builds transformer blocks out of these layers.
+# **Time**: 7-8 hours. **Next**: module 14 builds transformer blocks out of these layers.
 #
 # Every part opens with a small example you can check by hand, then asks you to write the code
 # under `# YOUR CODE HERE`. The `test_unit_*` cell after it checks your code on that same
@@ -67,8 +68,9 @@
 # run it, and see what happens. Those are not graded.
 #
 # The input checks are provided in `_attention_runtime_dev.py` beside this notebook, the tuned
-# kernel and its thread pool in `_attention_kernel_dev.py`, and the figures in
-# `_attention_figures_dev.py`. You never need to read them, but you may.
+# kernel and its thread pool in `_attention_kernel_dev.py`, the figures in
+# `_attention_figures_dev.py`, and the gradient check and training demonstration of Part 11 in
+# `_attention_training_dev.py`. You never need to read them, but you may.
 
 # %%
 #| default_exp core.attention
