@@ -53,10 +53,10 @@ WORKLOADS = [((), (), (), 4, 6, None, "causal"), ((2,), (2,), (2,), 6, 4, 0.7, "
              ((2,), (2,), (2,), 6, 6, 0.6, "random"), ((2, 1), (1, 2), (2, 2), 4, 5, 0.8, "padding")]
 
 
-def workload_mask(rng, kind, lead, T, S):
+def workload_mask(ref, rng, kind, lead, T, S):
     """The reference's 0/1 mask and the mask the student's function is given."""
     if kind == "causal":
-        return ref_causal(T, S), create_causal_mask(T, S)
+        return ref.causal_mask(T, S), create_causal_mask(T, S)
     keep = rng.random(lead + (T, S)) < 0.6
     if kind == "padding":                                        # (B, 1, 1, S): the last two keys are padding
         keep = np.ones(lead[:1] + (1, 1, S), bool)
@@ -67,10 +67,6 @@ def workload_mask(rng, kind, lead, T, S):
     return keep, keep
 
 
-def ref_causal(T, S):
-    return np.array([[1.0 if j <= i + S - T else 0.0 for j in range(S)] for i in range(T)])
-
-
 @GRADES
 @pytest.mark.parametrize("q_lead, k_lead, v_lead, T, S, scale, kind", WORKLOADS)
 def test_every_property_on_a_workload(ref, q_lead, k_lead, v_lead, T, S, scale, kind):
@@ -78,7 +74,7 @@ def test_every_property_on_a_workload(ref, q_lead, k_lead, v_lead, T, S, scale, 
     q, k = rng.normal(size=q_lead + (T, 3)), rng.normal(size=k_lead + (S, 3))
     v = rng.normal(size=v_lead + (S, 2))
     lead = np.broadcast_shapes(q_lead, k_lead, v_lead)
-    keep, mask = workload_mask(rng, kind, lead, T, S)
+    keep, mask = workload_mask(ref, rng, kind, lead, T, S)
     d_output = rng.normal(size=lead + (T, 2))
     case = f"q {q.shape}, k {k.shape}, v {v.shape}, scale {scale}, {kind} mask"
     actual = gradients_of(ref, q, k, v, d_output, keep, scale, mask)
@@ -136,7 +132,7 @@ def test_grouped_attention_gradients(ref):
     q, k, v = rng.normal(size=(2, 6, 4, 3)), rng.normal(size=(2, 2, 7, 3)), rng.normal(size=(2, 2, 7, 2))
     d_output = rng.normal(size=(2, 6, 4, 2))
     k_rep, v_rep = ref.repeat_kv_heads(k, 6), ref.repeat_kv_heads(v, 6)
-    keep = ref_causal(4, 7)
+    keep = ref.causal_mask(4, 7)
     _, d_k_rep, d_v_rep = ref.attention_gradients(q, k_rep, v_rep, d_output, keep)
     for name, repeated, expected in (("d_key", d_k_rep, ref.repeat_kv_heads_gradient(d_k_rep, 2)),
                                      ("d_value", d_v_rep, ref.repeat_kv_heads_gradient(d_v_rep, 2))):

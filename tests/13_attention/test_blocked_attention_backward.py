@@ -20,10 +20,6 @@ RTOL, ATOL = 1e-4, 2e-5   # float32 gradients through a recomputed exp(s - L) ag
 GRADES = pytest.mark.grades("test-blocked-attention-backward")
 
 
-def causal_keep(T, S):
-    return np.array([[1.0 if j <= i + S - T else 0.0 for j in range(S)] for i in range(T)])
-
-
 def training_pair(q, k, v, d_output, mask, scale, block_size):
     """The student's forward (output, logsumexp) and backward (d_query, d_key, d_value), as arrays."""
     forward = blocked_attention(q, k, v, mask, scale=scale, block_size=block_size, return_logsumexp=True)
@@ -88,7 +84,7 @@ def test_every_property_on_a_workload(ref, leads, T, S, block_size, scale):
     shapes = (q.shape, k.shape, v.shape)
     case = f"q {q.shape}, k {k.shape}, v {v.shape}, block_size={block_size}, scale={scale}"
 
-    keep = causal_keep(T, S)
+    keep = ref.causal_mask(T, S)
     output, logsumexp, gradients = training_pair(q, k, v, d_output, create_causal_mask(T, S), scale, block_size)
     expected_lse = ref.logsumexp(q, k, keep, scale)
     assert logsumexp.shape == expected_lse.shape, f"{case}: logsumexp shape {logsumexp.shape}"
