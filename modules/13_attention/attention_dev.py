@@ -2878,6 +2878,10 @@ plot_head_weights(open_weights.data[0], words, title="no mask")
 #   copy-on-write; a measured serving workload in which paging keeps almost every held slot
 #   busy and runs several times as many requests as reserved regions; and the arithmetic of
 #   how many tokens a real model's cache fits on a real card.
+# - `attention_backward`, `repeat_kv_heads_backward`, the logsumexp and `blocked_attention_backward`:
+#   the gradients of masked, grouped-head attention, checked by central differences and used to train
+#   a small model, and FlashAttention-2's backward, which keeps one number per row instead of the
+#   T × S weights and recomputes them block by block.
 #
 # Module 14 stacks these layers with feed-forward networks, normalisation and residual
 # connections into a transformer.
