@@ -2613,7 +2613,7 @@ def blocked_attention_backward(d_output, query, key, value, output, logsumexp, m
         for j0 in range(0, key_stop, block_size):
             j1 = min(j0 + block_size, key_stop)
             scores = q_scaled @ np.swapaxes(key[..., j0:j1, :], -1, -2)     # (..., rows, cols)
-            if mask is not None:
+            if mask is not None:                                            # hidden keys: P = 0
                 block_keep = keep[..., i0:i1, j0:j1]                        # (..., rows, cols)
                 scores = np.where(block_keep, scores, -np.inf)
             weights = np.exp(scores - row_lse[..., i0:i1, :])               # P, recomputed: (..., rows, cols)
@@ -2674,6 +2674,9 @@ test_unit_blocked_attention_backward()
 # are yours. It runs twice, from the same start: with `math_attention` and `attention_backward`
 # from the saved weights, and with your blocked pair, recomputing them. To reverse, query i must
 # find key 5 − i, which only the positions tell it. Look for that in the trained weights.
+#
+# **Predict first.** The two runs start from the same weights and see the same batches. Will
+# their losses after 300 steps be identical, close, or far apart, and why?
 
 # %%
 training_runs = {"saved weights": train_reversal(steps=300, learning_rate=1.0, seed=0),

@@ -647,7 +647,7 @@ def repeat_kv_heads_backward(d_x, num_kv_heads: int):
     return groups.sum(axis=2)                                          # (B, Hkv, S, hd)
     ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #b40c32e8
+# %% ../../modules/13_attention/attention_dev.ipynb #2091fb35
 @checked
 def blocked_attention_backward(d_output, query, key, value, output, logsumexp, mask=None, scale=None,
                                block_size: int = 128):
@@ -680,7 +680,7 @@ def blocked_attention_backward(d_output, query, key, value, output, logsumexp, m
         for j0 in range(0, key_stop, block_size):
             j1 = min(j0 + block_size, key_stop)
             scores = q_scaled @ np.swapaxes(key[..., j0:j1, :], -1, -2)     # (..., rows, cols)
-            if mask is not None:
+            if mask is not None:                                            # hidden keys: P = 0
                 block_keep = keep[..., i0:i1, j0:j1]                        # (..., rows, cols)
                 scores = np.where(block_keep, scores, -np.inf)
             weights = np.exp(scores - row_lse[..., i0:i1, :])               # P, recomputed: (..., rows, cols)
