@@ -491,6 +491,67 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- the backward passes (Part 11)
+BACKWARD_GOALS = {"memory": 1 / 8, "time": 3.0}   # recomputing backward: <= 1/8 the memory, <= 3x the forward's time
+
+
+def backward_check(seq_len: int = 2048, num_heads: int = 8, head_dim: int = 64, block_size: int = 128,
+                   rounds: int = 3, repeats: int = 3) -> dict:
+    """Part 11's goals at one size, without a mask and causal, with BLAS held at one thread.
+
+    Memory: the recomputing backward's peak plus its logsumexp, over the backward from saved weights'
+    peak plus the weights (tracemalloc). Time: the recomputing backward over the blocked forward with
+    its logsumexp (medians of `repeats` calls); each ratio is the median over `rounds` sweeps.
+    """
+    from tinytorch.core._attention_training import measure_backward_scaling
+    from tinytorch.core.attention import AttentionProfiler
+
+    load_before = load_average()
+    rows = []
+    for causal in (False, True):
+        runs = [measure_backward_scaling(AttentionProfiler(repeats=repeats, warmup=1), [seq_len], num_heads=num_heads,
+                                         head_dim=head_dim, block_size=block_size, causal=causal)
+                for _ in range(rounds)]
+        first = {name: run[0] for name, run in runs[0].items()}
+        memory = [run["recomputed"][0]["peak_memory_mb"] / run["saved weights"][0]["peak_memory_mb"] for run in runs]
+        time = [run["recomputed"][0]["time_ms"] / run["blocked forward"][0]["time_ms"] for run in runs]
+        rows.append({"mask": "causal" if causal else "none",
+                     "forward_ms": float(np.median([run["blocked forward"][0]["time_ms"] for run in runs])),
+                     "saved_ms": float(np.median([run["saved weights"][0]["time_ms"] for run in runs])),
+                     "recomputed_ms": float(np.median([run["recomputed"][0]["time_ms"] for run in runs])),
+                     "saved_mib": first["saved weights"]["peak_memory_mb"],
+                     "recomputed_mib": first["recomputed"]["peak_memory_mb"],
+                     "memory_ratio": float(np.median(memory)), "time_ratio": float(np.median(time)),
+                     "time_ratios": time})
+    loads = [value for value in (load_before, load_average()) if value is not None]
+    from threadpoolctl import threadpool_info
+    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "numpy": np.__version__,
+               "blas": ", ".join(f"{info['internal_api']} {info['version']}" for info in threadpool_info()
+                                 if info["user_api"] == "blas"),
+               "load_1min": (min(loads), max(loads)) if loads else None}
+    passed = all(row["memory_ratio"] <= BACKWARD_GOALS["memory"] and row["time_ratio"] <= BACKWARD_GOALS["time"]
+                 for row in rows)
+    return {"seq_len": seq_len, "num_heads": num_heads, "head_dim": head_dim, "block_size": block_size,
+            "rounds": rounds, "rows": rows, "machine": machine, "passed": passed}
+
+
+def format_backward_check(result: dict) -> str:
+    lines = [f"backward passes at T = S = {result['seq_len']}, {result['num_heads']} heads x {result['head_dim']}, "
+             f"blocks of {result['block_size']}, BLAS on one thread; medians of {result['rounds']} sweeps",
+             f"{'mask':<7} {'forward ms':>11} {'saved ms':>9} {'recomp ms':>10} {'saved MiB':>10} {'recomp MiB':>11} "
+             f"{'memory':>7} {'time':>6} {'time per sweep':>20}  goals (<= 1/8, <= 3x)"]
+    for row in result["rows"]:
+        met = row["memory_ratio"] <= BACKWARD_GOALS["memory"] and row["time_ratio"] <= BACKWARD_GOALS["time"]
+        lines.append(f"{row['mask']:<7} {row['forward_ms']:11.1f} {row['saved_ms']:9.1f} {row['recomputed_ms']:10.1f} "
+                     f"{row['saved_mib']:10.1f} {row['recomputed_mib']:11.1f} {row['memory_ratio']:7.3f} "
+                     f"{row['time_ratio']:5.2f}x {', '.join(f'{r:.2f}' for r in row['time_ratios']):>20}  "
+                     f"{'met' if met else 'MISSED'}")
+    machine, load = result["machine"], result["machine"]["load_1min"]
+    lines.append(f"machine: {machine['cpu']}, {machine['cores']} cores, numpy {machine['numpy']} ({machine['blas']})"
+                 + (f", 1-minute load {load[0]:.2f}-{load[1]:.2f} during the run" if load else ""))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- ablation
 GOAL_ROWS = {"sdpa": "SDPA", "sdpa_causal": "causal SDPA", "mha": "multi-head", "mha_causal": "causal multi-head",
              "generation": "cached generation"}

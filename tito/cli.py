@@ -165,8 +165,8 @@ def cmd_mutate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     _require_course_tool("bench")
-    from tito.bench import (format_ablation, format_profiler_check, format_table, plot_sweep, profiler_check,
-                            run_ablation, run_bench)
+    from tito.bench import (backward_check, format_ablation, format_backward_check, format_profiler_check,
+                            format_table, plot_sweep, profiler_check, run_ablation, run_bench)
 
     if args.ablation:
         result = run_ablation(quick=args.quick)
@@ -174,6 +174,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json is not None:
             _write_json(args.json, result)
         return 0
+    if args.backward:
+        check = backward_check()
+        print(format_backward_check(check))
+        if args.json is not None:
+            _write_json(args.json, check)
+        return 0 if check["passed"] else 1
     if args.profiler_check:
         check = profiler_check(load=not args.no_load)
         print(format_profiler_check(check))
@@ -318,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: with one core kept busy by another process, check three times that "
                        "AttentionProfiler fits the math path's time exponent in [1.7, 2.3] and memory in [1.8, 2.2]")
     bench.add_argument("--no-load", action="store_true", help="with --profiler-check: do not start the busy process")
+    bench.add_argument("--backward", action="store_true",
+                       help="instead: Part 11's goals at T = 2048, 8 heads of 64: the recomputing backward's memory "
+                       "against the backward from saved weights, and its time against the blocked forward")
     bench.set_defaults(handler=cmd_bench)
     return parser
 

@@ -453,17 +453,18 @@ def _section_width(parts: list[dict]) -> int:
 def format_report(result: dict, source_hint: str) -> str:
     """The table `tito grade` prints, with what to do next for each failing part."""
     width = _section_width(result["parts"])
+    name = max([28] + [len(part["grade_id"]) + 1 for part in result["parts"]])   # the longest grade_id, and a space
     lines = [f"graded: {result['graded_file']}", f"tests:  {result['tests']}", "",
-             f"{'':<{width}}{'part':<28} {'tests':>7} {'points':>8} {'of':>6}"]
+             f"{'':<{width}}{'part':<{name}} {'tests':>7} {'points':>8} {'of':>6}"]
     for part in result["parts"]:
         where = f"{part.get('section', ''):<{width}}"
         if part["manual"]:
             status = {True: "answered", False: "TODO", None: "manual"}[part["answered"]]
-            lines.append(f"{where}{part['grade_id']:<28} {status:>8} {'-':>7} {part['points']:>6g}")
+            lines.append(f"{where}{part['grade_id']:<{name}} {status:>8} {'-':>7} {part['points']:>6g}")
         else:
             tests = f"{part['passed']}/{len(part['tests'])}"
-            lines.append(f"{where}{part['grade_id']:<28} {tests:>7} {part['earned']:>8.2f} {part['points']:>6g}")
-    lines.append(f"{'':<{width}}{'total (auto-graded)':<28} {'':>7} {result['earned']:>8.2f} {result['possible']:>6g}")
+            lines.append(f"{where}{part['grade_id']:<{name}} {tests:>7} {part['earned']:>8.2f} {part['points']:>6g}")
+    lines.append(f"{'':<{width}}{'total (auto-graded)':<{name}} {'':>7} {result['earned']:>8.2f} {result['possible']:>6g}")
     if result["manual_points"]:
         lines.append(f"{result['manual_points']:g} more points are graded by hand (the written answers).")
     lines.extend(_answer_lines(result))

@@ -57,9 +57,10 @@
 # | 8 | `blocked_attention`: the online softmax that never forms the T × S matrix |
 # | 9 | `AttentionProfiler`: robust timing and the log-log fit of measured costs |
 # | 10 | `PagedKVCache` with forks, `simulate_serving` and `kv_cache_capacity`: serving many requests from one memory budget |
+# | 11 | `attention_backward`, `repeat_kv_heads_backward`, the logsumexp and `blocked_attention_backward`: training attention, and the memory FlashAttention saves |
 #
 # **Prerequisites**: module 02 (`Tensor`) and module 12 (`Embedding`, `PositionalEncoding`).
-# **Time**: 6-7 hours. **Next**: module 14 builds transformer blocks out of these layers.
+# **Time**: 7-8 hours. **Next**: module 14 builds transformer blocks out of these layers.
 #
 # Every part opens with a small example you can check by hand, then asks you to write the code
 # under `# YOUR CODE HERE`. The `test_unit_*` cell after it checks your code on that same
@@ -67,8 +68,9 @@
 # run it, and see what happens. Those are not graded.
 #
 # The input checks are provided in `_attention_runtime_dev.py` beside this notebook, the tuned
-# kernel and its thread pool in `_attention_kernel_dev.py`, and the figures in
-# `_attention_figures_dev.py`. You never need to read them, but you may.
+# kernel and its thread pool in `_attention_kernel_dev.py`, the figures in
+# `_attention_figures_dev.py`, and the gradient check and training demonstration of Part 11 in
+# `_attention_training_dev.py`. You never need to read them, but you may.
 
 # %%
 #| default_exp core.attention
@@ -87,8 +89,9 @@ from tinytorch.core._attention_runtime import KVCacheBase, Layer, PagedKVCacheBa
 # %%
 from tinytorch.core._attention_figures import (
     draw_attention_flow, draw_block_tables, draw_blocked_loop, draw_head_split, draw_kv_cache, generation_spikes,
-    plot_generation, plot_head_weights, plot_scaling, plot_serving_memory,
+    plot_generation, plot_head_weights, plot_scaling, plot_serving_memory, plot_training,
 )
+from tinytorch.core._attention_training import gradient_check, measure_backward_scaling, train_reversal
 
 # %% [markdown]
 # ## Names used throughout
@@ -1343,14 +1346,16 @@ draw_blocked_loop(seq_len=12, key_len=12, block_size=4, causal=True)
 # %% nbgrader={"grade": false, "grade_id": "blocked-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
 @checked
-def blocked_attention(query, key, value, mask=None, scale=None, block_size: int = 128):
+def blocked_attention(query, key, value, mask=None, scale=None, block_size: int = 128, return_logsumexp: bool = False):
     """Attention computed block by block with an online softmax; never forms the T x S scores.
 
     Args:
         query, key, value, mask, scale: as for `math_attention`; a causal mask carries its `offset`.
         block_size: queries and keys per block.
+        return_logsumexp: also return each row's m + log(l), what training keeps (Part 11).
     Returns:
-        (..., T, d_v) float32 array, equal to `math_attention`'s output.
+        (..., T, d_v) float32 array, equal to `math_attention`'s output; with return_logsumexp,
+        (output, logsumexp (..., T)), -inf for a row that sees no key.
     """
     ### BEGIN SOLUTION
     lead = np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
@@ -1358,6 +1363,7 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
     offset = getattr(mask, "offset", None)                              # a causal mask's offset, or None
     keep = None if mask is None else np.broadcast_to(mask, lead + (T, S))   # a view, not a copy
     output = np.zeros(lead + (T, dv), dtype=np.float32)
+    logsumexp = np.full(lead + (T,), -np.inf, dtype=np.float32)          # Part 11: m + log l per row
     for i0 in range(0, T, block_size):
         i1 = min(i0 + block_size, T)
         stop = S if offset is None else min(S, max(0, i1 + offset))         # keys after it: every row's future
@@ -1378,7 +1384,8 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
             acc = acc * correction + exps @ value[..., j0:j1, :]            # (..., rows, dv)
             row_max = new_max
         output[..., i0:i1, :] = acc / np.where(row_sum > 0.0, row_sum, 1.0)
-    return output
+        logsumexp[..., i0:i1] = (row_max + np.log(np.where(row_sum > 0.0, row_sum, 1.0)))[..., 0]   # -inf: no key
+    return (output, logsumexp) if return_logsumexp else output
     ### END SOLUTION
 
 # %% nbgrader={"grade": true, "grade_id": "test-blocked-attention", "locked": true, "points": 10, "schema_version": 3, "solution": false}
@@ -2433,6 +2440,391 @@ for model, config in real_models.items():
 # a 24 GiB card still serves 16 requests at once with reserved regions.
 
 # %% [markdown]
+# ## Part 11: Training attention: the backward pass, and the memory FlashAttention saves
+#
+# Every part so far ran attention forward, as a model does when it answers. Training runs it
+# backward too: the loss's gradient flows from each layer's output back to its queries, keys and
+# values, and from them to the projections' weights. A backward pass needs what its forward
+# computed, so a training step keeps, for every layer, the arrays its backward will read until
+# the backward reaches it. For attention, the textbook choice keeps the weights P, (…, T, S): at
+# T = S = 4096 with 8 heads that is 512 MiB for one layer of one sequence, kept through the
+# whole forward of every later layer.
+#
+# FlashAttention-2 (Dao, 2023, its Algorithm 2) keeps instead the output O and one number per
+# query row, the log of the row's softmax denominator (its **logsumexp**), and recomputes the
+# weights block by block during the backward. The memory grows as T instead of T · S, for one
+# more Q Kᵀ per block: five block products instead of four.
+#
+# ### The backward of attention, derived
+#
+# Write the forward as three steps, for one batch row and head: S = scale · Q Kᵀ, P = softmax(S)
+# row by row (masked), O = P V. Given dO = ∂loss/∂O, the shape of O, each step passes the
+# gradient back:
+#
+# - **O = P V.** A product's gradient multiplies by the other factor, transposed:
+#   dV = Pᵀ dO, (S, d_v), and dP = dO Vᵀ, (T, S). Key j's value collects the output gradient of
+#   every query that read it, weighted by how much it read.
+# - **P = softmax(S).** For one row p = softmax(s), ∂p_j/∂s_k = p_j (δ_jk − p_k), so
+#   ds_k = Σ_j dp_j p_j (δ_jk − p_k) = p_k (dp_k − Σ_j p_j dp_j). For all rows at once:
+#   $$dS = P \odot \big(dP - \mathrm{rowsum}(dP \odot P)\big).$$
+#   The subtracted term is one number per row. Without it, the gradient would ignore that the
+#   weights must sum to 1: raising one score lowers every other weight of its row.
+# - **S = scale · Q Kᵀ.** dQ = scale · dS K, (T, d_k), and dK = scale · dSᵀ Q, (S, d_k).
+#
+# A masked entry has P = 0, so its dS is 0: a key a query never saw gets no gradient from that
+# query, and a fully masked row (all of its P zero) gives dQ = 0 for that query, exactly. With
+# leading axes, NumPy's `@` broadcasts them as in the forward. When a key or value was shared
+# along a broadcast axis (one (S, d) key for every head), each head's gradient flows back into
+# the same numbers, so they add up: the provided boundary sums a gradient over the axes along
+# which its input was broadcast, and hands each caller a gradient of its input's shape.
+#
+# **Worked by hand**, on Part 3's example: q = [1, 0], keys [1, 0] and [0, 1], values [10] and
+# [20], scale 1/√2, weights P = [0.670, 0.330], output 13.30. Take dO = [1], the gradient of
+# the loss "the output itself":
+#
+# | step | key 0 | key 1 |
+# |---|---|---|
+# | dV = Pᵀ dO | 0.670 | 0.330 |
+# | dP = dO Vᵀ | 10 | 20 |
+# | rowsum(dP ⊙ P) | 13.30 | (one number for the row) |
+# | dS = P ⊙ (dP − 13.30) | 0.670 · (−3.30) = −2.212 | 0.330 · 6.70 = 2.212 |
+#
+# dQ = (1/√2) · (−2.212 · [1, 0] + 2.212 · [0, 1]) = **[−1.564, 1.564]**: to raise the
+# output, turn the query toward key 1, whose value is 20. dK = (1/√2) · dSᵀ q gives key 0
+# [−1.564, 0] and key 1 [1.564, 0]. A row of dS always sums to 0: adding one constant to every
+# score of a row changes no weight. Forget the rowsum term and dS = P ⊙ dP = [6.698, 6.605],
+# dQ = [4.736, 4.670]: a gradient that says "raise both scores", which changes nothing.
+#
+# **Your task**: `attention_backward`, from the saved weights, in the five lines of the
+# derivation. `scale` arrives as in `math_attention`, already 1/√d_k unless the caller chose
+# another. The mask is taken so that the call reads like the forward's; P is already 0 wherever
+# it hid a key.
+
+# %% nbgrader={"grade": false, "grade_id": "attention-backward", "locked": false, "schema_version": 3, "solution": true}
+#| export
+@checked
+def attention_backward(d_output, query, key, value, weights, mask=None, scale=None):
+    """The gradients of attention's output with respect to its query, key and value, from the saved weights.
+
+    Args:
+        d_output: (..., T, d_v) float32 array, the loss's gradient with respect to the output.
+        query, key, value, mask, scale: the forward's, as for `math_attention`.
+        weights: (..., T, S) float32 array, the forward's weights P.
+    Returns:
+        (d_query (..., T, d_k), d_key (..., S, d_k), d_value (..., S, d_v)) float32 arrays; callers get
+        each gradient in its input's shape.
+    """
+    ### BEGIN SOLUTION
+    d_value = np.swapaxes(weights, -1, -2) @ d_output                    # (..., S, d_v): P^T dO
+    d_weights = d_output @ np.swapaxes(value, -1, -2)                    # (..., T, S): dP = dO V^T
+    row_dot = (d_weights * weights).sum(axis=-1, keepdims=True)          # (..., T, 1): rowsum(dP * P)
+    d_scores = weights * (d_weights - row_dot)                           # (..., T, S): 0 wherever P is 0
+    d_query = (d_scores @ key) * np.float32(scale)                       # (..., T, d_k)
+    d_key = (np.swapaxes(d_scores, -1, -2) @ query) * np.float32(scale)  # (..., S, d_k)
+    return d_query, d_key, d_value
+    ### END SOLUTION
+
+# %% nbgrader={"grade": true, "grade_id": "test-attention-backward", "locked": true, "points": 10, "schema_version": 3, "solution": false}
+def test_unit_attention_backward():
+    """The worked example, masked and fully masked entries, and central differences of your math_attention."""
+    q, k, v = np.array([[1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[10.0], [20.0]])
+    _, weights = math_attention(q, k, v)
+    d_query, d_key, d_value = attention_backward(np.array([[1.0]]), q, k, v, weights)
+    np.testing.assert_allclose(d_value.data, [[0.670], [0.330]], atol=1e-3, err_msg="worked example: dV = P^T dO")
+    np.testing.assert_allclose(d_query.data, [[-1.564, 1.564]], atol=1e-3,
+                               err_msg="worked example: dQ (subtract rowsum(dP * P) = 13.30, then scale by 1/sqrt(2))")
+    np.testing.assert_allclose(d_key.data, [[-1.564, 0.0], [1.564, 0.0]], atol=1e-3, err_msg="worked example: dK")
+
+    rng = np.random.default_rng(11)
+    q, k, v = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 5, 3)), rng.normal(size=(2, 5, 2))
+    keep = rng.random((2, 4, 5)) < 0.6
+    keep[:, 1] = False                                      # query 1 sees nothing
+    keep[:, :, 4] = False                                   # key 4 is seen by no query
+    d_output = rng.normal(size=(2, 4, 2))
+    _, weights = math_attention(q, k, v, keep, scale=0.8)
+    d_query, d_key, d_value = attention_backward(d_output, q, k, v, weights, keep, scale=0.8)
+    assert (d_query.data[:, 1] == 0).all(), "a fully masked query row must get exactly zero gradient"
+    assert (d_key.data[:, 4] == 0).all() and (d_value.data[:, 4] == 0).all(), "a key no query saw gets zero gradient"
+    check = gradient_check(lambda query, key, value: math_attention(query, key, value, keep, scale=0.8),
+                           {"query": q, "key": k, "value": v}, d_output,
+                           {"query": d_query, "key": d_key, "value": d_value})
+    assert check["passed"], f"central differences of your math_attention disagree: relative errors {check['errors']}"
+    print("attention backward: the worked example, masked entries and central differences all agree")
+
+
+test_unit_attention_backward()
+
+# %% [markdown]
+# ### Checking a gradient without knowing it
+#
+# The last check above needed no formula: `gradient_check` (provided, in
+# `_attention_training_dev.py`) nudges each input entry by ±h, runs the forward twice, and
+# divides the change of Σ dO ⊙ output by 2h. That costs two forwards per entry, far too slow to
+# train with, and exact enough (here to about 1e-3 of the largest gradient, since your forward
+# rounds in float32) to catch any real bug. Below, it checks your `attention_backward` and then
+# a planted one that forgets the rowsum term. The errors it prints are relative to the largest
+# entry of each gradient.
+
+# %%
+def forgets_the_rowsum(d_output, query, key, value, weights, scale):
+    """A planted bug: dS = P * dP, without subtracting rowsum(dP * P)."""
+    d_scores = weights * (d_output @ np.swapaxes(value, -1, -2))
+    return d_scores @ key * scale, np.swapaxes(d_scores, -1, -2) @ query * scale, np.swapaxes(weights, -1, -2) @ d_output
+
+
+rng = np.random.default_rng(12)
+check_q, check_k, check_v, check_d = (rng.normal(size=shape) for shape in ((3, 4), (5, 4), (5, 2), (3, 2)))
+check_weights = math_attention(check_q, check_k, check_v)[1].data
+planted = forgets_the_rowsum(check_d, check_q, check_k, check_v, check_weights, 0.5)
+for name, gradients in (("your attention_backward", attention_backward(check_d, check_q, check_k, check_v,
+                                                                       check_weights)),
+                        ("the planted bug", planted)):
+    report = gradient_check(lambda query, key, value: math_attention(query, key, value),
+                            {"query": check_q, "key": check_k, "value": check_v}, check_d,
+                            dict(zip(("query", "key", "value"), gradients)))
+    errors = ", ".join(f"{input_name} {error:.1e}" for input_name, error in report["errors"].items())
+    print(f"{name:>24}: {'passes' if report['passed'] else 'FAILS '} (relative errors: {errors})")
+
+# %% [markdown]
+# ### Grouped heads, backward
+#
+# With grouped kv heads (Part 5), `repeat_kv_heads` hands each kv head to the G query heads of
+# its group. In the backward, every copy's gradient flows into the one head it was copied from,
+# and the copies add up: kv head g's gradient is the **sum** of the gradients of query heads
+# gG … gG + G − 1. Worked by hand with H = 4 and Hkv = 2: query-head gradients [1, 2, 3, 4]
+# become kv-head gradients [1 + 2, 3 + 4] = **[3, 7]**. (An average, [1.5, 3.5], would say
+# each copy counted half; each was used in full.)
+#
+# **Your task**: `repeat_kv_heads_backward(d_x, num_kv_heads)`, from (B, H, S, hd) to
+# (B, Hkv, S, hd). A reshape that splits the head axis into (Hkv, G), in the order Part 5
+# grouped them, and a sum over the group.
+
+# %% nbgrader={"grade": false, "grade_id": "repeat-kv-heads-backward", "locked": false, "schema_version": 3, "solution": true}
+#| export
+@checked
+def repeat_kv_heads_backward(d_x, num_kv_heads: int):
+    """(B, H, S, hd) -> (B, Hkv, S, hd): the gradient of `repeat_kv_heads`, each group summed onto its kv head."""
+    ### BEGIN SOLUTION
+    B, H, S, hd = d_x.shape
+    groups = d_x.reshape(B, num_kv_heads, H // num_kv_heads, S, hd)   # (B, Hkv, G, S, hd)
+    return groups.sum(axis=2)                                          # (B, Hkv, S, hd)
+    ### END SOLUTION
+
+# %% nbgrader={"grade": true, "grade_id": "test-repeat-kv-heads-backward", "locked": true, "points": 4, "schema_version": 3, "solution": false}
+def test_unit_repeat_kv_heads_backward():
+    """The worked example, and the property that defines a gradient: <repeat(x), g> = <x, backward(g)>."""
+    d_x = np.array([1.0, 2.0, 3.0, 4.0]).reshape(1, 4, 1, 1)
+    np.testing.assert_array_equal(repeat_kv_heads_backward(d_x, 2).data[0, :, 0, 0], [3.0, 7.0],
+                                  err_msg="query-head gradients [1, 2, 3, 4] onto 2 kv heads: [1 + 2, 3 + 4]")
+    rng = np.random.default_rng(13)
+    x, g = rng.normal(size=(2, 2, 5, 3)), rng.normal(size=(2, 6, 5, 3))
+    forward = (repeat_kv_heads(x, 6).data * g).sum()
+    backward = (x * repeat_kv_heads_backward(g, 2).data).sum()
+    assert abs(forward - backward) < 1e-4 * abs(forward) + 1e-4, \
+        f"<repeat_kv_heads(x), g> = {forward:.5f} must equal <x, repeat_kv_heads_backward(g)> = {backward:.5f}"
+    print("repeat_kv_heads_backward: each group summed onto its kv head")
+
+
+test_unit_repeat_kv_heads_backward()
+
+# %% [markdown]
+# ### Keep one number per row, recompute the rest
+#
+# The backward above reads P, (…, T, S). FlashAttention-2 keeps the **logsumexp** of each row
+# instead, L_i = log Σ_j e^{s_ij}, from which every weight comes back exactly:
+# P_ij = e^{s_ij − L_i}. Your blocked loop of Part 8 already holds it at the end of each query
+# block: L = m + log ℓ. Worked by hand on Part 8's example, scores [1, 3]: m = 3, ℓ = 1.135, so
+# L = 3 + log 1.135 = **3.127**, and e^{1 − 3.127} = 0.119, e^{3 − 3.127} = 0.881, the weights.
+# On Part 3's example, L = log(e^{0.707} + e^0) = **1.108**. A row that saw no key has m = −∞
+# and ℓ = 0: its L is −∞.
+#
+# The backward needs one more row quantity, rowsum(dP ⊙ P), which seemed to need all of P. It
+# does not: Σ_j dP_ij P_ij = Σ_j (dO_i · v_j) P_ij = dO_i · Σ_j P_ij v_j = dO_i · O_i. So
+# **D = rowsum(dO ⊙ O)**, one number per row from two (T, d_v) arrays. In the worked example,
+# D = 1 · 13.30, the 13.30 of the table above.
+#
+# ```
+#   per query block i (rows i0..i1), D_i = rowsum(dO_i * O_i) and L_i read once
+#   per key block j up to the causal stop:
+#     S_ij = scale Q_i K_jᵀ, masked              (rows, cols)   recomputed
+#     P_ij = exp(S_ij − L_i)                     (rows, cols)   recomputed, never kept
+#     dV_j += P_ijᵀ dO_i          dP_ij = dO_i V_jᵀ
+#     dS_ij = P_ij ⊙ (dP_ij − D_i)
+#     dQ_i += scale dS_ij K_j     dK_j += scale dS_ijᵀ Q_i
+#   held at once: dQ, dK, dV (the size of Q, K, V) and one block's (rows, cols) arrays
+# ```
+#
+# **Your tasks**, two:
+#
+# 1. Go back to your `blocked_attention` in Part 8, and when it is called with
+#    `return_logsumexp=True`, return `(output, logsumexp)`: a (…, T) float32 array holding
+#    m + log ℓ of each row after its last key block, and −∞ for a row that saw no key (take
+#    care that log 0 is never computed: use ℓ = 1 there, as for the division). Rerun Part 8's
+#    cells, then this part's.
+# 2. `blocked_attention_backward`: the loop above. Walk the query and key blocks as your forward
+#    does, with the same causal stop, so that no key block a causal mask hides is ever read.
+#    Rows whose L is −∞ have nothing to recompute: use 0 in its place (their scores are all −∞,
+#    so their weights come out 0, never `nan`). Keep dQ, dK and dV the shapes of their
+#    comments, and never make an array of T × S.
+
+# %% nbgrader={"grade": false, "grade_id": "blocked-attention-backward", "locked": false, "schema_version": 3, "solution": true}
+#| export
+@checked
+def blocked_attention_backward(d_output, query, key, value, output, logsumexp, mask=None, scale=None,
+                               block_size: int = 128):
+    """Attention's gradients, recomputing the weights block by block from the logsumexp (FlashAttention-2).
+
+    Args:
+        d_output: (..., T, d_v) float32 array, the loss's gradient with respect to the output.
+        query, key, value, mask, scale: the forward's, as for `blocked_attention`.
+        output, logsumexp: (..., T, d_v) and (..., T), what `blocked_attention(..., return_logsumexp=True)`
+            returned; -inf marks a row that sees no key.
+        block_size: queries and keys per block.
+    Returns:
+        (d_query, d_key, d_value) float32 arrays, equal to `attention_backward`'s.
+    """
+    ### BEGIN SOLUTION
+    lead = np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    T, S = query.shape[-2], key.shape[-2]
+    diagonal = getattr(mask, "offset", None)                            # a causal mask's offset, or None
+    keep = None if mask is None else np.broadcast_to(mask, lead + (T, S))
+    d_query = np.zeros(lead + query.shape[-2:], dtype=np.float32)      # (..., T, d_k)
+    d_key = np.zeros(lead + key.shape[-2:], dtype=np.float32)          # (..., S, d_k)
+    d_value = np.zeros(lead + value.shape[-2:], dtype=np.float32)      # (..., S, d_v)
+    row_dot = (d_output * output).sum(axis=-1, keepdims=True)          # D = rowsum(dO * O): (..., T, 1)
+    row_lse = np.where(np.isneginf(logsumexp), 0.0, logsumexp)[..., None]   # (..., T, 1): no key seen -> 0
+    for i0 in range(0, T, block_size):
+        i1 = min(i0 + block_size, T)
+        key_stop = S if diagonal is None else min(S, max(0, i1 + diagonal))   # the forward's causal stop
+        q_scaled = query[..., i0:i1, :] * np.float32(scale)            # (..., rows, d_k), scaled once
+        d_out = d_output[..., i0:i1, :]                                # (..., rows, d_v)
+        for j0 in range(0, key_stop, block_size):
+            j1 = min(j0 + block_size, key_stop)
+            scores = q_scaled @ np.swapaxes(key[..., j0:j1, :], -1, -2)     # (..., rows, cols)
+            if mask is not None:                                            # hidden keys: P = 0
+                block_keep = keep[..., i0:i1, j0:j1]                        # (..., rows, cols)
+                scores = np.where(block_keep, scores, -np.inf)
+            weights = np.exp(scores - row_lse[..., i0:i1, :])               # P, recomputed: (..., rows, cols)
+            d_value[..., j0:j1, :] += np.swapaxes(weights, -1, -2) @ d_out
+            d_weights = d_out @ np.swapaxes(value[..., j0:j1, :], -1, -2)   # dP: (..., rows, cols)
+            d_scores = weights * (d_weights - row_dot[..., i0:i1, :])       # dS: (..., rows, cols)
+            d_query[..., i0:i1, :] += d_scores @ key[..., j0:j1, :]         # scaled once, below
+            d_key[..., j0:j1, :] += np.swapaxes(d_scores, -1, -2) @ q_scaled  # q_scaled carries the scale
+    return d_query * np.float32(scale), d_key, d_value
+    ### END SOLUTION
+
+# %% nbgrader={"grade": true, "grade_id": "test-blocked-attention-backward", "locked": true, "points": 10, "schema_version": 3, "solution": false}
+def test_unit_blocked_attention_backward():
+    """The worked logsumexps, the worked example in blocks of one key, and attention_backward's gradients."""
+    output, logsumexp = blocked_attention(np.array([[1.0]]), np.array([[1.0], [3.0]]), np.array([[10.0], [20.0]]),
+                                          scale=1.0, block_size=1, return_logsumexp=True)
+    np.testing.assert_allclose(logsumexp.data, [3.127], atol=1e-3, err_msg="scores [1, 3]: L = 3 + log 1.135")
+    q, k, v = np.array([[1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[10.0], [20.0]])
+    output, logsumexp = blocked_attention(q, k, v, block_size=1, return_logsumexp=True)
+    np.testing.assert_allclose(logsumexp.data, [1.108], atol=1e-3, err_msg="Part 3's example: L = log(e^0.707 + 1)")
+    d_query, d_key, d_value = blocked_attention_backward(np.array([[1.0]]), q, k, v, output, logsumexp, block_size=1)
+    np.testing.assert_allclose(d_query.data, [[-1.564, 1.564]], atol=1e-3, err_msg="worked example in blocks of one key: dQ")
+    np.testing.assert_allclose(d_key.data, [[-1.564, 0.0], [1.564, 0.0]], atol=1e-3, err_msg="worked example: dK")
+    np.testing.assert_allclose(d_value.data, [[0.670], [0.330]], atol=1e-3, err_msg="worked example: dV")
+
+    rng = np.random.default_rng(14)
+    q, k, v = rng.normal(size=(2, 3, 9, 4)), rng.normal(size=(1, 3, 13, 4)), rng.normal(size=(13, 2))
+    d_output = rng.normal(size=(2, 3, 9, 2))
+    random_keep = rng.random((2, 1, 9, 13)) < 0.5
+    random_keep[..., 0, :] = False                                    # a fully masked row
+    for name, mask in (("no mask", None), ("offset causal (9, 13)", create_causal_mask(9, 13)),
+                       ("random mask over heads, a fully masked row", random_keep)):
+        _, weights = math_attention(q, k, v, mask, scale=0.6)
+        expected = attention_backward(d_output, q, k, v, weights, mask, scale=0.6)
+        for block_size in (1, 4, 16):
+            output, logsumexp = blocked_attention(q, k, v, mask, scale=0.6, block_size=block_size, return_logsumexp=True)
+            if name.startswith("random"):
+                assert np.isneginf(logsumexp.data[..., 0]).all(), "a row that sees no key has logsumexp -inf"
+            actual = blocked_attention_backward(d_output, q, k, v, output, logsumexp, mask, scale=0.6,
+                                                block_size=block_size)
+            for gradient, got, want in zip(("d_query", "d_key", "d_value"), actual, expected):
+                assert got.shape == want.shape, f"{name}, block_size={block_size}: {gradient} shape {got.shape}"
+                np.testing.assert_allclose(got.data, want.data, rtol=1e-4, atol=1e-5,
+                                           err_msg=f"{name}, block_size={block_size}: {gradient}")
+    print("blocked backward: the worked logsumexps and gradients, and attention_backward's for every mask")
+
+
+test_unit_blocked_attention_backward()
+
+# %% [markdown]
+# ### Training with your gradients
+#
+# The provided `train_reversal` trains a one-layer attention model to reverse six tokens: the
+# target at position i is the token at position 5 − i. Each token enters as its one-hot code
+# joined to its position's, one head of width 16 attends, and a projection turns its output into
+# scores over the 8 tokens. Plain gradient descent updates the four weight matrices from the
+# loss's gradient; the projections' and the loss's gradients are provided, and the attention's
+# are yours. It runs twice, from the same start: with `math_attention` and `attention_backward`
+# from the saved weights, and with your blocked pair, recomputing them. To reverse, query i must
+# find key 5 − i, which only the positions tell it. Look for that in the trained weights.
+#
+# **Predict first.** The two runs start from the same weights and see the same batches. Will
+# their losses after 300 steps be identical, close, or far apart, and why?
+
+# %%
+training_runs = {"saved weights": train_reversal(steps=300, learning_rate=1.0, seed=0),
+                 "recomputed (blocked)": train_reversal(steps=300, learning_rate=1.0, seed=0, recompute=True)}
+for name, run in training_runs.items():
+    print(f"{name:>22}: loss {run['losses'][0]:.3f} -> {run['losses'][-1]:.4f} "
+          f"({run['losses'][0] / run['losses'][-1]:.0f}x lower) in {run['seconds']:.2f} s; "
+          f"last batch {run['accuracy']:.0%} reversed correctly")
+gap = max(abs(a - b) for a, b in zip(*(run["losses"] for run in training_runs.values())))
+print(f"largest difference between the two runs' losses: {gap:.1e}")
+plot_training(training_runs, title="A one-layer attention model learning to reverse 6 tokens")
+
+# %% [markdown]
+# Both curves fall from about log 8 ≈ 2.08, guessing among 8 tokens, by a factor of 100 or
+# more, and lie on top of each other: the two backward passes compute the same gradients, up to
+# float32 rounding. The weights on the right put almost all of each query's weight on the key at
+# the mirrored position: the anti-diagonal.
+#
+# ### Measured: what each backward pass keeps and costs
+#
+# **Predict first.** Below, your `AttentionProfiler` measures both backward passes at T = 256,
+# 512 and 1024 (4 heads of 64), with what each keeps from its forward counted in its memory.
+# Write down three guesses: the fitted memory exponent of the backward from saved weights, and
+# of the recomputing one; and how many times the blocked forward's time the recomputing
+# backward takes (count the block products of each, and remember the element-wise work).
+
+# %%
+backward_scaling = measure_backward_scaling(AttentionProfiler(repeats=3, warmup=1), [256, 512, 1024],
+                                            num_heads=4, head_dim=64, block_size=128)
+backward_fits = {name: AttentionProfiler.analyze_quadratic_scaling(rows) for name, rows in backward_scaling.items()}
+print(f"{'T':>5} | " + " | ".join(f"{name + ' ms':>24} | {'MiB':>6}" for name in backward_scaling))
+for i, seq_len in enumerate([256, 512, 1024]):
+    print(f"{seq_len:>5} | " + " | ".join(f"{rows[i]['time_ms']:>15.2f} ± {rows[i]['time_spread_ms']:<6.2f} | "
+                                          f"{rows[i]['peak_memory_mb']:>6.1f}" for rows in backward_scaling.values()))
+for name, fit in backward_fits.items():
+    print(f"{name:>16}: time ~ T^{fit['time_exponent']:.2f}, memory ~ T^{fit['memory_exponent']:.2f}")
+last = {name: rows[-1] for name, rows in backward_scaling.items()}
+print(f"at T = 1024: recomputed / saved-weights memory {last['recomputed']['peak_memory_mb'] / last['saved weights']['peak_memory_mb']:.3f}; "
+      f"recomputing backward / blocked forward time {last['recomputed']['time_ms'] / last['blocked forward']['time_ms']:.2f}")
+plot_scaling(backward_scaling, backward_fits, call="call")
+
+# %% [markdown]
+# Read your table against your guesses:
+#
+# - **Memory.** The backward from saved weights keeps P and makes dP and dS, each (H, T, T), so
+#   its memory exponent should come out near 2. The recomputing backward holds dQ, dK and dV,
+#   the size of Q, K and V, and one block's arrays: its exponent should be near 1, and at
+#   T = 1024 its memory a small fraction of the other's. At T = 2048 with 8 heads, the saved
+#   weights alone are 128 MiB.
+# - **Time.** Per block, the forward makes two products (Q Kᵀ and P V) and the recomputing
+#   backward five (Q Kᵀ again, Pᵀ dO, dO Vᵀ, dS K and dSᵀ Q), with fewer element-wise steps, since
+#   it knows the final L and needs no running maximum or rescaling. Expect the backward to take
+#   somewhere around 1.5 to 3 times the blocked forward; on a busy laptop, check the spread
+#   column before you trust a ratio. Both grow as T², like every exact attention.
+#
+# **Try it.** Pass `causal=True` to `measure_backward_scaling`: how much of each pass does the
+# causal stop save, and does the backward save as much as the forward? Then train the reversal
+# model with `learning_rate=0.1`: how many steps does it take to fall 10x?
+
+# %% [markdown]
 # ## Putting it together: embeddings, positions and causal attention
 #
 # The first layers of a language model: token ids become vectors (`Embedding`), positions are
@@ -2578,6 +2970,10 @@ plot_head_weights(open_weights.data[0], words, title="no mask")
 #   copy-on-write; a measured serving workload in which paging keeps almost every held slot
 #   busy and runs several times as many requests as reserved regions; and the arithmetic of
 #   how many tokens a real model's cache fits on a real card.
+# - `attention_backward`, `repeat_kv_heads_backward`, the logsumexp and `blocked_attention_backward`:
+#   the gradients of masked, grouped-head attention, checked by central differences and used to train
+#   a small model, and FlashAttention-2's backward, which keeps one number per row instead of the
+#   T × S weights and recomputes them block by block.
 #
 # Module 14 stacks these layers with feed-forward networks, normalisation and residual
 # connections into a transformer.

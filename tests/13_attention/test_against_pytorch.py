@@ -12,8 +12,10 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from tinytorch.core.attention import (MultiHeadAttention, ScaledDotProductAttention, attention_backend,  # noqa: E402
-                                      blocked_attention, create_causal_mask, fast_attention, masked_softmax,
-                                      math_attention, merge_heads, repeat_kv_heads, split_heads)
+                                      attention_backward, blocked_attention, blocked_attention_backward,
+                                      create_causal_mask, create_padding_mask, fast_attention, masked_softmax,
+                                      math_attention, merge_heads, repeat_kv_heads, repeat_kv_heads_backward,
+                                      split_heads)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -199,3 +201,101 @@ def test_split_and_merge_heads_vs_torch_view_transpose():
 def test_repeat_kv_heads_vs_torch_repeat_interleave():
     x = np.random.default_rng(11).standard_normal((2, 2, 5, 4), dtype=np.float32)
     np.testing.assert_array_equal(repeat_kv_heads(x, 6).data, as_torch(x).repeat_interleave(3, dim=1).numpy())
+
+
+# ---------------------------------------------------------------- gradients vs autograd (Part 11)
+# Autograd differentiates torch's own float32 scaled_dot_product_attention. A gradient sums a few
+# float32 products per entry more than the output does, so these comparisons allow rtol = 1e-4.
+GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def torch_sdpa_gradients(q, k, v, d_output, keep=None, scale=None, enable_gqa=False):
+    """PyTorch autograd's (dq, dk, dv) of sum(d_output * scaled_dot_product_attention(q, k, v)), float32."""
+    inputs = [as_torch(a).requires_grad_(True) for a in (q, k, v)]
+    mask = None if keep is None else torch.from_numpy(np.asarray(keep) != 0)
+    output = F.scaled_dot_product_attention(*inputs, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    output.backward(as_torch(d_output))
+    return [tensor.grad.numpy() for tensor in inputs]
+
+
+def both_backward_passes(q, k, v, d_output, mask, scale, block_size):
+    """Our gradients from the saved weights and from the blocked pair, as arrays."""
+    _, weights = math_attention(q, k, v, mask, scale=scale)
+    saved = [g.data for g in attention_backward(d_output, q, k, v, weights, mask, scale=scale)]
+    output, logsumexp = blocked_attention(q, k, v, mask, scale=scale, block_size=block_size, return_logsumexp=True)
+    recomputed = [g.data for g in blocked_attention_backward(d_output, q, k, v, output, logsumexp, mask, scale=scale,
+                                                             block_size=block_size)]
+    return {"saved weights": saved, "recomputed": recomputed}
+
+
+GRADIENT_CASES = ["causal (5, 9)", "causal (9, 5)", "causal (6, 6)", "padding (B, 1, 1, S)",
+                  "boolean (B, 1, T, S) over heads, fully masked rows", "lead (), random mask, scale 0.7",
+                  "lead (4,), random mask, scale 0.7", "lead (2, 3), random mask, scale 0.7",
+                  "lead (2, 1, 3), random mask, scale 0.7"]
+
+
+def gradient_case(name):
+    """(q, k, v, our mask, torch's 0/1 mask, scale) of a named case: every kind of mask, scale and leading axes."""
+    rng = np.random.default_rng(40 + GRADIENT_CASES.index(name))
+    if name.startswith("causal"):                                  # offsets 4, -4 (rows that see nothing), 0
+        T, S = (int(n) for n in name[len("causal ("):-1].split(", "))
+        q, k, v = rng.normal(size=(2, 3, T, 8)), rng.normal(size=(2, 3, S, 8)), rng.normal(size=(2, 3, S, 4))
+        mask = create_causal_mask(T, S)
+        return q, k, v, mask, mask.data, None
+    if name.startswith(("padding", "boolean")):
+        q, k, v = rng.normal(size=(3, 2, 6, 8)), rng.normal(size=(3, 2, 7, 8)), rng.normal(size=(3, 2, 7, 4))
+        if name.startswith("padding"):
+            padding = create_padding_mask(np.array([7, 3, 1]), 7)
+            return q, k, v, padding, padding.data, None
+        over_heads = rng.random((3, 1, 6, 7)) < 0.5
+        over_heads[:, :, 2] = False                                # a fully masked row in every head
+        return q, k, v, over_heads, over_heads, 0.3
+    lead = {"lead ()": (), "lead (4,)": (4,), "lead (2, 3)": (2, 3), "lead (2, 1, 3)": (2, 1, 3)}[name.split(", random")[0]]
+    q, k, v = rng.normal(size=lead + (5, 8)), rng.normal(size=lead + (6, 8)), rng.normal(size=lead + (6, 4))
+    keep = rng.random(lead + (5, 6)) < 0.6
+    keep[..., 0, :] = False
+    return q, k, v, keep, keep, 0.7
+
+
+@pytest.mark.parametrize("block_size", [2, 4])
+@pytest.mark.parametrize("name", GRADIENT_CASES)
+def test_both_backward_passes_vs_autograd(name, block_size):
+    q, k, v, mask, keep, scale = gradient_case(name)
+    d_output = np.random.default_rng(41).normal(size=np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+                                                + (q.shape[-2], v.shape[-1]))
+    expected = torch_sdpa_gradients(q, k, v, d_output, keep, scale)
+    for path, gradients in both_backward_passes(q, k, v, d_output, mask, scale, block_size).items():
+        for gradient, got, want in zip(("d_query", "d_key", "d_value"), gradients, expected):
+            np.testing.assert_allclose(got, want, **GRAD_TOL, err_msg=f"{name}, {path}, block_size={block_size}: "
+                                                                    f"{gradient}")
+
+
+def test_broadcast_key_and_value_gradients_vs_autograd():
+    """One key and value for every batch row and head: autograd sums their gradients, and so does the boundary."""
+    rng = np.random.default_rng(42)
+    q, k, v = rng.normal(size=(2, 3, 5, 8)), rng.normal(size=(1, 3, 7, 8)), rng.normal(size=(7, 4))
+    d_output = rng.normal(size=(2, 3, 5, 4))
+    expected = torch_sdpa_gradients(q, np.broadcast_to(k, (2, 3, 7, 8)), np.broadcast_to(v, (2, 3, 7, 4)), d_output,
+                                    create_causal_mask(5, 7).data)
+    expected = [expected[0], expected[1].sum(axis=0, keepdims=True), expected[2].sum(axis=(0, 1))]
+    for path, gradients in both_backward_passes(q, k, v, d_output, create_causal_mask(5, 7), None, 3).items():
+        for gradient, got, want in zip(("d_query", "d_key", "d_value"), gradients, expected):
+            assert got.shape == want.shape, f"{path}: {gradient} shape {got.shape}"
+            np.testing.assert_allclose(got, want, **GRAD_TOL, err_msg=f"{path}: {gradient}")
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 3])
+def test_grouped_heads_backward_vs_autograd_enable_gqa(num_kv_heads):
+    """Our repeat, attention and group sum against autograd through SDPA(enable_gqa=True), causal with an offset."""
+    rng = np.random.default_rng(43 + num_kv_heads)
+    q, k, v = rng.normal(size=(2, 6, 4, 8)), rng.normal(size=(2, num_kv_heads, 7, 8)), rng.normal(size=(2, num_kv_heads, 7, 4))
+    d_output = rng.normal(size=(2, 6, 4, 4))
+    mask = create_causal_mask(4, 7)
+    expected = torch_sdpa_gradients(q, k, v, d_output, mask.data, None, enable_gqa=True)
+    k_rep, v_rep = repeat_kv_heads(k, 6), repeat_kv_heads(v, 6)
+    for path, (d_q, d_k_rep, d_v_rep) in both_backward_passes(q, k_rep, v_rep, d_output, mask, None, 2).items():
+        got = [d_q, repeat_kv_heads_backward(d_k_rep, num_kv_heads).data,
+               repeat_kv_heads_backward(d_v_rep, num_kv_heads).data]
+        for gradient, actual, want in zip(("d_query", "d_key", "d_value"), got, expected):
+            np.testing.assert_allclose(actual, want, **GRAD_TOL, err_msg=f"{num_kv_heads} kv heads, {path}: {gradient}")
+

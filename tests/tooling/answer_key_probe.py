@@ -36,14 +36,17 @@ ALLOWED = {
         "the tuned kernel's multi-head layer; it refuses to run while a graded test runs",
     "provided_13_attention_test_against_pytorch.torch_sdpa":
         "PyTorch's own scaled_dot_product_attention, the reference those tests compare with",
+    "provided_13_attention_test_against_pytorch.torch_sdpa_gradients":
+        "PyTorch's autograd through its own scaled_dot_product_attention, the reference those tests compare with",
 }
 
 
 def student_cases() -> dict[str, list[tuple[tuple, object]]]:
     """Student function -> [(arguments, the solution's result)], from the course's solution package."""
-    from tinytorch.core.attention import (AttentionProfiler, KVCache, MultiHeadAttention, blocked_attention,
-                                          create_causal_mask, create_padding_mask, masked_softmax, math_attention,
-                                          merge_heads, repeat_kv_heads, split_heads)
+    from tinytorch.core.attention import (AttentionProfiler, KVCache, MultiHeadAttention, attention_backward,
+                                          blocked_attention, blocked_attention_backward, create_causal_mask,
+                                          create_padding_mask, masked_softmax, math_attention, merge_heads,
+                                          repeat_kv_heads, repeat_kv_heads_backward, split_heads)
 
     rng = np.random.default_rng(1234)
     q, k, v = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 3))
@@ -55,6 +58,10 @@ def student_cases() -> dict[str, list[tuple[tuple, object]]]:
     layer = MultiHeadAttention(8, 4, num_kv_heads=2, seed=5)
     weights = [w.data for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o)]
     sizes, costs = [64, 128, 256, 512], [1.3, 4.1, 17.2, 70.9]
+    d_out = rng.standard_normal((2, 3, 3))                              # the gradient of an output (B, T, d_v)
+    attention_weights = math_attention(q, k, v, keep, 0.5)[1].data
+    blocked_out, lse = (r.data for r in blocked_attention(q, k, v, keep, 0.5, 2, True))
+    d_heads = rng.standard_normal((2, 4, 5, 3))
 
     def cache_after(lengths, new_len):
         cache = KVCache(len(lengths), 8, 1, 2)
@@ -67,7 +74,12 @@ def student_cases() -> dict[str, list[tuple[tuple, object]]]:
         "create_padding_mask": [((np.array([2, 3]), 4), None), (([1, 0, 3], 3), None)],
         "masked_softmax": [((scores,), None), ((scores, rng.random((3, 4, 5)) < 0.6), None)],
         "math_attention": [((q, k, v), None), ((q, k, v, keep), None), ((q, k, v, keep, 0.5), None)],
-        "blocked_attention": [((q, k, v, keep, 0.5, 2), None), ((q, k, v, None, None, 3), None)],
+        "blocked_attention": [((q, k, v, keep, 0.5, 2), None), ((q, k, v, None, None, 3), None),
+                              ((q, k, v, keep, 0.5, 2, True), None)],
+        "attention_backward": [((d_out, q, k, v, attention_weights, keep, 0.5), None),
+                               ((d_out, q, k, v, attention_weights), None)],
+        "repeat_kv_heads_backward": [((d_heads, 2), None), ((d_heads, 1), None)],
+        "blocked_attention_backward": [((d_out, q, k, v, blocked_out, lse, keep, 0.5, 2), None)],
         "split_heads": [((x, 2), None), ((x, 4), None)],
         "merge_heads": [((heads,), None)],
         "repeat_kv_heads": [((kv, 4), None), ((kv, 6), None)],
@@ -82,6 +94,8 @@ def student_cases() -> dict[str, list[tuple[tuple, object]]]:
     solutions = {
         "create_causal_mask": create_causal_mask, "create_padding_mask": create_padding_mask,
         "masked_softmax": masked_softmax, "math_attention": math_attention, "blocked_attention": blocked_attention,
+        "attention_backward": attention_backward, "repeat_kv_heads_backward": repeat_kv_heads_backward,
+        "blocked_attention_backward": blocked_attention_backward,
         "split_heads": split_heads, "merge_heads": merge_heads, "repeat_kv_heads": repeat_kv_heads,
         "fit_exponent": AttentionProfiler.fit_exponent,
         "MultiHeadAttention.forward": lambda *args: layer(x),

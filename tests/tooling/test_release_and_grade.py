@@ -128,10 +128,10 @@ def test_test_and_provided_cells_are_locked_with_nbgrader_checksums(released):
     notebook = released / "modules/13_attention/attention_dev.ipynb"
     cells = nbgrader_cells(notebook)
     tests = [cell for cell in cells if cell.metadata.nbgrader.get("grade") and cell.cell_type == "code"]
-    assert len(tests) == 17 and all(cell.metadata.nbgrader["locked"] for cell in tests)
-    assert assert_locked_and_checksummed(notebook) == 18                # 17 graded tests and the integration test
+    assert len(tests) == 20 and all(cell.metadata.nbgrader["locked"] for cell in tests)
+    assert assert_locked_and_checksummed(notebook) == 21                # 20 graded tests and the integration test
     source = (released / SOURCE).read_text()                           # the paired .py carries them too
-    assert source.count(" deletable=false editable=false nbgrader=") == 18
+    assert source.count(" deletable=false editable=false nbgrader=") == 21
     assert source.count('"checksum": ') == len(cells)
 
 
@@ -148,7 +148,7 @@ def test_lock_flags_and_checksums_survive_the_students_export(tmp_path, repo_roo
     exported = tito("export", "13", cwd=out)
     assert exported.returncode == 0 and "wrote modules/13_attention/attention_dev.ipynb" in exported.stdout
     assert any(CAUSAL_DONE in cell.source for cell in nbgrader_cells(notebook_path))
-    assert assert_locked_and_checksummed(notebook_path, answered={"masks"}) == 18
+    assert assert_locked_and_checksummed(notebook_path, answered={"masks"}) == 21
 
     notebook = nbformat.read(notebook_path, as_version=4)              # then edits the notebook, as Jupyter saves it
     answer = next(cell for cell in notebook.cells
@@ -158,8 +158,8 @@ def test_lock_flags_and_checksums_survive_the_students_export(tmp_path, repo_roo
     exported = tito("export", "13", cwd=out)
     assert exported.returncode == 0 and "updated from the edits made in" in exported.stdout, exported.stdout
     assert "Blocked attention never forms" in source.read_text()
-    assert source.read_text().count(" deletable=false editable=false nbgrader=") == 18
-    assert assert_locked_and_checksummed(notebook_path, answered={"masks", "reflection-memory"}) == 18
+    assert source.read_text().count(" deletable=false editable=false nbgrader=") == 21
+    assert assert_locked_and_checksummed(notebook_path, answered={"masks", "reflection-memory"}) == 21
 
 
 def nbgrader_validate(notebook: Path, workspace: Path) -> str:
@@ -178,12 +178,12 @@ def reported_cells(report: str, heading: str) -> list[str]:
 
 def test_nbgrader_validate_lists_the_unanswered_answers_and_failing_tests(released):
     report = nbgrader_validate(released / "modules/13_attention/attention_dev.ipynb", released)
-    assert " ".join(report.split()).startswith("VALIDATION FAILED ON 20 CELL(S)!")
+    assert " ".join(report.split()).startswith("VALIDATION FAILED ON 23 CELL(S)!")
     failed = reported_cells(report, "The following cell failed:")
     assert failed.count("YOUR ANSWER HERE") == 3                       # the three written answers
     assert "You did not provide a response." in report
     tests = [line for line in failed if line != "YOUR ANSWER HERE"]
-    assert len(tests) == 17 and "def test_unit_masks():" in tests and "NotImplementedError" in report
+    assert len(tests) == 20 and "def test_unit_masks():" in tests and "NotImplementedError" in report
 
 
 def test_nbgrader_validate_flags_an_edited_test_cell(released, tmp_path):
@@ -264,6 +264,12 @@ calls = {
         np.ones((1, 1, 1, 1)), np.ones((1, 1, 1, 1))))(a.PagedKVCache(2, 2, 1, 1)),
     "simulate_serving": lambda: a.simulate_serving(np.array([[0, 1, 1]]), 4, 4),
     "kv_cache_capacity": lambda: a.kv_cache_capacity(2**20, 10, 1, 1, 1),
+    "attention_backward": lambda: a.attention_backward(np.ones((2, 4)), np.ones((2, 4)), np.ones((2, 4)),
+                                                       np.ones((2, 4)), np.full((2, 2), 0.5)),
+    "repeat_kv_heads_backward": lambda: a.repeat_kv_heads_backward(np.ones((1, 2, 2, 2)), 1),
+    "blocked_attention_backward": lambda: a.blocked_attention_backward(np.ones((2, 4)), np.ones((2, 4)),
+                                                                       np.ones((2, 4)), np.ones((2, 4)),
+                                                                       np.ones((2, 4)), np.zeros(2)),
 }
 for name, call in calls.items():
     try:
@@ -276,7 +282,7 @@ for name, call in calls.items():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=released,
                             env={"PYTHONPATH": str(released), "PATH": ""})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("todo ") == 23 and "DONE" not in result.stdout, result.stdout
+    assert result.stdout.count("todo ") == 26 and "DONE" not in result.stdout, result.stdout
 
 
 def test_grading_the_blank_release_fails_every_graded_test(released):
@@ -285,7 +291,7 @@ def test_grading_the_blank_release_fails_every_graded_test(released):
     report = json.loads(result.stdout)
     assert "total (auto-graded)" in result.stderr
     assert report["graded_file"] == str((released / "tinytorch/core/attention.py").resolve())
-    assert report["earned"] == 0 and report["possible"] == 111 and report["manual_points"] == 10
+    assert report["earned"] == 0 and report["possible"] == 135 and report["manual_points"] == 10
     for part in report["parts"]:
         if not part["manual"]:
             assert part["tests"] and part["passed"] == 0, part["grade_id"]
@@ -295,7 +301,7 @@ def test_grading_the_solution_passes_every_test(repo_root):
     result = tito("grade", "13", cwd=repo_root)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"graded: {repo_root / 'tinytorch/core/attention.py'}" in result.stdout
-    assert re.search(r"total \(auto-graded\)\s+111\.00\s+111", result.stdout)
+    assert re.search(r"total \(auto-graded\)\s+135\.00\s+135", result.stdout)
 
 
 def test_student_path_fill_one_todo_export_and_grade(tmp_path, repo_root):

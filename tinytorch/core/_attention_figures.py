@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SPIKE_FACTOR', 'SPIKE_WINDOW', 'draw_attention_flow', 'draw_head_split', 'draw_kv_cache', 'draw_blocked_loop',
            'plot_scaling', 'generation_spikes', 'plot_generation', 'plot_head_weights', 'draw_block_tables',
-           'plot_serving_memory']
+           'plot_serving_memory', 'plot_training']
 
 # %% ../../modules/13_attention/_attention_figures_dev.ipynb #c983a174
 import numpy as np
@@ -303,8 +303,8 @@ def draw_blocked_loop(seq_len, key_len, block_size, causal=True):
     axes.legend(handles=legend, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
     return _finish(figure)
 
-# %% ../../modules/13_attention/_attention_figures_dev.ipynb #e7aa68e0
-def plot_scaling(results, fits):
+# %% ../../modules/13_attention/_attention_figures_dev.ipynb #6eb82b13
+def plot_scaling(results, fits, call: str = "forward"):
     """Time and peak memory against sequence length, log-log, one line per kernel.
 
     Args:
@@ -312,6 +312,7 @@ def plot_scaling(results, fits):
             optionally, time_spread_ms (drawn as ± error bars).
         fits: kernel name -> dict with time_exponent and memory_exponent, as
             `AttentionProfiler.analyze_quadratic_scaling` returns them.
+        call: what one timed call is, for the time axis ("forward", "call").
     Returns:
         The matplotlib Figure.
     """
@@ -340,7 +341,7 @@ def plot_scaling(results, fits):
         memory_axes.plot(lengths, memory, "o-", color=colour, label=f"{name}: slope {fits[name]['memory_exponent']:.2f}")
         measured_lengths.update(int(n) for n in lengths)
     ticks = sorted(measured_lengths)
-    for axes, what in ((time_axes, "time per forward (ms)"), (memory_axes, "peak memory (MiB)")):
+    for axes, what in ((time_axes, f"time per {call} (ms)"), (memory_axes, "peak memory (MiB)")):
         axes.set_xscale("log")
         axes.set_yscale("log")
         axes.set_xticks(ticks, [str(n) for n in ticks])
@@ -579,5 +580,52 @@ def plot_serving_memory(histories, budget_tokens):
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize=7, loc="upper right")
     grid[-1, 0].set_xlabel("step (one token per running request)")
+    figure.tight_layout()
+    return _finish(figure)
+
+# %% ../../modules/13_attention/_attention_figures_dev.ipynb #03e18eb5
+def plot_training(runs, title=""):
+    """Loss curves of training runs (log scale) and the first run's attention weights on its example.
+
+    Args:
+        runs: run name -> dict with losses (one per step), example_tokens (T,) and example_weights (T, T).
+        title: a title above both panels.
+    Returns:
+        The matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    needed = ("losses", "example_tokens", "example_weights")
+    if not isinstance(runs, dict) or not runs:
+        raise TypeError(f"runs must be a non-empty dict of run name -> results, got {type(runs).__name__}")
+    for name, run in runs.items():
+        if not isinstance(run, dict) or any(key not in run for key in needed):
+            raise ValueError(f"runs[{name!r}] must be a dict with keys {needed}")
+    first = next(iter(runs.values()))
+    tokens = np.asarray(first["example_tokens"])
+    weights = _matrix(first["example_weights"], "example_weights")
+    if weights.shape != (tokens.size, tokens.size):
+        raise ValueError(f"example_weights must be ({tokens.size}, {tokens.size}) for {tokens.size} tokens, "
+                         f"got {weights.shape}")
+    _at_most(tokens.size, "the example's length", _MAX_ROWS)
+    figure, (loss_axes, weight_axes) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    for index, (name, run) in enumerate(runs.items()):
+        losses = np.asarray(run["losses"], dtype=float)
+        loss_axes.plot(np.arange(1, losses.size + 1), losses, color=_COLOURS[index % len(_COLOURS)],
+                       linestyle="-" if index == 0 else "--", label=f"{name}: {losses[0]:.2f} -> {losses[-1]:.3g}")
+    loss_axes.set_yscale("log")
+    loss_axes.set_xlabel("step")
+    loss_axes.set_ylabel("cross-entropy loss")
+    loss_axes.grid(True, alpha=0.3)
+    loss_axes.legend(fontsize=8)
+    labels = [f"{position}:{token}" for position, token in enumerate(tokens)]
+    weight_axes.imshow(weights, cmap=_WEIGHTS_CMAP, vmin=0.0, vmax=1.0)
+    weight_axes.set_xticks(range(tokens.size), labels, fontsize=8)
+    weight_axes.set_yticks(range(tokens.size), labels, fontsize=8)
+    weight_axes.set_xlabel("key (position:token)")
+    weight_axes.set_ylabel("query (position:token)")
+    weight_axes.set_title("trained attention weights", fontsize=9)
+    if title:
+        figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     return _finish(figure)

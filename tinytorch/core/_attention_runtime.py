@@ -10,7 +10,8 @@ __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND
            'set_attention_backend', 'attention_backend', 'single_threaded_blas', 'tuned_attention', 'fast_attention',
            'runs_tuned_layer', 'tuned_multihead', 'parallel_blocked_attention', 'KVCacheBase', 'PagedKVCacheBase',
            'check_multihead_inputs', 'ProfilerSweeps', 'check_serving_inputs', 'check_capacity_inputs', 'CausalKeep',
-           'keep_mask', 'EntryPoint', 'entry_point', 'as_tensors', 'checked', 'check_layer_options']
+           'keep_mask', 'EntryPoint', 'entry_point', 'as_tensors', 'checked', 'check_layer_options', 'check_flag',
+           'sum_to_shape']
 
 # %% ../../modules/13_attention/_attention_runtime_dev.ipynb #aaf66b48
 import math
@@ -736,7 +737,7 @@ def check_capacity_inputs(memory_bytes, num_parameters, num_layers, num_kv_heads
 # checked form. It may also hand back a finished result, which the student's code then never
 # computes: the multi-head layer does this when the tuned kernel is switched on.
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #ba86b223
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #815a3113
 import contextlib
 import functools
 import inspect
@@ -888,6 +889,7 @@ entry_point("math_attention")(_check_attention)
 def _(a):
     _check_attention(a)
     a["block_size"] = check_int(a["block_size"], "block_size", 1)
+    a["return_logsumexp"] = check_flag(a["return_logsumexp"], "return_logsumexp")
 
 
 # ---------------------------------------------------------------- heads
@@ -1152,3 +1154,66 @@ def _(a):
              "batch_size", "context_length")
     for name, value in zip(names, check_capacity_inputs(*(a[name] for name in names))):
         a[name] = value
+
+
+# ---------------------------------------------------------------- the backward pass (Part 11)
+# attention_backward, repeat_kv_heads_backward and blocked_attention_backward: the forward's checks, plus
+# the gradient and saved arrays' shapes. Callers get each gradient in the shape of its input: where a
+# leading axis was broadcast (one key shared by every head), the gradient is summed over it.
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def sum_to_shape(gradient: np.ndarray, shape: tuple) -> np.ndarray:
+    """`gradient` summed over the axes along which an input of `shape` was broadcast."""
+    extra = gradient.ndim - len(shape)
+    gradient = gradient.sum(axis=tuple(range(extra))) if extra else gradient
+    stretched = tuple(axis for axis, size in enumerate(shape) if size == 1 and gradient.shape[axis] != 1)
+    return gradient.sum(axis=stretched, keepdims=True) if stretched else gradient
+
+
+def _saved(a, name: str, shape: tuple, neg_inf: bool = False) -> np.ndarray:
+    array = as_float32(a[name], name, finite=not neg_inf)
+    if array.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, the forward's, got {array.shape}")
+    if neg_inf and not _inputs_checked.get() and (np.isnan(array).any() or np.isposinf(array).any()):
+        raise ValueError(f"{name} holds NaN or +inf; only -inf, for a row that sees no key, is allowed")
+    return array
+
+
+def _check_backward(a, saved: dict):
+    _check_attention(a)
+    q, k, v = a["query"], a["key"], a["value"]
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    T, S = q.shape[-2], k.shape[-2]
+    a["d_output"] = _saved(a, "d_output", lead + (T, v.shape[-1]))
+    for name, (shape, neg_inf) in saved.items():
+        a[name] = _saved(a, name, shape(lead, T, S, v.shape[-1]), neg_inf)
+
+
+def _gradients_like_inputs(gradients, a):
+    return tuple(Tensor(sum_to_shape(np.asarray(gradient, dtype=np.float32), a[name].shape))
+                 for gradient, name in zip(gradients, ("query", "key", "value")))
+
+
+entry_point("attention_backward", publish=_gradients_like_inputs)(
+    lambda a: _check_backward(a, {"weights": (lambda lead, T, S, dv: lead + (T, S), False)}))
+
+
+@entry_point("blocked_attention_backward", publish=_gradients_like_inputs)
+def _(a):
+    _check_backward(a, {"output": (lambda lead, T, S, dv: lead + (T, dv), False),
+                        "logsumexp": (lambda lead, T, S, dv: lead + (T,), True)})
+    a["block_size"] = check_int(a["block_size"], "block_size", 1)
+
+
+@entry_point("repeat_kv_heads_backward")
+def _(a):
+    d_x, a["num_kv_heads"] = as_float32(a["d_x"], "d_x"), check_int(a["num_kv_heads"], "num_kv_heads", 1)
+    if d_x.ndim != 4:
+        raise ValueError(f"d_x must have shape (batch, heads, seq, head_dim), got shape {d_x.shape}")
+    if d_x.shape[1] % a["num_kv_heads"]:
+        raise ValueError(f"the {d_x.shape[1]} query heads of d_x are not a multiple of num_kv_heads={a['num_kv_heads']}")
+    a["d_x"] = d_x

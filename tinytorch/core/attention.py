@@ -6,8 +6,8 @@
 __all__ = ['create_causal_mask', 'create_padding_mask', 'masked_softmax', 'math_attention', 'attention_with_dropout',
            'ScaledDotProductAttention', 'split_heads', 'merge_heads', 'repeat_kv_heads', 'MultiHeadAttention',
            'KVCache', 'blocked_attention', 'AttentionProfiler', 'PagedKVCache', 'simulate_serving', 'kv_cache_capacity',
-           'ATTENTION_BACKENDS', 'CausalMask', 'get_attention_backend', 'set_attention_backend', 'attention_backend',
-           'fast_attention']
+           'attention_backward', 'repeat_kv_heads_backward', 'blocked_attention_backward', 'ATTENTION_BACKENDS',
+           'CausalMask', 'get_attention_backend', 'set_attention_backend', 'attention_backend', 'fast_attention']
 
 # %% ../../modules/13_attention/attention_dev.ipynb #7b392d36
 import math
@@ -305,16 +305,18 @@ class KVCache(KVCacheBase):
         return {"total_bytes": total_bytes, "bytes_per_token": bytes_per_token, "utilization": utilization}
         ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #1bef8345
+# %% ../../modules/13_attention/attention_dev.ipynb #3f7cda21
 @checked
-def blocked_attention(query, key, value, mask=None, scale=None, block_size: int = 128):
+def blocked_attention(query, key, value, mask=None, scale=None, block_size: int = 128, return_logsumexp: bool = False):
     """Attention computed block by block with an online softmax; never forms the T x S scores.
 
     Args:
         query, key, value, mask, scale: as for `math_attention`; a causal mask carries its `offset`.
         block_size: queries and keys per block.
+        return_logsumexp: also return each row's m + log(l), what training keeps (Part 11).
     Returns:
-        (..., T, d_v) float32 array, equal to `math_attention`'s output.
+        (..., T, d_v) float32 array, equal to `math_attention`'s output; with return_logsumexp,
+        (output, logsumexp (..., T)), -inf for a row that sees no key.
     """
     ### BEGIN SOLUTION
     lead = np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
@@ -322,6 +324,7 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
     offset = getattr(mask, "offset", None)                              # a causal mask's offset, or None
     keep = None if mask is None else np.broadcast_to(mask, lead + (T, S))   # a view, not a copy
     output = np.zeros(lead + (T, dv), dtype=np.float32)
+    logsumexp = np.full(lead + (T,), -np.inf, dtype=np.float32)          # Part 11: m + log l per row
     for i0 in range(0, T, block_size):
         i1 = min(i0 + block_size, T)
         stop = S if offset is None else min(S, max(0, i1 + offset))         # keys after it: every row's future
@@ -342,7 +345,8 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
             acc = acc * correction + exps @ value[..., j0:j1, :]            # (..., rows, dv)
             row_max = new_max
         output[..., i0:i1, :] = acc / np.where(row_sum > 0.0, row_sum, 1.0)
-    return output
+        logsumexp[..., i0:i1] = (row_max + np.log(np.where(row_sum > 0.0, row_sum, 1.0)))[..., 0]   # -inf: no key
+    return (output, logsumexp) if return_logsumexp else output
     ### END SOLUTION
 
 # %% ../../modules/13_attention/attention_dev.ipynb #eb64a7ef
@@ -608,6 +612,84 @@ def kv_cache_capacity(memory_bytes: int, num_parameters: int, num_layers: int, n
     largest_batch = None if context_length is None else max_tokens // context_length
     return {"bytes_per_token": bytes_per_token, "weight_bytes": weight_bytes, "cache_bytes": cache_bytes,
             "max_tokens": max_tokens, "longest_context": longest_context, "largest_batch": largest_batch}
+    ### END SOLUTION
+
+# %% ../../modules/13_attention/attention_dev.ipynb #e0498f76
+@checked
+def attention_backward(d_output, query, key, value, weights, mask=None, scale=None):
+    """The gradients of attention's output with respect to its query, key and value, from the saved weights.
+
+    Args:
+        d_output: (..., T, d_v) float32 array, the loss's gradient with respect to the output.
+        query, key, value, mask, scale: the forward's, as for `math_attention`.
+        weights: (..., T, S) float32 array, the forward's weights P.
+    Returns:
+        (d_query (..., T, d_k), d_key (..., S, d_k), d_value (..., S, d_v)) float32 arrays; callers get
+        each gradient in its input's shape.
+    """
+    ### BEGIN SOLUTION
+    d_value = np.swapaxes(weights, -1, -2) @ d_output                    # (..., S, d_v): P^T dO
+    d_weights = d_output @ np.swapaxes(value, -1, -2)                    # (..., T, S): dP = dO V^T
+    row_dot = (d_weights * weights).sum(axis=-1, keepdims=True)          # (..., T, 1): rowsum(dP * P)
+    d_scores = weights * (d_weights - row_dot)                           # (..., T, S): 0 wherever P is 0
+    d_query = (d_scores @ key) * np.float32(scale)                       # (..., T, d_k)
+    d_key = (np.swapaxes(d_scores, -1, -2) @ query) * np.float32(scale)  # (..., S, d_k)
+    return d_query, d_key, d_value
+    ### END SOLUTION
+
+# %% ../../modules/13_attention/attention_dev.ipynb #b1c14f4c
+@checked
+def repeat_kv_heads_backward(d_x, num_kv_heads: int):
+    """(B, H, S, hd) -> (B, Hkv, S, hd): the gradient of `repeat_kv_heads`, each group summed onto its kv head."""
+    ### BEGIN SOLUTION
+    B, H, S, hd = d_x.shape
+    groups = d_x.reshape(B, num_kv_heads, H // num_kv_heads, S, hd)   # (B, Hkv, G, S, hd)
+    return groups.sum(axis=2)                                          # (B, Hkv, S, hd)
+    ### END SOLUTION
+
+# %% ../../modules/13_attention/attention_dev.ipynb #2091fb35
+@checked
+def blocked_attention_backward(d_output, query, key, value, output, logsumexp, mask=None, scale=None,
+                               block_size: int = 128):
+    """Attention's gradients, recomputing the weights block by block from the logsumexp (FlashAttention-2).
+
+    Args:
+        d_output: (..., T, d_v) float32 array, the loss's gradient with respect to the output.
+        query, key, value, mask, scale: the forward's, as for `blocked_attention`.
+        output, logsumexp: (..., T, d_v) and (..., T), what `blocked_attention(..., return_logsumexp=True)`
+            returned; -inf marks a row that sees no key.
+        block_size: queries and keys per block.
+    Returns:
+        (d_query, d_key, d_value) float32 arrays, equal to `attention_backward`'s.
+    """
+    ### BEGIN SOLUTION
+    lead = np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    T, S = query.shape[-2], key.shape[-2]
+    diagonal = getattr(mask, "offset", None)                            # a causal mask's offset, or None
+    keep = None if mask is None else np.broadcast_to(mask, lead + (T, S))
+    d_query = np.zeros(lead + query.shape[-2:], dtype=np.float32)      # (..., T, d_k)
+    d_key = np.zeros(lead + key.shape[-2:], dtype=np.float32)          # (..., S, d_k)
+    d_value = np.zeros(lead + value.shape[-2:], dtype=np.float32)      # (..., S, d_v)
+    row_dot = (d_output * output).sum(axis=-1, keepdims=True)          # D = rowsum(dO * O): (..., T, 1)
+    row_lse = np.where(np.isneginf(logsumexp), 0.0, logsumexp)[..., None]   # (..., T, 1): no key seen -> 0
+    for i0 in range(0, T, block_size):
+        i1 = min(i0 + block_size, T)
+        key_stop = S if diagonal is None else min(S, max(0, i1 + diagonal))   # the forward's causal stop
+        q_scaled = query[..., i0:i1, :] * np.float32(scale)            # (..., rows, d_k), scaled once
+        d_out = d_output[..., i0:i1, :]                                # (..., rows, d_v)
+        for j0 in range(0, key_stop, block_size):
+            j1 = min(j0 + block_size, key_stop)
+            scores = q_scaled @ np.swapaxes(key[..., j0:j1, :], -1, -2)     # (..., rows, cols)
+            if mask is not None:                                            # hidden keys: P = 0
+                block_keep = keep[..., i0:i1, j0:j1]                        # (..., rows, cols)
+                scores = np.where(block_keep, scores, -np.inf)
+            weights = np.exp(scores - row_lse[..., i0:i1, :])               # P, recomputed: (..., rows, cols)
+            d_value[..., j0:j1, :] += np.swapaxes(weights, -1, -2) @ d_out
+            d_weights = d_out @ np.swapaxes(value[..., j0:j1, :], -1, -2)   # dP: (..., rows, cols)
+            d_scores = weights * (d_weights - row_dot[..., i0:i1, :])       # dS: (..., rows, cols)
+            d_query[..., i0:i1, :] += d_scores @ key[..., j0:j1, :]         # scaled once, below
+            d_key[..., j0:j1, :] += np.swapaxes(d_scores, -1, -2) @ q_scaled  # q_scaled carries the scale
+    return d_query * np.float32(scale), d_key, d_value
     ### END SOLUTION
 
 # %% ../../modules/13_attention/attention_dev.ipynb #9513db2d

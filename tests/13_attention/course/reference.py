@@ -229,3 +229,94 @@ def serving(requests, budget_tokens, max_seq_length, block_size=None):
         step += 1
     return (np.array(tokens, dtype=np.int64), np.array(allocated, dtype=np.int64),
             np.array(running, dtype=np.int64), np.array(finish, dtype=np.int64), np.array(preemptions))
+
+
+# ---------------------------------------------------------------- training: gradients (Part 11)
+def sum_to_shape(gradient, shape):
+    """A gradient of a broadcast input, summed back to the input's shape, one axis at a time."""
+    gradient = np.asarray(gradient, dtype=np.float64)
+    while gradient.ndim > len(shape):
+        gradient = gradient.sum(axis=0)
+    for axis, size in enumerate(shape):
+        if size == 1 and gradient.shape[axis] != 1:
+            gradient = gradient.sum(axis=axis, keepdims=True)
+    return gradient
+
+
+def attention_gradients(q, k, v, d_output, keep=None, scale=None):
+    """(dq, dk, dv) of sum(d_output * attention(q, k, v, keep, scale)[0]), entry by entry, in float64.
+
+    Per query row i with weights p: dv_j += p_j dO_i; dp_j = dO_i . v_j; ds_j = p_j (dp_j - sum_l p_l dp_l);
+    dq_i += scale ds_j k_j; dk_j += scale ds_j q_i. Each gradient comes back in its input's shape.
+    """
+    q, k, v, d_output = as_float64(q), as_float64(k), as_float64(v), as_float64(d_output)
+    shapes = (q.shape, k.shape, v.shape)
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    T, S = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    keep = np.broadcast_to(np.ones((T, S), bool) if keep is None else as_float64(keep) != 0, lead + (T, S))
+    q, k, v = (np.broadcast_to(a, lead + a.shape[-2:]) for a in (q, k, v))
+    d_output = np.broadcast_to(d_output, lead + (T, v.shape[-1]))
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for index in np.ndindex(*lead):
+        for i in range(T):
+            p = softmax_row([scale * float(np.dot(q[index][i], k[index][j])) for j in range(S)], keep[index][i])
+            dp = [float(np.dot(d_output[index][i], v[index][j])) for j in range(S)]
+            mean = sum(p[j] * dp[j] for j in range(S))
+            for j in range(S):
+                dv[index][j] += p[j] * d_output[index][i]
+                ds = p[j] * (dp[j] - mean)
+                dq[index][i] += scale * ds * k[index][j]
+                dk[index][j] += scale * ds * q[index][i]
+    return tuple(sum_to_shape(g, shape) for g, shape in zip((dq, dk, dv), shapes))
+
+
+def finite_difference_gradients(q, k, v, d_output, keep=None, scale=None, step=1e-6):
+    """(dq, dk, dv) by central differences of sum(d_output * attention_formula(...)[0]), in float64."""
+    arrays = [np.array(as_float64(a)) for a in (q, k, v)]
+    d_output = as_float64(d_output)
+
+    def loss():
+        return float(np.sum(d_output * attention_formula(*arrays, keep, scale)[0]))
+
+    gradients = []
+    for array in arrays:
+        gradient = np.zeros(array.shape)
+        for index in np.ndindex(*array.shape):
+            kept = array[index]
+            array[index] = kept + step
+            up = loss()
+            array[index] = kept - step
+            down = loss()
+            array[index] = kept
+            gradient[index] = (up - down) / (2 * step)
+        gradients.append(gradient)
+    return tuple(gradients)
+
+
+def logsumexp(q, k, keep=None, scale=None):
+    """(lead..., T): log of the sum of exp(score) over the keys each row may see; -inf for a row that sees none."""
+    q, k = as_float64(q), as_float64(k)
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    T, S = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    keep = np.broadcast_to(np.ones((T, S), bool) if keep is None else as_float64(keep) != 0, lead + (T, S))
+    q, k = (np.broadcast_to(a, lead + a.shape[-2:]) for a in (q, k))
+    result = np.full(lead + (T,), -math.inf)
+    for index in np.ndindex(*lead):
+        for i in range(T):
+            scores = [scale * float(np.dot(q[index][i], k[index][j])) for j in range(S) if keep[index][i][j]]
+            if scores:
+                top = max(scores)
+                result[index][i] = top + math.log(sum(math.exp(s - top) for s in scores))
+    return result
+
+
+def repeat_kv_heads_gradient(d_x, num_kv_heads):
+    """(B, H, S, hd) -> (B, Hkv, S, hd): kv head g receives the sum over the query heads h with h // G == g."""
+    d_x = as_float64(d_x)
+    group = d_x.shape[1] // num_kv_heads
+    out = np.zeros((d_x.shape[0], num_kv_heads) + d_x.shape[2:])
+    for h in range(d_x.shape[1]):
+        out[:, h // group] += d_x[:, h]
+    return out

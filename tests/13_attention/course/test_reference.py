@@ -76,3 +76,39 @@ def test_formula_version_equals_the_loop(ref):
     keep[0, 0, 1] = False                                     # a fully masked row
     for expected, actual in zip(ref.attention(q, k, v, keep, 0.7), ref.attention_formula(q, k, v, keep, 0.7)):
         np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_attention_gradients_by_hand(ref):
+    """Part 3's example with dO = 1: weights p = (0.670, 0.330), ds = p (v - output) = (-2.212, 2.212)."""
+    q, k, v = [[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]], [[10.0], [20.0]]
+    p0 = 1 / (1 + math.exp(-1 / math.sqrt(2)))
+    ds = p0 * (1 - p0) * (10.0 - 20.0)                                  # p0 (10 - output), output = 10 p0 + 20 p1
+    dq, dk, dv = ref.attention_gradients(q, k, v, [[1.0]])
+    np.testing.assert_allclose(dv, [[p0], [1 - p0]], rtol=1e-12)
+    np.testing.assert_allclose(dq, [[ds / math.sqrt(2), -ds / math.sqrt(2)]], rtol=1e-12)
+    np.testing.assert_allclose(dk, [[ds / math.sqrt(2), 0.0], [-ds / math.sqrt(2), 0.0]], rtol=1e-12, atol=1e-15)
+    assert abs(ds / math.sqrt(2) + 1.564) < 1e-3                         # the lesson's worked number
+
+
+def test_attention_gradients_equal_finite_differences(ref):
+    """Broadcast leading axes, an explicit scale and a mask with a fully masked row, against central differences."""
+    rng = np.random.default_rng(0)
+    q, k, v = rng.normal(size=(2, 3, 4, 3)), rng.normal(size=(1, 3, 5, 3)), rng.normal(size=(5, 2))
+    d_output = rng.normal(size=(2, 3, 4, 2))
+    keep = rng.random((2, 1, 4, 5)) < 0.6
+    keep[..., 2, :] = False
+    analytic = ref.attention_gradients(q, k, v, d_output, keep, 0.7)
+    numerical = ref.finite_difference_gradients(q, k, v, d_output, keep, 0.7)
+    for got, want, shape in zip(analytic, numerical, (q.shape, k.shape, v.shape)):
+        assert got.shape == shape
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(analytic[0][..., 2, :], 0.0)
+
+
+def test_logsumexp_and_group_gradient_by_hand(ref):
+    """Scores (1, 3): L = 3 + log(1 + e^-2); a fully masked row: -inf. Heads [1, 2, 3, 4] onto 2 kv heads: [3, 7]."""
+    lse = ref.logsumexp([[1.0], [1.0]], [[1.0], [3.0]], keep=[[1, 1], [0, 0]], scale=1.0)
+    np.testing.assert_allclose(lse[0], 3 + math.log(1 + math.exp(-2)), rtol=1e-12)
+    assert lse[1] == -math.inf
+    np.testing.assert_array_equal(ref.repeat_kv_heads_gradient(np.arange(1.0, 5.0).reshape(1, 4, 1, 1), 2)[0, :, 0, 0],
+                                  [3.0, 7.0])
