@@ -112,8 +112,8 @@ from tinytorch.core._attention_training import gradient_check, measure_backward_
 # code float32 arrays and boolean masks, and gives `Tensor`s back to the caller. A wrong input
 # raises a `ValueError` or `TypeError` whose message names the argument, what was expected and
 # what was given, before your code runs; you never write those checks. When your functions call
-# each other (your `math_attention` calling your `masked_softmax`), nothing is checked again:
-# arrays go in and arrays come out.
+# each other (your `math_attention` calling your `masked_softmax`, or your layer's `forward`
+# calling `self.attention(...)`), nothing is checked again: arrays go in and arrays come out.
 
 # %% [markdown]
 # ## Part 1: Masks say which keys each query may see
@@ -157,7 +157,8 @@ from tinytorch.core._attention_training import gradient_check, measure_backward_
 # Masks combine by multiplying: `causal * padding` is 1 only where both allow, shape
 # (B, 1, T, S).
 #
-# **Your task**: build both masks as float32 arrays of ones and zeros. Think of the mask entry
+# **Your task**: build both masks as float32 arrays of ones and zeros (plain arrays: the provided
+# boundary hands callers a causal mask that also carries its `.offset`). Think of the mask entry
 # as a comparison between a key's position and a limit: the limit is *i + offset* for the causal
 # mask, and the row's length for the padding mask. `np.arange` gives positions; adding axes of
 # size 1 (`[:, None]`) lets NumPy compare every query with every key at once.
@@ -944,6 +945,10 @@ draw_kv_cache(prompt_length=4, steps=3, max_seq_length=8)
 # %% [markdown]
 # **Your task**: the cache, whole. The arrays, `get_sequence` (a row read back as views) and
 # `reset` are provided by `KVCacheBase`; the row and room checks run before your code does.
+# `KVCache(max_batch_size, max_seq_length, num_heads, head_dim)` keeps its arguments as
+# attributes of those names, where `num_heads` is the number of **kv** heads, Hkv, and makes
+# `cached_keys` and `cached_values`, (max_batch_size, Hkv, max_seq_length, hd) zeros, and
+# `cache_lengths`, one int per row.
 #
 # - `update(batch_idx, new_keys, new_values)`: write the (Hkv, new_len, hd) keys and values
 #   after what the row holds, advance its length, and return the row's whole cached keys and
@@ -1341,7 +1346,12 @@ draw_blocked_loop(seq_len=12, key_len=12, block_size=4, causal=True)
 # A mask may have axes of size 1 that broadcast, such as a (B, 1, 1, S) padding mask: one row of
 # flags serves every query. Slicing such an axis at rows i0:i1 gives an empty array past the first
 # row, so broadcast the mask to (…, T, S) first (`np.broadcast_to` makes a view, not a copy) and
-# slice that.
+# slice that. The leading shape of m, ℓ, a and the output is that of query, key, value and the
+# mask broadcast together (`np.broadcast_shapes`).
+#
+# With `return_logsumexp=True`, also return each row's m + log ℓ, shape (…, T), and −inf for a
+# row that sees no key: what a training step keeps for the backward pass of Part 11, whose
+# graded tests check it.
 
 # %% nbgrader={"grade": false, "grade_id": "blocked-attention", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -1469,7 +1479,8 @@ test_unit_blocked_attention()
 # - `measure_time(function)`: warm up, time the repeats, and summarise them in milliseconds as
 #   the median, the spread and every run.
 # - `peak_memory(function)`: the bytes a call allocates at its peak beyond what was allocated
-#   before it. `tracemalloc` is tracing while it runs; read its documentation to find how to ask
+#   before it. The provided boundary starts `tracemalloc` around your method (and stops it
+#   after, if it started it), so it is tracing while your code runs; read its documentation to find how to ask
 #   for the bytes allocated now and at the peak, and how to start a new peak, and think about
 #   why a peak reached before the call must not count.
 # - `fit_exponent(sizes, costs)`: the slope of the least-squares line through
@@ -1481,8 +1492,9 @@ test_unit_blocked_attention()
 #   a causal forward over everything so far and keep its last position (time the whole step,
 #   making its causal mask included, as a server would pay for it). Size the cache for the
 #   layer. Return what you measured: `prefill_ms`, the lists `cached_ms` and `recompute_ms`
-#   (one time per new token), and `cached_out` and `recompute_out`, the (B, 1, E) outputs of
-#   each step, so that the two ways can be compared. The caller gets a report made from them by
+#   (one time per new token), and `cached_out` and `recompute_out`, lists of the (B, 1, E) output
+#   arrays of each step, so that the two ways can be compared. The provided boundary holds BLAS
+#   at one thread around this method: you need not. The caller gets a report made from them by
 #   the provided boundary: your lists come back as `cached_token_ms` and `recompute_token_ms`,
 #   beside their medians `cached_ms_per_token` and `recompute_ms_per_token`, the ratio of the
 #   total times `speedup`, and `max_abs_difference` between the two ways' outputs. The test and
@@ -1789,7 +1801,8 @@ plot_generation(generation)
 #   (`self.free_blocks.pop(0)`) until the table has the ⌈(length + T) / block_size⌉ blocks the
 #   new length needs. Last, write each new token at its position's block and slot: T tokens
 #   may span several blocks. (Indexing `self.key_blocks[blocks, :, slots]` with two arrays of
-#   T numbers picks T (Hkv, hd) slices at once.)
+#   T numbers picks T (Hkv, hd) slices at once.) T may be 0, and a sequence may be empty: give
+#   index arrays an integer dtype, since `np.array([])` is float and cannot index.
 # - `get_sequence` returns the sequence's keys and values in order, (Hkv, length, hd), read
 #   through its block table, in the table's order (C's table above ends with block 1).
 #   Indexing with the table, `self.key_blocks[table]`, gives (blocks, Hkv, block_size, hd);
@@ -1988,6 +2001,10 @@ def test_unit_paged_kv_cache():
     assert cache.block_tables[c] == [3, 4, 5, 6, 7, 1], f"C takes the free blocks in order: {cache.block_tables[c]}"
     assert keys_of(c) == list(range(1, 25)), \
         f"C's table [3, 4, 5, 6, 7, 1] is out of id order; read it in table order: got {keys_of(c)}"
+    empty = PagedKVCache(num_blocks=2, block_size=4, num_heads=1, head_dim=1)
+    nothing = empty.add_sequence()
+    empty.append_tokens(nothing, np.zeros((1, 0, 1)), np.zeros((1, 0, 1)))     # T = 0 on an empty sequence
+    assert empty.get_sequence(nothing)[0].data.shape == (1, 0, 1), "an empty sequence reads back as (Hkv, 0, hd)"
     print("paged KV cache: block tables, reference counts, copy-on-write and the free list match the worked example")
 
 
@@ -2073,7 +2090,8 @@ test_unit_paged_decoding()
 # 1. Time runs in steps. At each step, every running request generates one token, oldest first,
 #    so its length grows by 1. If the slots it then holds would take the running requests past
 #    the budget, the **newest** running request is **preempted**: it gives back all its slots and
-#    returns to the front of the queue, keeping the tokens it generated before this step. Repeat
+#    returns to the front of the queue, keeping the tokens it generated before this step (so
+#    requests preempted in one step wait oldest first, ahead of every other). Repeat
 #    until there is room; the request that needs room may itself be the newest, and then it
 #    generates nothing this step. (vLLM preempts the same way,
 #    and recomputes a preempted request's cache when it is readmitted.)
@@ -2110,8 +2128,8 @@ test_unit_paged_decoding()
 # **Your task**: `simulate_serving`, the four rules. A helper inside it for the slots a request
 # holds keeps one loop for both schemes. Return the dict its docstring names: `tokens`,
 # `allocated` and `running` as integer NumPy arrays with one number per step (the cells below do
-# arithmetic on them), `finish_step` (the step at which each request generated its last token,
-# one per request) and `preemptions`.
+# arithmetic on them), `finish_step` (an integer NumPy array: the step at which each request
+# generated its last token, one per request) and `preemptions`, an int.
 
 # %% nbgrader={"grade": false, "grade_id": "serving-simulation", "locked": false, "schema_version": 3, "solution": true}
 #| export
@@ -2183,6 +2201,9 @@ def test_unit_serving_simulation():
     """The worked example both ways, a paged run that must preempt, and a request that arrives to an idle server."""
     def check(case, result, expected):
         for key, value in expected.items():
+            if isinstance(value, list):
+                assert isinstance(result[key], np.ndarray) and result[key].dtype.kind == "i", \
+                    f"{case}: {key} must be an integer NumPy array, got {type(result[key]).__name__}"
             actual = result[key].tolist() if isinstance(result[key], np.ndarray) else result[key]
             assert actual == value, f"{case}: {key} expected {value}, got {actual}"
 
@@ -2811,14 +2832,17 @@ plot_scaling(backward_scaling, backward_fits, call="call")
 #
 # - **Memory.** The backward from saved weights keeps P and makes dP and dS, each (H, T, T), so
 #   its memory exponent should come out near 2. The recomputing backward holds dQ, dK and dV,
-#   the size of Q, K and V, and one block's arrays: its exponent should be near 1, and at
-#   T = 1024 its memory a small fraction of the other's. At T = 2048 with 8 heads, the saved
+#   the size of Q, K and V, which grow as T, and one block's arrays, which do not grow at all:
+#   its exponent is at most 1, and below it where the fixed block arrays are still a large share
+#   (at T = 256 they are). At T = 1024 its memory is a small fraction of the other's. At T = 2048 with 8 heads, the saved
 #   weights alone are 128 MiB.
 # - **Time.** Per block, the forward makes two products (Q Kᵀ and P V) and the recomputing
 #   backward five (Q Kᵀ again, Pᵀ dO, dO Vᵀ, dS K and dSᵀ Q), with fewer element-wise steps, since
 #   it knows the final L and needs no running maximum or rescaling. Expect the backward to take
 #   somewhere around 1.5 to 3 times the blocked forward; on a busy laptop, check the spread
-#   column before you trust a ratio. Both grow as T², like every exact attention.
+#   column before you trust a ratio. All three passes do work that grows as T², like every exact
+#   attention, but a fit over three sizes on a busy machine can land well off 2: trust it only
+#   where the spreads are small.
 #
 # **Try it.** Pass `causal=True` to `measure_backward_scaling`: how much of each pass does the
 # causal stop save, and does the backward save as much as the forward? Then train the reversal
