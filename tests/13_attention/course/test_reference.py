@@ -112,3 +112,17 @@ def test_logsumexp_and_group_gradient_by_hand(ref):
     assert lse[1] == -math.inf
     np.testing.assert_array_equal(ref.repeat_kv_heads_gradient(np.arange(1.0, 5.0).reshape(1, 4, 1, 1), 2)[0, :, 0, 0],
                                   [3.0, 7.0])
+
+
+def test_serving_by_hand(ref):
+    """Part 10's worked examples, step by step: both schemes, a preemption, an idle wait and a late arrival."""
+    def run(requests, *args):
+        return [value.tolist() for value in ref.serving(np.array(requests), *args)]
+
+    assert run([[0, 3, 2], [0, 2, 2]], 12, 8) == [[4, 5, 3, 4], [8, 8, 8, 8], [1, 1, 1, 1], [1, 3], 0]
+    assert run([[0, 3, 2], [0, 2, 2]], 12, 8, 2) == [[7, 9], [8, 10], [2, 2], [1, 1], 0]
+    assert run([[0, 3, 2], [0, 2, 3], [1, 1, 2]], 8, 8, 2) == \
+        [[7, 5, 6, 5, 3], [8, 6, 6, 6, 4], [2, 1, 2, 1, 1], [1, 3, 4], 2]
+    assert run([[0, 3, 2], [4, 2, 3], [4, 1, 1]], 12, 8, 2) == \
+        [[4, 5, 0, 0, 5, 4, 5], [4, 6, 0, 0, 6, 4, 6], [1, 1, 0, 0, 2, 1, 1], [1, 6, 4], 0]
+    assert run(np.zeros((0, 3), dtype=int), 8, 8, 2) == [[], [], [], [], 0]
