@@ -16,9 +16,9 @@
 # %% [markdown]
 # # Module 13, provided: the tuned attention kernel
 #
-# > The tiled, threaded attention that runs when `set_attention_backend("fast")` switches it on.
-# > Provided complete; it computes what the lesson's `math_attention` and `MultiHeadAttention`
-# > compute, and the tests hold it to a float64 reference.
+# > The tiled, threaded attention core that runs when `set_attention_backend("fast")` switches it on.
+# > Provided complete; it computes what the lesson's `math_attention` computes, and the tests hold
+# > it to a float64 reference. Every layer and cache around it is the student's.
 #
 # Everything the kernel needs comes in as arguments: checked float32 arrays, the boolean mask or
 # a causal offset, the scale, and `techniques`, which says which of its techniques to use. Nothing
@@ -40,8 +40,7 @@
 # | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +61% causal SDPA | rows that see no key at all are written as zeros, as the formula's fully masked rows |
 # | Sᵀ = K·Qᵀ for tiles of few query rows | `keys_first` | +20 to +30% causal SDPA | none: the same products, read transposed |
 # | shift-free softmax: row maxima not subtracted where norms prove it safe | `shift_free` | +19% SDPA | overflow and underflow of exp: taken only when max‖q‖·max‖k‖·scale·log2 e ≤ 86, S·2^86·max\|v\| fits float32, and the base-2 scale itself fits float32; each tile measures its own rows |
-# | the layer's projections as row blocks on the pool, heads as strided views | `layer_on_pool` | +12 to +22% (causal) multi-head | none: the same products; BLAS's own threads no longer wake against the pool's |
-# | row sums as a matrix-vector product | `blas_row_sums` | +9 to +11% causal SDPA | none: on a transposed view of Sᵀ, `sum(axis=-1)` walks columns |
+# # | row sums as a matrix-vector product | `blas_row_sums` | +9 to +11% causal SDPA | none: on a transposed view of Sᵀ, `sum(axis=-1)` walks columns |
 # | base-2 exponentials: Q scaled by scale·log2 e, then `exp2` | `base2` | +2 to +10% SDPA (noisy); `exp2` takes 57 µs against `exp`'s 119 µs on one 512 × 512 tile, about 8% of the tile | `exp2` is slow on -inf and on underflow: masked scores are zeroed after it, and only the shift-free path uses it |
 #
 # Removed: each worker's scratch memory reused from call to call (−7% to +2% on every goal row:
@@ -109,7 +108,6 @@ class Techniques:
     base2: bool = True           # on that path: base-2 scores and exp2, about twice as fast as exp
     keys_first: bool = True      # tiles of few rows form Sᵀ = K·Qᵀ, K read as stored
     tuned_tiles: bool = True     # 512-row plain tiles, 32-row causal tiles spanning heads (off: 64 rows per head)
-    layer_on_pool: bool = True   # a layer's projections run on the pool too, heads as strided views
     blas_row_sums: bool = True   # row sums as a matrix-vector product instead of sum(axis=-1)
 
 
@@ -379,7 +377,7 @@ def simplify_mask(keep, T: int, S: int):
 
 
 def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weights: bool = False, out=None,
-              techniques: Techniques = DEFAULT_TECHNIQUES):
+              techniques: Techniques | None = None):
     """Softmax attention on checked float32 arrays; returns (output, weights or None).
 
     Args:
@@ -389,9 +387,10 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         offset: the diagonal offset of a causal mask covering the (T, S) scores; replaces `keep`.
         need_weights: also return the (..., T, S) weights.
         out: an array (any strides) of shape (..., T, dv) to write the output into.
-        techniques: which techniques to use.
+        techniques: which techniques to use; None: the ones chosen for this machine.
     """
     _refuse_while_grading()
+    techniques = DEFAULT_TECHNIQUES if techniques is None else techniques
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if offset is None:
@@ -418,94 +417,3 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
         POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), techniques.threads)
     return output, weights
-
-# %% [markdown]
-# ## 6. The multi-head layer
-#
-# `multihead_attention` computes `MultiHeadAttention.forward` from the layer's weights, heads and
-# cache. Its projections are row blocks on the pool, so that BLAS never wakes its own threads
-# against the pool's; the heads are strided views of the projections, (B, T, Hkv, G, hd) read as
-# (B, Hkv, G, T, hd), so the split, the grouped key/value heads and the merge copy nothing; and
-# the kv cache is written at `[length : length + T]` as the lesson's `append` writes it.
-
-# %%
-#| export
-def _project(x2d, weights, outputs, techniques) -> None:
-    """outputs[i] = x2d @ weights[i], in row blocks on the pool (or by BLAS's own threads without `layer_on_pool`)."""
-    rows = x2d.shape[0]
-    if not (techniques.layer_on_pool and techniques.threads) or rows * x2d.shape[1] < PARALLEL_MIN_SCORES // 4:
-        for w, out in zip(weights, outputs):
-            np.matmul(x2d, w, out=out)
-        return
-    block = max(1, -(-rows // (2 * cores())))
-    POOL.map(lambda r0, w, out: np.matmul(x2d[r0:r0 + block], w, out=out[r0:r0 + block]),
-             [(r0, w, out) for w, out in zip(weights, outputs) for r0 in range(0, rows, block)])
-
-
-def _append_to_cache(cache, k, v) -> tuple:
-    """Write (B, T, Hkv, hd) keys and values after each row's cached ones; (keys, values, lengths after)."""
-    B, T = k.shape[:2]
-    starts = cache.cache_lengths[:B].copy()
-    if B and (starts == starts[0]).all():
-        s0 = int(starts[0])
-        cache.cached_keys[:B, :, s0:s0 + T] = k.transpose(0, 2, 1, 3)       # (B, Hkv, T, hd)
-        cache.cached_values[:B, :, s0:s0 + T] = v.transpose(0, 2, 1, 3)
-    else:
-        for row, s0 in enumerate(starts.tolist()):                      # rows of different lengths
-            cache.cached_keys[row, :, s0:s0 + T] = k[row].transpose(1, 0, 2)
-            cache.cached_values[row, :, s0:s0 + T] = v[row].transpose(1, 0, 2)
-    cache.cache_lengths[:B] = starts + T
-    longest = int(starts.max()) + T if B else T
-    return cache.cached_keys[:B, :, :longest], cache.cached_values[:B, :, :longest], starts + T
-
-
-def multihead_attention(layer, x_q, x_k, x_v, keep, offset, kv_cache, need_weights: bool,
-                        techniques: Techniques = DEFAULT_TECHNIQUES):
-    """A MultiHeadAttention's (output (B, T, E), weights (B, H, T, S) or None) from checked inputs.
-
-    Args:
-        layer: reads w_q, w_k, w_v, w_o (Tensors), num_heads, num_kv_heads, head_dim.
-        x_q: (B, T, E); x_k, x_v: (B, S, E), float32.
-        keep: boolean mask broadcasting to (B, H, T, S), or None; offset: a causal mask's offset instead.
-        kv_cache: a KVCache (cached_keys, cached_values, cache_lengths) or None.
-    """
-    _refuse_while_grading()
-    B, T, E = x_q.shape
-    S, H, Hkv, hd = x_k.shape[1], layer.num_heads, layer.num_kv_heads, layer.head_dim
-    G = H // Hkv
-    w_q, w_k, w_v, w_o = (w.data for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o))
-    q = np.empty((B * T, E), dtype=np.float32)
-    k, v = (np.empty((B * S, Hkv * hd), dtype=np.float32) for _ in range(2))
-    if x_k is x_q and x_v is x_q:                                    # self-attention: one pass over x
-        _project(x_q.reshape(B * T, E), (w_q, w_k, w_v), (q, k, v), techniques)
-    else:
-        _project(x_q.reshape(B * T, E), (w_q,), (q,), techniques)
-        _project(x_k.reshape(B * S, E), (w_k,), (k,), techniques)
-        _project(x_v.reshape(B * S, E), (w_v,), (v,), techniques)
-    k, v = k.reshape(B, S, Hkv, hd), v.reshape(B, S, Hkv, hd)
-    if kv_cache is None:
-        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # (B, Hkv, S, hd) views
-    else:
-        keys, values, lengths = _append_to_cache(kv_cache, k, v)                 # (B, Hkv, L, hd)
-        L = keys.shape[2]
-        if (lengths == L).all():
-            visible = None
-            if keep is None:
-                offset = L - T                                                   # causal over the cache
-            else:
-                keep = keep & np.tri(T, L, k=L - T, dtype=bool)
-        else:
-            positions = lengths[:, None] - T + np.arange(T)[None, :]             # (B, T)
-            visible = (np.arange(L)[None, None, :] <= positions[:, :, None])[:, None]   # (B, 1, T, L)
-            keep = visible if keep is None else keep & visible
-    L = keys.shape[2]
-    if keep is not None:                                                         # (b, h, T, L) -> (b, Hkv, G|1, T, L)
-        keep = keep.reshape((1, 1) + keep.shape) if keep.ndim == 2 else keep
-        keep = keep.reshape(keep.shape[:1] + ((Hkv, G) if keep.shape[1] == H else (1, 1)) + keep.shape[2:])
-    context = np.empty((B, T, Hkv, G, hd), dtype=np.float32)
-    _, weights = attention(q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4),     # (B, Hkv, G, T, hd)
-                           keys[:, :, None], values[:, :, None], keep, 1.0 / math.sqrt(hd), offset, need_weights,
-                           out=context.transpose(0, 2, 3, 1, 4), techniques=techniques)
-    output = np.empty((B * T, E), dtype=np.float32)
-    _project(context.reshape(B * T, E), (w_o,), (output,), techniques)
-    return output.reshape(B, T, E), None if weights is None else weights.reshape(B, H, T, L)

@@ -486,14 +486,14 @@ def attention_with_dropout(query, key, value, mask, scale: float, dropout: float
     ### END SOLUTION
 
 # %% [markdown]
-# The layer itself is provided. It picks the kernel: the blocked loop of Part 8 when
-# `block_size` is set, your dropout in training mode, the tuned kernel of Part 7 only when it is
-# switched on, and otherwise your `math_attention`.
+# The layer itself is provided. It picks the attention core, in this one place: your dropout in
+# training mode; the tuned kernel of Part 7 when it is switched on; otherwise the blocked loop
+# of Part 8 when `block_size` is set, and your `math_attention`. Everything around the core
+# (the multi-head layer, the caches) is always your code.
 
 # %%
 #| export
-from tinytorch.core._attention_runtime import causal_offset, get_attention_backend, parallel_blocked_attention
-from tinytorch.core._attention_runtime import tuned_attention
+from tinytorch.core._attention_runtime import get_attention_backend, parallel_blocked_attention, tuned_attention
 
 
 @checked
@@ -511,14 +511,13 @@ class ScaledDotProductAttention(Layer):
         Returns the output (..., T, d_v), or (output, weights (..., T, S)) with return_attention_weights.
         """
         scale = 1.0 / (math.sqrt(query.shape[-1]) * self.temperature)
-        offset = causal_offset(mask, query.shape[-2], key.shape[-2])      # a causal mask's future can be skipped
-        if self.block_size is not None:
-            output, weights = parallel_blocked_attention(blocked_attention, query, key, value, mask, offset, scale,
-                                                         self.block_size), None
-        elif self.training and self.dropout > 0:
+        if self.training and self.dropout > 0:
             output, weights = attention_with_dropout(query, key, value, mask, scale, self.dropout, self._rng)
-        elif get_attention_backend() == "fast":
-            output, weights = tuned_attention(query, key, value, mask, scale, offset, return_attention_weights)
+        elif get_attention_backend() == "fast":                          # the tuned core, switched on by choice
+            output, weights = tuned_attention(query, key, value, mask, scale, return_attention_weights)
+        elif self.block_size is not None:
+            output, weights = parallel_blocked_attention(blocked_attention, query, key, value, mask, scale,
+                                                         self.block_size), None
         else:
             output, weights = math_attention(query, key, value, mask, scale)
         return (output, weights) if return_attention_weights else output
@@ -1180,9 +1179,10 @@ with single_threaded_blas():                                    # one core for b
 #   group of them at very long sequences), so that one batched product replaces many small ones;
 # - it reads a `CausalMask`'s offset to skip the future without ever looking at the mask;
 # - when the norms of Q and K prove that no score can overflow, it skips the max-subtraction and
-#   exponentiates in base 2, since NumPy's `exp2` is faster than its `exp`;
-# - in the multi-head layer, it runs the projections on the same pool and reads the heads as
-#   strided views, so the split and merge copy nothing.
+#   exponentiates in base 2 where NumPy's `exp2` is faster than its `exp` on your CPU.
+#
+# It replaces only the attention core, inside `ScaledDotProductAttention`: your multi-head
+# layer and your caches run around it exactly as on the math path.
 #
 # Each of these is kept only because a measurement showed it pays: `tito bench --ablation`
 # switches them off one at a time, and the kernel's file opens with what each one bought.

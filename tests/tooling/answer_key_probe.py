@@ -31,8 +31,6 @@ ALLOWED = {
         "the tuned kernel on checked arrays; it refuses to run while a graded test runs",
     "tinytorch.core._attention_kernel.attention":
         "the tuned kernel itself; it refuses to run while a graded test runs",
-    "tinytorch.core._attention_kernel.multihead_attention":
-        "the tuned kernel's multi-head layer; it refuses to run while a graded test runs",
     "provided_13_attention_test_against_pytorch.torch_sdpa":
         "PyTorch's own scaled_dot_product_attention, the reference those tests compare with",
 }

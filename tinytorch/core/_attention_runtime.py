@@ -6,11 +6,11 @@
 __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ATTENTION_BACKENDS', 'DEFAULT_BACKEND', 'provided_kernels_refused', 'cores',
            'ENTRY_POINTS', 'inputs_checked', 'array_norm', 'all_finite', 'numeric_array', 'as_float32', 'is_number',
            'check_int', 'check_probability', 'Layer', 'check_scale', 'broadcasts_to', 'as_keep_mask', 'CausalMask',
-           'causal_offset', 'check_attention_inputs', 'mask_over_heads', 'get_attention_backend',
+           'causal_offset', 'check_attention_inputs', 'mask_over_heads', 'get_attention_backend', 'backend_techniques',
            'set_attention_backend', 'attention_backend', 'single_threaded_blas', 'tuned_attention', 'fast_attention',
-           'runs_tuned_layer', 'tuned_multihead', 'parallel_blocked_attention', 'KVCacheBase', 'PagedKVCacheBase',
-           'check_multihead_inputs', 'ProfilerSweeps', 'check_serving_inputs', 'check_capacity_inputs', 'CausalKeep',
-           'keep_mask', 'EntryPoint', 'entry_point', 'as_tensors', 'checked', 'check_layer_options']
+           'parallel_blocked_attention', 'KVCacheBase', 'PagedKVCacheBase', 'check_multihead_inputs', 'ProfilerSweeps',
+           'check_serving_inputs', 'check_capacity_inputs', 'CausalKeep', 'keep_mask', 'EntryPoint', 'entry_point',
+           'as_tensors', 'checked', 'checked_method', 'check_layer_options']
 
 # %% ../../modules/13_attention/_attention_runtime_dev.ipynb #aaf66b48
 import math
@@ -238,34 +238,44 @@ def mask_over_heads(mask, batch: int, num_heads: int, seq_q: int, seq_k: int):
                          f"(batch, heads, seq_q, seq_k), got shape {data.shape}")
     return as_keep_mask(data, (batch, num_heads, seq_q, seq_k))
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #25b7c6f4
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #641b2145
 ATTENTION_BACKENDS = ("math", "fast")
 DEFAULT_BACKEND = "math"
-_chosen_backend = DEFAULT_BACKEND
+_chosen_backend = (DEFAULT_BACKEND, None)        # (name, the kernel's Techniques or None for the machine's choice)
 _backend_in_block: ContextVar = ContextVar("tinytorch_attention_backend", default=None)
 
 
-def _check_backend(name: str) -> str:
+def _check_backend(name: str, techniques) -> tuple:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
-    return name
+    if techniques is not None and not isinstance(techniques, kernel.Techniques):
+        raise TypeError(f"techniques must be a Techniques or None, got {type(techniques).__name__}")
+    return name, techniques
 
 
 def get_attention_backend() -> str:
     """The kernel that attention layers use here: "math" or "fast"."""
-    return _backend_in_block.get() or _chosen_backend
+    return (_backend_in_block.get() or _chosen_backend)[0]
 
 
-def set_attention_backend(name: str) -> None:
-    """Choose the kernel of every attention layer: "math" (the student's, the default) or "fast" (tuned)."""
+def backend_techniques():
+    """The Techniques the "fast" kernel uses here, or None for the ones chosen for this machine."""
+    return (_backend_in_block.get() or _chosen_backend)[1]
+
+
+def set_attention_backend(name: str, techniques=None) -> None:
+    """Choose the kernel of every attention layer: "math" (the student's, the default) or "fast" (tuned).
+
+    techniques: the tuned kernel's Techniques; None uses the ones chosen for this machine.
+    """
     global _chosen_backend
-    _chosen_backend = _check_backend(name)
+    _chosen_backend = _check_backend(name, techniques)
 
 
 @contextmanager
-def attention_backend(name: str):
-    """Use the named kernel inside a `with` block; other threads keep theirs."""
-    token = _backend_in_block.set(_check_backend(name))
+def attention_backend(name: str, techniques=None):
+    """Use the named kernel (and, for "fast", these Techniques) inside a `with` block; other threads keep theirs."""
+    token = _backend_in_block.set(_check_backend(name, techniques))
     try:
         yield
     finally:
@@ -274,7 +284,7 @@ def attention_backend(name: str):
 
 provided_kernels_refused = kernel.provided_kernels_refused   # graded tests run inside it
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #eb2a3617
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #ca99acaa
 cores = kernel.cores
 
 
@@ -283,13 +293,15 @@ def single_threaded_blas():
     return kernel.POOL.blas_on_one_thread()
 
 
-def tuned_attention(q, k, v, keep, scale: float, offset: int | None, need_weights: bool):
-    """The tuned kernel on checked arrays; returns (output, weights or None) arrays.
+def tuned_attention(q, k, v, keep, scale: float, need_weights: bool):
+    """The tuned kernel on checked arrays, with the backend's techniques; returns (output, weights or None) arrays.
 
-    keep is the boolean mask (or None); offset is a CausalMask's offset when it covers the
-    scores exactly, which lets the kernel skip the future instead of reading `keep`.
+    keep is the boolean mask (or None). A causal mask made by `create_causal_mask` that covers
+    the scores carries its offset, which lets the kernel skip the future instead of reading it.
     """
-    return kernel.attention(q, k, v, keep, scale, offset, need_weights)
+    offset = causal_offset(keep, q.shape[-2], k.shape[-2])
+    return kernel.attention(q, k, v, None if offset is not None else keep, scale, offset, need_weights,
+                            techniques=backend_techniques())
 
 
 def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool = True):
@@ -301,37 +313,23 @@ def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool 
     Returns:
         (output (..., T, d_v), weights (..., T, S) or None) as float32 Tensors.
     """
-    q, k, v, keep, scale = check_attention_inputs(query, key, value, mask, scale)
-    offset = causal_offset(mask, q.shape[-2], k.shape[-2])
-    output, weights = tuned_attention(q, k, v, keep, scale, offset, need_weights)
+    q, k, v, _, scale = check_attention_inputs(query, key, value, None, scale)
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    output, weights = tuned_attention(q, k, v, keep_mask(mask, lead + (q.shape[-2], k.shape[-2])), scale,
+                                      need_weights)
     return Tensor(output), None if weights is None else Tensor(weights)
 
-
-def runs_tuned_layer(layer) -> bool:
-    """Whether a MultiHeadAttention runs whole in the tuned kernel: switched on, no blocks, no dropout."""
-    return (get_attention_backend() == "fast" and layer.attention.block_size is None
-            and not (layer.training and layer.dropout > 0))
-
-
-def tuned_multihead(layer, x_q, x_k, x_v, mask, kv_cache, return_attention_weights: bool):
-    """A MultiHeadAttention's forward in the tuned kernel, from its checked inputs and mask."""
-    offset = None if kv_cache is not None else causal_offset(mask, x_q.shape[1], x_k.shape[1])
-    keep = None if offset is not None or mask is None else mask
-    output, weights = kernel.multihead_attention(layer, x_q, x_k, x_v, keep, offset, kv_cache,
-                                                 return_attention_weights)
-    return (Tensor(output), Tensor(weights)) if return_attention_weights else Tensor(output)
-
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #f9245a2f
-def parallel_blocked_attention(blocked_attention, q, k, v, keep, offset: int | None, scale: float,
-                               block_size: int) -> np.ndarray:
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #cc871479
+def parallel_blocked_attention(blocked_attention, q, k, v, keep, scale: float, block_size: int) -> np.ndarray:
     """`blocked_attention` on checked arrays, one block of query rows per task; returns the output.
 
-    keep is the checked boolean mask (or None); offset is a CausalMask's offset when it covers
-    the scores exactly, and then replaces `keep`. The blocks skip the NaN/inf scan of the arrays
+    keep is the checked boolean mask (or None); a causal one that covers the scores carries its
+    offset, and each block's rows carry theirs. The blocks skip the NaN/inf scan of the arrays
     the caller has checked.
     """
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    offset = causal_offset(keep, T, S)
 
     def rows_mask(r0, r1):
         if keep is None or keep.ndim < 2 or keep.shape[-2] == 1:
@@ -677,7 +675,7 @@ class ProfilerSweeps:
             "seq_lengths": lengths,
         }
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #ac772585
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #7e088b48
 def check_serving_inputs(requests, budget_tokens, max_seq_length, block_size):
     """Checked (requests (N, 3) int64, budget_tokens, max_seq_length, block_size or None) of a serving simulation.
 
@@ -733,10 +731,9 @@ def check_capacity_inputs(memory_bytes, num_parameters, num_layers, num_kv_heads
 # straight to the student's code with its arrays, and gets arrays back: nothing is checked twice.
 #
 # A check receives the call's arguments by name, after defaults, and replaces them with their
-# checked form. It may also hand back a finished result, which the student's code then never
-# computes: the multi-head layer does this when the tuned kernel is switched on.
+# checked form.
 
-# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #ba86b223
+# %% ../../modules/13_attention/_attention_runtime_dev.ipynb #018d885a
 import contextlib
 import functools
 import inspect
@@ -769,7 +766,7 @@ def keep_mask(mask, scores_shape: tuple, name: str = "mask"):
 
 @dataclass(frozen=True)
 class EntryPoint:
-    check: object                      # (arguments: dict) -> None, or a _Finished result
+    check: object                      # (arguments: dict) -> None
     publish: object = None             # (result, arguments) -> what the caller gets; default: Tensors
     checks_nested: bool = True         # False: the code calls back into public functions, which check themselves
     around: object = None              # (arguments: dict) -> a context manager the student's code runs in
@@ -808,11 +805,9 @@ def checked(target):
     return _entry(target, ENTRY_POINTS[target.__qualname__])
 
 
-class _Finished:
-    """A check's finished result, returned instead of running the student's code."""
-
-    def __init__(self, result):
-        self.result = result
+def checked_method(function, name: str):
+    """`function` as the public entry point registered under `name` ("Class.method" or a function's name)."""
+    return _entry(function, ENTRY_POINTS[name])
 
 
 def _entry(function, entry: EntryPoint):
@@ -828,9 +823,7 @@ def _entry(function, entry: EntryPoint):
         except TypeError as error:
             raise TypeError(f"{function.__qualname__}(): {error}") from None
         bound.apply_defaults()
-        finished = entry.check(bound.arguments)
-        if isinstance(finished, _Finished):
-            return finished.result
+        entry.check(bound.arguments)
         with contextlib.ExitStack() as stack:
             if entry.around is not None:
                 stack.enter_context(entry.around(bound.arguments))
@@ -971,8 +964,6 @@ def _(a):
                                                  wants_weights)
     if isinstance(mask, CausalMask):
         mask = keep_mask(mask, (x_q.shape[1], x_k.shape[1]))
-    if runs_tuned_layer(layer):
-        return _Finished(tuned_multihead(layer, x_q, x_k, x_v, mask, a["kv_cache"], wants_weights))
     a["query"], a["key"], a["value"], a["mask"] = x_q, x_k, x_v, mask
 
 

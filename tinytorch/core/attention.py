@@ -111,9 +111,8 @@ def attention_with_dropout(query, key, value, mask, scale: float, dropout: float
     return (weights @ value).astype(np.float32), weights.astype(np.float32)
     ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #f97165ed
-from ._attention_runtime import causal_offset, get_attention_backend, parallel_blocked_attention
-from ._attention_runtime import tuned_attention
+# %% ../../modules/13_attention/attention_dev.ipynb #07356372
+from ._attention_runtime import get_attention_backend, parallel_blocked_attention, tuned_attention
 
 
 @checked
@@ -131,14 +130,13 @@ class ScaledDotProductAttention(Layer):
         Returns the output (..., T, d_v), or (output, weights (..., T, S)) with return_attention_weights.
         """
         scale = 1.0 / (math.sqrt(query.shape[-1]) * self.temperature)
-        offset = causal_offset(mask, query.shape[-2], key.shape[-2])      # a causal mask's future can be skipped
-        if self.block_size is not None:
-            output, weights = parallel_blocked_attention(blocked_attention, query, key, value, mask, offset, scale,
-                                                         self.block_size), None
-        elif self.training and self.dropout > 0:
+        if self.training and self.dropout > 0:
             output, weights = attention_with_dropout(query, key, value, mask, scale, self.dropout, self._rng)
-        elif get_attention_backend() == "fast":
-            output, weights = tuned_attention(query, key, value, mask, scale, offset, return_attention_weights)
+        elif get_attention_backend() == "fast":                          # the tuned core, switched on by choice
+            output, weights = tuned_attention(query, key, value, mask, scale, return_attention_weights)
+        elif self.block_size is not None:
+            output, weights = parallel_blocked_attention(blocked_attention, query, key, value, mask, scale,
+                                                         self.block_size), None
         else:
             output, weights = math_attention(query, key, value, mask, scale)
         return (output, weights) if return_attention_weights else output

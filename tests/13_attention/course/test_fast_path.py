@@ -272,9 +272,8 @@ def _layer_case(name):
 
 
 @pytest.mark.parametrize("case", LAYER_CASES)
-@pytest.mark.parametrize("techniques", [kernel.Techniques(), kernel.Techniques(layer_on_pool=False, threads=False)],
-                         ids=["all", "no pool"])
-def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques, monkeypatch):
+@pytest.mark.parametrize("techniques", [None, kernel.Techniques(threads=False)], ids=["machine's", "no pool"])
+def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques):
     num_kv_heads, x_shape, kv_shape, mask = _layer_case(case)
     rng = np.random.default_rng(21)
     layer = MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, seed=3).eval()
@@ -282,9 +281,7 @@ def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques, mo
     kv = None if kv_shape is None else rng.normal(size=kv_shape + (16,)).astype(np.float32)
     with attention_backend("math"):
         expected, expected_weights = layer(x, kv, kv, mask=mask, return_attention_weights=True)
-    multihead = kernel.multihead_attention
-    monkeypatch.setattr(kernel, "multihead_attention", lambda *args: multihead(*args, techniques=techniques))
-    with attention_backend("fast"):
+    with attention_backend("fast", techniques=techniques):
         output, weights = layer(x, kv, kv, mask=mask, return_attention_weights=True)
         assert layer(x, kv, kv, mask=mask).shape == output.shape
     np.testing.assert_allclose(output.data, expected.data, rtol=RTOL, atol=ATOL)
@@ -325,3 +322,35 @@ def test_long_causal_tiles_span_groups_of_heads_on_the_layer_layout(monkeypatch)
     with attention_backend("fast"):
         output = layer(x, mask=create_causal_mask(300)).data
     np.testing.assert_allclose(output, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_under_fast_a_bug_planted_in_the_students_multihead_forward_changes_the_output(monkeypatch):
+    """The fast backend replaces only the attention core: the student's forward still runs, bugs and all.
+
+    The bug is the mutation table's kind: the keys projected with w_v instead of w_k, planted in the
+    solution's own source and put behind the same boundary.
+    """
+    import inspect
+    import textwrap
+
+    from tinytorch.core import attention as lesson
+    from tinytorch.core import _attention_runtime as runtime
+
+    forward = MultiHeadAttention.forward.student_function
+    source = textwrap.dedent(inspect.getsource(forward))
+    assert source.count("key @ self.w_k.data") == 1, "the solution's forward projects the keys once"
+    namespace = dict(vars(lesson))
+    exec(compile(source.replace("key @ self.w_k.data", "key @ self.w_v.data"), "planted_bug", "exec"), namespace)
+    x = np.random.default_rng(24).normal(size=(2, 7, 16)).astype(np.float32)
+    layer = MultiHeadAttention(16, 4, seed=6).eval()
+    correct = {}
+    for backend in ("math", "fast"):
+        with attention_backend(backend):
+            correct[backend] = layer(x, mask=create_causal_mask(7)).data
+    monkeypatch.setattr(MultiHeadAttention, "forward", runtime.checked_method(namespace["forward"],
+                                                                              "MultiHeadAttention.forward"))
+    for backend in ("math", "fast"):
+        with attention_backend(backend):
+            buggy = layer(x, mask=create_causal_mask(7)).data
+        assert np.abs(buggy - correct[backend]).max() > 1e-2, f"under {backend!r} the planted bug changed nothing"
+        np.testing.assert_allclose(correct["fast"], correct["math"], rtol=RTOL, atol=ATOL)
