@@ -93,8 +93,22 @@ CHEATS = {
 }
 
 
-def cheat(source: str) -> tuple[str, set[str]]:
-    """`source` with the stub of every function named in CHEATS replaced by its cheat; and the names replaced."""
+# The same calls made from a thread the student's function starts, where a context variable set by the
+# grading fixture would not reach: the refusal is process-wide, so these earn nothing either.
+TUNED_KERNEL = "__import__('tinytorch.core._attention_kernel', fromlist=['kernel'])"
+IN_A_THREAD = ("box = []; worker = __import__('threading').Thread(target=lambda: box.append({call})); "
+               "worker.start(); worker.join(); return box[0]")
+THREAD_CHEATS = {
+    "math_attention": IN_A_THREAD.format(call=f"{KERNEL}.tuned_attention(query, key, value, mask, scale, True)"),
+    "blocked_attention": IN_A_THREAD.format(call=f"{TUNED_KERNEL}.attention(query, key, value, mask, scale)[0]"),
+    "attention_with_dropout": ("return __import__('concurrent.futures', fromlist=['futures']).ThreadPoolExecutor(1)"
+                               f".submit(lambda: tuple(r.data for r in {KERNEL}.fast_attention(query, key, value, "
+                               "mask, scale))).result()"),
+}
+
+
+def cheat(source: str, cheats: dict = CHEATS) -> tuple[str, set[str]]:
+    """`source` with the stub of every function named in `cheats` replaced by its cheat; and the names replaced."""
     lines, replaced, function, depth = source.split("\n"), set(), None, 0
     for index, line in enumerate(lines):
         stripped = line.strip()
@@ -103,20 +117,21 @@ def cheat(source: str) -> tuple[str, set[str]]:
             function = None
         elif stripped.startswith("def ") and (function is None or indent <= depth):   # not a closure inside it
             function, depth = stripped[4:].split("(")[0], indent
-        if stripped == "# YOUR CODE HERE" and function in CHEATS and lines[index + 1].strip().startswith("raise NotImplementedError("):
-            lines[index + 1] = line[: len(line) - len(line.lstrip())] + CHEATS[function]
+        if stripped == "# YOUR CODE HERE" and function in cheats and lines[index + 1].strip().startswith("raise NotImplementedError("):
+            lines[index + 1] = line[: len(line) - len(line.lstrip())] + cheats[function]
             replaced.add(function)
     return "\n".join(lines), replaced
 
 
-def test_a_release_filled_by_calls_into_provided_code_scores_nothing(tmp_path, repo_root):
+@pytest.mark.parametrize("cheats", [CHEATS, THREAD_CHEATS], ids=["called directly", "called from a thread"])
+def test_a_release_filled_by_calls_into_provided_code_scores_nothing(tmp_path, repo_root, cheats):
     out = tmp_path / "student"
     released = subprocess.run([sys.executable, "-m", "tito.cli", "release", "13", "--out", str(out)],
                               capture_output=True, text=True, cwd=repo_root)
     assert released.returncode == 0, released.stderr
     source = out / "modules/13_attention/attention_dev.py"
-    text, replaced = cheat(source.read_text())
-    assert replaced == set(CHEATS), f"cheats not placed: {set(CHEATS) - replaced}"
+    text, replaced = cheat(source.read_text(), cheats)
+    assert replaced == set(cheats), f"cheats not placed: {set(cheats) - replaced}"
     source.write_text(text)
     graded = subprocess.run([sys.executable, "-m", "tito.cli", "grade", "13", "--json", "-"], capture_output=True,
                             text=True, cwd=out)
@@ -124,4 +139,6 @@ def test_a_release_filled_by_calls_into_provided_code_scores_nothing(tmp_path, r
     earned = {part["grade_id"]: part["earned"] for part in report["parts"] if not part["manual"]}
     assert report["earned"] == 0, f"calls into provided code earned points: {earned}"
     refusals = " ".join(failure["traceback"] for part in report["parts"] for failure in part["failures"])
-    assert "switched off while grading" in refusals and "not to be its answer" in refusals
+    assert "switched off while grading" in refusals
+    if cheats is CHEATS:
+        assert "not to be its answer" in refusals

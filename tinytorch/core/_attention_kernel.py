@@ -9,33 +9,36 @@ __all__ = ['DEFAULT_TECHNIQUES', 'TILE_SCORES', 'QUERY_ROWS', 'CAUSAL_QUERY_ROWS
            'SHIFT_FREE_BOUND', 'LOG2_E', 'FLOAT32_MAX', 'POOL', 'provided_kernels_refused', 'Techniques', 'cores',
            'WorkerPool', 'shift_free', 'attend_tile', 'simplify_mask', 'attention']
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #56246849
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #ae20b506
 import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #d423a9e3
-_refused: ContextVar = ContextVar("tinytorch_provided_kernels_refused", default=False)
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #ed8d1a74
+_refusals = 0                          # how many provided_kernels_refused() blocks are open, in any thread
+_refusals_lock = threading.Lock()
 
 
 @contextmanager
 def provided_kernels_refused():
-    """Inside this block the tuned kernel raises instead of running (in the current thread)."""
-    token = _refused.set(True)
+    """Inside this block the tuned kernel raises instead of running, in every thread of the process."""
+    global _refusals
+    with _refusals_lock:
+        _refusals += 1
     try:
         yield
     finally:
-        _refused.reset(token)
+        with _refusals_lock:
+            _refusals -= 1
 
 
 def _refuse_while_grading() -> None:
-    if _refused.get():
+    if _refusals:
         raise RuntimeError("the provided tuned attention kernel is switched off while grading: every graded "
                            "function must compute its result with the student's own code")
 
