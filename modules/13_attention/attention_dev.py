@@ -66,9 +66,10 @@
 # example and on larger ones. Each part ends with a short *Try it* exercise: change something,
 # run it, and see what happens. Those are not graded.
 #
-# The input checks are provided in `_attention_runtime_dev.py` beside this notebook, the tuned
-# kernel and its thread pool in `_attention_kernel_dev.py`, and the figures in
-# `_attention_figures_dev.py`. You never need to read them, but you may.
+# Beside this notebook are the provided parts: the input checks in `_attention_checks_dev.py`,
+# what your classes extend in `_attention_bases_dev.py`, the switch to the tuned kernel in
+# `_attention_backend_dev.py`, the kernel and its thread pool in `_attention_kernel_dev.py`, and
+# the figures in `_attention_figures_dev.py`. You never need to read them, but you may.
 
 # %%
 #| default_exp core.attention
@@ -82,7 +83,8 @@ import tracemalloc
 import numpy as np
 
 from tinytorch.core.tensor import ParameterList, Tensor
-from tinytorch.core._attention_runtime import KVCacheBase, Layer, PagedKVCacheBase, ProfilerSweeps, checked
+from tinytorch.core._attention_bases import KVCacheBase, Layer, PagedKVCacheBase, ProfilerSweeps
+from tinytorch.core._attention_checks import checked
 
 # %%
 from tinytorch.core._attention_figures import (
@@ -493,7 +495,7 @@ def attention_with_dropout(query, key, value, mask, scale: float, dropout: float
 
 # %%
 #| export
-from tinytorch.core._attention_runtime import get_attention_backend, parallel_blocked_attention, tuned_attention
+from tinytorch.core._attention_backend import get_attention_backend, parallel_blocked_attention, tuned_attention
 
 
 @checked
@@ -1132,7 +1134,7 @@ test_unit_memory_costs()
 # and to run.
 
 # %%
-from tinytorch.core._attention_runtime import attention_backend, fast_attention, single_threaded_blas
+from tinytorch.core._attention_backend import attention_backend, fast_attention, single_threaded_blas
 
 
 def tiled_attention(q, k, v, causal=False, rows=64):
@@ -1432,8 +1434,11 @@ class AttentionProfiler(ProfilerSweeps):
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc).
 
     The sweeps over sequence lengths (`measure_attention_scaling`, `analyze_quadratic_scaling`)
-    are provided in the runtime's `ProfilerSweeps`; they hold BLAS at one thread.
+    are provided in `ProfilerSweeps`; they hold BLAS at one thread, and a causal sweep uses your
+    causal mask, handed in here.
     """
+
+    causal_mask = staticmethod(create_causal_mask)
 
     def __init__(self, repeats: int = 5, warmup: int = 1, seed: int = 0):
         self.repeats, self.warmup, self.seed = repeats, warmup, seed
@@ -2496,13 +2501,14 @@ plot_head_weights(open_weights.data[0], words, title="no mask")
 # %% [markdown]
 # ## Appendix: names this package re-exports
 #
-# The kernel switch, the causal mask's class and the fast kernel are provided in
-# `_attention_runtime_dev.py`; `tinytorch.core.attention` makes them public beside your code.
+# The kernel switch and the fast kernel are provided in `_attention_backend_dev.py`, the causal
+# mask's class in `_attention_checks_dev.py`; `tinytorch.core.attention` makes them public beside
+# your code.
 
 # %%
 #| export
-from tinytorch.core._attention_runtime import (ATTENTION_BACKENDS, CausalMask, attention_backend, fast_attention,
-                                               set_attention_backend)
+from tinytorch.core._attention_backend import ATTENTION_BACKENDS, attention_backend, fast_attention, set_attention_backend
+from tinytorch.core._attention_checks import CausalMask
 
 _all_ = ["ATTENTION_BACKENDS", "CausalMask", "get_attention_backend", "set_attention_backend", "attention_backend",
          "fast_attention"]

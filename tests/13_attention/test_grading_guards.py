@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from expected import GRADED_PACKAGE, ref
 
-from tinytorch.core._attention_runtime import provided_kernels_refused
+from tinytorch.core._attention_kernel import provided_kernels_refused
 from tinytorch.core.attention import (ScaledDotProductAttention, attention_backend, fast_attention,
                                       get_attention_backend, math_attention)
 
@@ -36,12 +36,12 @@ def test_the_refusal_holds_in_a_thread_the_student_starts(call, start):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    from tinytorch.core import _attention_backend as backend
     from tinytorch.core import _attention_kernel as kernel
-    from tinytorch.core import _attention_runtime as runtime
 
     q, k, v = (x.astype(np.float32) for x in inputs())
     run = {"fast_attention": lambda: fast_attention(q, k, v),
-           "tuned_attention": lambda: runtime.tuned_attention(q, k, v, None, 0.5, True),
+           "tuned_attention": lambda: backend.tuned_attention(q, k, v, None, 0.5, True),
            "kernel attention": lambda: kernel.attention(q, k, v, None, 0.5)}[call]
     outcome = []
 
@@ -76,16 +76,16 @@ def test_expected_values_refuse_the_code_under_test():
 
 # ---------------------------------------------------------------- the public boundary checks once
 def count_conversions(monkeypatch):
-    """Record the name of every argument the runtime converts to a float32 array."""
-    from tinytorch.core import _attention_runtime as runtime
+    """Record the name of every argument the boundary's checks convert to a float32 array."""
+    from tinytorch.core import _attention_checks as checks
 
-    converted, convert = [], runtime.as_float32
+    converted, convert = [], checks.as_float32
 
     def counting(x, name, finite=True):
         converted.append(name)
         return convert(x, name, finite)
 
-    monkeypatch.setattr(runtime, "as_float32", counting)
+    monkeypatch.setattr(checks, "as_float32", counting)
     return converted
 
 

@@ -54,7 +54,8 @@ def test_the_release_ships_no_reference_and_no_course_tools(repo_root):
 
 def test_no_provided_function_reproduces_a_student_function(repo_root, probe_workspace):
     files = provided_python_files(repo_root)
-    assert {"tinytorch/core/_attention_runtime.py", "tinytorch/core/_attention_figures.py", "tinytorch/core/tensor.py",
+    assert {"tinytorch/core/_attention_checks.py", "tinytorch/core/_attention_bases.py",
+            "tinytorch/core/_attention_backend.py", "tinytorch/core/_attention_figures.py", "tinytorch/core/tensor.py",
             "tinytorch/core/embeddings.py", "tito/grade.py", "tests/13_attention/expected.py",
             "tests/13_attention/test_masked_softmax.py"} <= set(files)
     report = run_probe(probe_workspace, files)
@@ -79,7 +80,7 @@ def test_the_probe_finds_a_planted_twin(probe_workspace, tmp_path, twin, student
 # What a student could try instead of writing a part: hand it to a provided kernel, or read the stored
 # expected values. Each replaces the stub of the function named, in a blank release.
 REF = "__import__('sys').modules['expected'].ref"
-KERNEL = "__import__('tinytorch.core._attention_runtime', fromlist=['runtime'])"
+KERNEL = "__import__('tinytorch.core._attention_backend', fromlist=['backend'])"
 CHEATS = {
     "create_causal_mask": f"return {REF}.causal_mask(seq_len, key_len)",
     "create_padding_mask": f"return {REF}.padding_mask(lengths, key_len)",

@@ -6,10 +6,10 @@
 __all__ = ['draw_attention_flow', 'draw_head_split', 'draw_kv_cache', 'draw_blocked_loop', 'plot_scaling', 'plot_generation',
            'plot_head_weights', 'draw_block_tables', 'plot_serving_memory']
 
-# %% ../../modules/13_attention/_attention_figures_dev.ipynb #c983a174
+# %% ../../modules/13_attention/_attention_figures_dev.ipynb #5c53c7d8
 import numpy as np
 
-from ._attention_runtime import check_int
+from ._attention_checks import check_int
 
 # One palette for every picture: signed numbers on a red-blue map centred on 0, weights in blues,
 # and one colour per head, kernel or cache state.

@@ -9,7 +9,7 @@ __all__ = ['create_causal_mask', 'create_padding_mask', 'masked_softmax', 'math_
            'ATTENTION_BACKENDS', 'CausalMask', 'get_attention_backend', 'set_attention_backend', 'attention_backend',
            'fast_attention']
 
-# %% ../../modules/13_attention/attention_dev.ipynb #7b392d36
+# %% ../../modules/13_attention/attention_dev.ipynb #242b6604
 import math
 import time
 import tracemalloc
@@ -17,7 +17,8 @@ import tracemalloc
 import numpy as np
 
 from .tensor import ParameterList, Tensor
-from ._attention_runtime import KVCacheBase, Layer, PagedKVCacheBase, ProfilerSweeps, checked
+from ._attention_bases import KVCacheBase, Layer, PagedKVCacheBase, ProfilerSweeps
+from ._attention_checks import checked
 
 # %% ../../modules/13_attention/attention_dev.ipynb #f7a713ca
 @checked
@@ -111,8 +112,8 @@ def attention_with_dropout(query, key, value, mask, scale: float, dropout: float
     return (weights @ value).astype(np.float32), weights.astype(np.float32)
     ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #07356372
-from ._attention_runtime import get_attention_backend, parallel_blocked_attention, tuned_attention
+# %% ../../modules/13_attention/attention_dev.ipynb #0c06dcdb
+from ._attention_backend import get_attention_backend, parallel_blocked_attention, tuned_attention
 
 
 @checked
@@ -343,14 +344,17 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
     return output
     ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #eb64a7ef
+# %% ../../modules/13_attention/attention_dev.ipynb #85ee8891
 @checked
 class AttentionProfiler(ProfilerSweeps):
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc).
 
     The sweeps over sequence lengths (`measure_attention_scaling`, `analyze_quadratic_scaling`)
-    are provided in the runtime's `ProfilerSweeps`; they hold BLAS at one thread.
+    are provided in `ProfilerSweeps`; they hold BLAS at one thread, and a causal sweep uses your
+    causal mask, handed in here.
     """
+
+    causal_mask = staticmethod(create_causal_mask)
 
     def __init__(self, repeats: int = 5, warmup: int = 1, seed: int = 0):
         self.repeats, self.warmup, self.seed = repeats, warmup, seed
@@ -608,9 +612,9 @@ def kv_cache_capacity(memory_bytes: int, num_parameters: int, num_layers: int, n
             "max_tokens": max_tokens, "longest_context": longest_context, "largest_batch": largest_batch}
     ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #9513db2d
-from ._attention_runtime import (ATTENTION_BACKENDS, CausalMask, attention_backend, fast_attention,
-                                               set_attention_backend)
+# %% ../../modules/13_attention/attention_dev.ipynb #d0c3feea
+from ._attention_backend import ATTENTION_BACKENDS, attention_backend, fast_attention, set_attention_backend
+from ._attention_checks import CausalMask
 
 _all_ = ["ATTENTION_BACKENDS", "CausalMask", "get_attention_backend", "set_attention_backend", "attention_backend",
          "fast_attention"]

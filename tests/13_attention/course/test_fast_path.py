@@ -335,7 +335,7 @@ def test_under_fast_a_bug_planted_in_the_students_multihead_forward_changes_the_
     import textwrap
 
     from tinytorch.core import attention as lesson
-    from tinytorch.core import _attention_runtime as runtime
+    from tinytorch.core import _attention_checks as boundary
 
     forward = MultiHeadAttention.forward.student_function
     source = textwrap.dedent(inspect.getsource(forward))
@@ -348,7 +348,7 @@ def test_under_fast_a_bug_planted_in_the_students_multihead_forward_changes_the_
     for backend in ("math", "fast"):
         with attention_backend(backend):
             correct[backend] = layer(x, mask=create_causal_mask(7)).data
-    monkeypatch.setattr(MultiHeadAttention, "forward", runtime.checked_method(namespace["forward"],
+    monkeypatch.setattr(MultiHeadAttention, "forward", boundary.checked_method(namespace["forward"],
                                                                               "MultiHeadAttention.forward"))
     for backend in ("math", "fast"):
         with attention_backend(backend):
