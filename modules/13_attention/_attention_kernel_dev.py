@@ -96,10 +96,16 @@ def _refuse_while_grading() -> None:
                            "function must compute its result with the student's own code")
 
 # %% [markdown]
-# ## 1. The techniques, as explicit options
+# ## 1. The techniques, as explicit options, chosen for the machine
 #
 # `Techniques()` is every technique on; `Techniques(base2=False)` is the kernel without base-2
-# exponentials, and so on. The layers pass `DEFAULT_TECHNIQUES`; the ablation passes the others.
+# exponentials, and so on. A call that passes no techniques uses `machine_techniques()`: each
+# technique on only where it helps on the CPU running it. Where a CPU feature decides it, the
+# feature decides: NumPy vectorises float32 `exp2` only with AVX512_SKX
+# (`loops_umath_fp.dispatch.c.src`), while it vectorises `exp` with AVX2 and AVX-512 alike
+# (`loops_exponent_log.dispatch.c.src`), so on AVX2 and NEON `exp2` runs scalar, about twice
+# `exp`'s time, and `base2` is off there. The choice is made once per process and kept;
+# `tito bench` prints it, and a caller overrides it by passing `Techniques`.
 
 # %%
 #| export
@@ -110,13 +116,44 @@ class Techniques:
     threads: bool = True         # tiles on the caller plus a pool thread per further core, BLAS on one thread
     causal_tiles: bool = True    # skip key blocks in a row block's future instead of masking them
     shift_free: bool = True      # skip the softmax's max-subtraction where norms prove it safe
-    base2: bool = True           # on that path: base-2 scores and exp2, about twice as fast as exp
-    keys_first: bool = True      # tiles of few rows form Sᵀ = K·Qᵀ, K read as stored
+    base2: bool = True           # on that path: base-2 scores and exp2, where exp2 is vectorised
     tuned_tiles: bool = True     # 512-row plain tiles, 32-row causal tiles spanning heads (off: 64 rows per head)
     blas_row_sums: bool = True   # row sums as a matrix-vector product instead of sum(axis=-1)
 
 
-DEFAULT_TECHNIQUES = Techniques()
+def cpu_features() -> dict:
+    """The CPU features NumPy dispatches to in this process (NPY_DISABLE_CPU_FEATURES removes some)."""
+    core = np._core if hasattr(np, "_core") else np.core          # NumPy 2 renamed numpy.core
+    return dict(core._multiarray_umath.__cpu_features__)
+
+
+def simd_level(features: dict | None = None) -> str:
+    """The widest SIMD NumPy uses here: "AVX-512", "AVX2", "NEON" or "baseline"."""
+    features = cpu_features() if features is None else features
+    if features.get("AVX512_SKX"):
+        return "AVX-512"
+    if features.get("AVX2"):
+        return "AVX2"
+    if features.get("ASIMD") or features.get("NEON"):
+        return "NEON"
+    return "baseline"
+
+
+def techniques_for(features: dict) -> Techniques:
+    """The techniques that pay on a CPU with these features."""
+    return Techniques(base2=bool(features.get("AVX512_SKX")))       # exp2 vectorised only with AVX512_SKX
+
+
+_machine_techniques = None          # chosen on first use, then kept for the process
+
+
+def machine_techniques() -> Techniques:
+    """The techniques chosen for the CPU running this process, on first use; the same object afterwards."""
+    global _machine_techniques
+    if _machine_techniques is None:
+        _machine_techniques = techniques_for(cpu_features())
+    return _machine_techniques
+
 
 TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32, within a core's share of cache
 QUERY_ROWS = 512                 # plain tiles: up to 512 query rows (all of T = 512: measured fastest)
@@ -258,23 +295,18 @@ def shift_free(q, k, v, scale: float) -> bool:
     return bound <= SHIFT_FREE_BOUND and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * largest_value <= FLOAT32_MAX
 
 
-def attend_tile(q, k, v, hidden, output, weights, scale: float, keys_first: bool,
-                techniques: Techniques) -> None:
+def attend_tile(q, k, v, hidden, output, weights, scale: float, techniques: Techniques) -> None:
     """Softmax attention of one tile, written into `output` (and `weights`) in place.
 
     q (..., r, d), k (..., s, d), v (..., s, dv), leading axes broadcasting; hidden (..., r, w),
     True = masked, covers the last w keys (all of them, or a causal tile's diagonal block), or
-    None. keys_first: form Sᵀ = K·(Q·scale)ᵀ and read it transposed.
+    None.
     """
-    (r, d), s = q.shape[-2:], k.shape[-2]
+    s = k.shape[-2]
     unshifted = techniques.shift_free and shift_free(q, k, v, scale)
     base2 = unshifted and techniques.base2
     q_scale = np.float32(scale * LOG2_E if base2 else scale)
-    if keys_first:
-        q_t = np.multiply(np.swapaxes(q, -1, -2), q_scale, out=np.empty(q.shape[:-2] + (d, r), dtype=np.float32))
-        scores = np.swapaxes(np.matmul(k, q_t), -1, -2)                                             # (..., r, s)
-    else:
-        scores = np.matmul(q * q_scale, np.swapaxes(k, -1, -2))                                     # (..., r, s)
+    scores = np.matmul(q * q_scale, np.swapaxes(k, -1, -2))                                         # (..., r, s)
     masked = None if hidden is None else scores[..., s - hidden.shape[-1]:]
     if unshifted:
         (np.exp2 if base2 else np.exp)(scores, out=scores)
@@ -306,9 +338,7 @@ def attend_tile(q, k, v, hidden, output, weights, scale: float, keys_first: bool
 # **Plain tiles** are one head and up to `QUERY_ROWS` query rows each, within `TILE_SCORES`
 # scores. **Causal tiles** (a causal offset instead of a boolean mask) are `CAUSAL_QUERY_ROWS`
 # rows across every head at once (a group of heads when that would exceed `TILE_SCORES`), over
-# only the keys their last row may see; only the block on the diagonal is masked. Tiles of few
-# rows form the scores transposed, Sᵀ = K·Qᵀ: for so few rows OpenBLAS is about twice as fast on
-# that product, which reads K as stored, as on Q·Kᵀ.
+# only the keys their last row may see; only the block on the diagonal is masked.
 
 # %%
 #| export
@@ -333,7 +363,6 @@ def _causal_tasks(q, k, v, offset, output, weights, scale, techniques) -> list:
         groups = [index + (slice(h, h + per),) for index in np.ndindex(*lead[:-1]) for h in range(0, lead[-1], per)]
     else:
         groups = list(np.ndindex(*lead))                         # one head per tile
-    keys_first = techniques.keys_first
     tasks = []
     for r0 in range(0, T, rows):
         r1 = min(r0 + rows, T)
@@ -344,7 +373,7 @@ def _causal_tasks(q, k, v, offset, output, weights, scale, techniques) -> list:
         for g in groups:
             tasks.append((q[g][..., r0:r1, :], k[g][..., :seen, :], v[g][..., :seen, :], triangle,
                           output[g][..., r0:r1, :], None if weights is None else weights[g][..., r0:r1, :seen],
-                          scale, keys_first, techniques))
+                          scale, techniques))
     return tasks[::-1]                           # largest first: the workers finish together
 
 
@@ -352,14 +381,13 @@ def _row_tasks(q, k, v, hidden, output, weights, scale, techniques) -> list:
     """Tiles of a general attention: one head and a block of query rows each, within TILE_SCORES scores."""
     lead, T, S = output.shape[:-2], q.shape[-2], k.shape[-2]
     rows = max(1, min(QUERY_ROWS, TILE_SCORES // max(S, 1))) if techniques.tuned_tiles else UNTUNED_ROWS
-    keys_first = techniques.keys_first and rows < QUERY_ROWS and techniques.tuned_tiles
     tasks = []
     for r0 in range(0, T, rows):
         r1 = min(r0 + rows, T)
         for index in np.ndindex(*lead):
             tasks.append((q[index][r0:r1], k[index], v[index], None if hidden is None else hidden[index][r0:r1],
                           output[index][r0:r1], None if weights is None else weights[index][r0:r1], scale,
-                          keys_first, techniques))
+                          techniques))
     return tasks
 
 # %% [markdown]
@@ -392,10 +420,10 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         offset: the diagonal offset of a causal mask covering the (T, S) scores; replaces `keep`.
         need_weights: also return the (..., T, S) weights.
         out: an array (any strides) of shape (..., T, dv) to write the output into.
-        techniques: which techniques to use; None: the ones chosen for this machine.
+        techniques: which techniques to use; None: `machine_techniques()`.
     """
     _refuse_while_grading()
-    techniques = DEFAULT_TECHNIQUES if techniques is None else techniques
+    techniques = machine_techniques() if techniques is None else techniques
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if offset is None:
@@ -413,7 +441,7 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
     if math.prod(lead) * T * S < PARALLEL_MIN_SCORES:           # one vectorised tile on the caller
         hidden = (None if keep is None else np.broadcast_to(~keep, lead + (T, S))) if offset is None \
             else ~np.tri(T, S, k=offset, dtype=bool)
-        attend_tile(q, k, v, hidden, output, weights, scale, False,
+        attend_tile(q, k, v, hidden, output, weights, scale,
                     replace(techniques, shift_free=False))       # measuring the norms would cost more
     elif offset is not None:
         POOL.map(attend_tile, _causal_tasks(q, k, v, offset, output, weights, scale, techniques),
