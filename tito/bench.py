@@ -367,6 +367,7 @@ def worker(side: str, quick: bool, extras: bool) -> dict:
         workloads = _torch_workloads(s)
         result["ms"] = {name: median_time(call, s.repeats) * 1e3 for name, call in workloads.items()}
         result["library"] = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                             "torch_simd": torch.backends.cpu.get_cpu_capability(),
                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
         if extras:
             result["sweep_ms"] = _torch_sweep(s)
@@ -554,8 +555,8 @@ def format_machine(machine: dict) -> str:
     line = (f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['simd']}, numpy {machine['numpy']} "
             f"({machine['blas']})")
     if machine.get("torch"):
-        line += (f", PyTorch {machine['torch']} ({machine['torch_threads']} threads, OMP_WAIT_POLICY "
-                 f"{machine['omp_wait_policy']})")
+        line += (f", PyTorch {machine['torch']} ({machine.get('torch_simd', '?')}, {machine['torch_threads']} threads, "
+                 f"OMP_WAIT_POLICY {machine['omp_wait_policy']})")
     if machine.get("load_1min"):
         low, high = machine["load_1min"]
         line += f"; 1-minute load {low:.2f}-{high:.2f} during the run"

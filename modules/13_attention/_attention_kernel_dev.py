@@ -22,31 +22,39 @@
 #
 # Everything the kernel needs comes in as arguments: checked float32 arrays, the boolean mask or
 # a causal offset, the scale, and `techniques`, which says which of its techniques to use. Nothing
-# is carried from one call to the next except the worker pool and its threads. `tito bench
-# --ablation` switches each technique off in turn and measures what it buys.
+# is carried from one call to the next except the worker pool and its threads, and the techniques
+# chosen for the machine (section 1), once per process. `tito bench --ablation` switches each
+# technique on and off, the others as chosen for the machine, and measures what it buys.
 #
-# ## Design note: what each technique buys and what it guards against
+# ## Design note: what each technique buys, per machine class, and what it guards against
 #
-# The gain is the time without the technique over the time with it, minus 1, as measured by
-# `tito bench --ablation` (the median of alternating runs, kernel called directly) on the goal
-# row where it helps most. Measured on a shared 2-core machine with a 1-minute load of 4 to 5
-# from other jobs, so each figure moves by several percent between runs; the README holds the
-# full table. A technique stays only where it gains at least 5% on some goal row.
+# Gain: the time without the technique over the time with it, minus 1, median of alternating
+# runs; SDPA and causal SDPA are 4 x 8 heads x 512 x 64, the kernel called directly (41 pairs),
+# the other rows through the layers (`tito bench --ablation --pairs 15`). Two classes of the same
+# shared 2-core AMD EPYC: AVX-512 as it is, and AVX2 as NumPy and OpenBLAS see it with
+# `OPENBLAS_CORETYPE=Haswell` and NumPy's AVX-512 groups in `NPY_DISABLE_CPU_FEATURES`. The
+# machine carried a 1-minute load of 4.8 to 7.6 from other jobs, so a single run moves by tens of
+# percent and only the medians mean much. A technique stays only if it pays on some class;
+# `machine_techniques()` switches it off where it loses.
 #
-# | technique | switch | gain (best row) | numerical hazard it guards against |
-# |---|---|---|---|
-# | worker pool: the caller plus one thread per further core, BLAS held at one thread | `threads` | +397% SDPA | none: each tile is computed by one thread, so results do not depend on scheduling |
-# | tile sizes: 512-row plain tiles; 32-row causal tiles across heads, within `TILE_SCORES` | `tuned_tiles` | +64% SDPA | none; a tile holds at most `TILE_SCORES` scores, so memory stays bounded at long S |
-# | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +61% causal SDPA | rows that see no key at all are written as zeros, as the formula's fully masked rows |
-# | Sᵀ = K·Qᵀ for tiles of few query rows | `keys_first` | +20 to +30% causal SDPA | none: the same products, read transposed |
-# | shift-free softmax: row maxima not subtracted where norms prove it safe | `shift_free` | +19% SDPA | overflow and underflow of exp: taken only when max‖q‖·max‖k‖·scale·log2 e ≤ 86, S·2^86·max\|v\| fits float32, and the base-2 scale itself fits float32; each tile measures its own rows |
-# # | row sums as a matrix-vector product | `blas_row_sums` | +9 to +11% causal SDPA | none: on a transposed view of Sᵀ, `sum(axis=-1)` walks columns |
-# | base-2 exponentials: Q scaled by scale·log2 e, then `exp2` | `base2` | +2 to +10% SDPA (noisy); `exp2` takes 57 µs against `exp`'s 119 µs on one 512 × 512 tile, about 8% of the tile | `exp2` is slow on -inf and on underflow: masked scores are zeroed after it, and only the shift-free path uses it |
+# | technique | switch | AVX-512 | AVX2 | numerical hazard it guards against |
+# |---|---|---|---|---|
+# | worker pool: the caller plus one thread per further core, BLAS held at one thread | `threads` | +279% SDPA, +506% causal, +79% multi-head | +354% SDPA, +337% causal, +85% multi-head | none: each tile is computed by one thread, so results do not depend on scheduling |
+# | tile sizes: 512-row plain tiles; 32-row causal tiles across heads, within `TILE_SCORES` | `tuned_tiles` | +30% SDPA, +11% causal | +17% SDPA | none; a tile holds at most `TILE_SCORES` scores, so memory stays bounded at long S |
+# | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +34% causal SDPA, +12% causal multi-head | +30% causal SDPA | rows that see no key at all are written as zeros, as the formula's fully masked rows |
+# | shift-free softmax: row maxima not subtracted where norms prove it safe | `shift_free` | +16% SDPA, +26% causal | +5% SDPA, −3% causal (no clear effect); +7% and +5% through the layers | overflow and underflow of exp: taken only when max‖q‖·max‖k‖·scale·log2 e ≤ 86, S·2^86·max\|v\| fits float32, and the base-2 scale itself fits float32; each tile measures its own rows |
+# | row sums as a matrix-vector product | `blas_row_sums` | +6% SDPA, +5% causal | +4% SDPA, +8% causal | none: the same sums, by BLAS instead of NumPy's reduction |
+# | base-2 exponentials: Q scaled by scale·log2 e, then `exp2` | `base2` | +4% SDPA, +6% causal; `exp2` 0.64 ns against `exp`'s 0.74 ns per number | −26% SDPA, −15% causal; `exp2` 3.4 ns against `exp`'s 3.0 ns: NumPy runs it scalar: **off** | `exp2` is slow on -inf and on underflow: masked scores are zeroed after it, and only the shift-free path uses it |
 #
-# Removed: each worker's scratch memory reused from call to call (−7% to +2% on every goal row:
-# freed tiles come back from the heap without fresh page faults), the norms handed from the
-# input check to the kernel through weak references (each tile now measures its own rows), and
-# the fork hook (the pool remembers the process that made it).
+# No technique needed a calibration at first use: the only one whose sign differs between the
+# two classes is `base2`, and a CPU feature decides it.
+#
+# Removed: `keys_first`, the scores of few-row tiles formed transposed as Sᵀ = K·Qᵀ (−1% and −5%
+# on AVX-512, −2% and +1% on AVX2); `layer_on_pool`, the kernel's own copy of the multi-head
+# layer's projections (the student's layer runs under either backend); each worker's scratch
+# memory reused from call to call; the norms handed from the input check to the kernel through
+# weak references (each tile measures its own rows); and the fork hook (the pool remembers the
+# process that made it).
 
 # %%
 #| default_exp core._attention_kernel
