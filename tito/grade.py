@@ -189,18 +189,41 @@ def _function_at(path: str, line: int) -> str | None:
         body = around.body
 
 
+# Python runs `sitecustomize` from the path at start-up: this one makes `import tinytorch` load the
+# graded package from where it is, with no copy and no link (links need privileges on Windows).
+_ONLY_THE_GRADED_PACKAGE = """\
+import importlib.util
+import os
+import sys
+
+PACKAGE = {package!r}
+
+
+class GradedPackage:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "tinytorch":
+            return None
+        return importlib.util.spec_from_file_location(name, os.path.join(PACKAGE, "__init__.py"),
+                                                      submodule_search_locations=[PACKAGE])
+
+
+sys.meta_path.insert(0, GradedPackage)
+"""
+
+
 def run_grading(module: Module, package: Path, timeout: float, part: str | None = None) -> tuple[list[dict], list[str]]:
     """Run pytest on the module's tests against `package`; returns the plugin's records and any problems.
 
-    Only the graded package is put on the path (a link to it in a scratch folder), so nothing
-    else in the student's workspace, such as a folder named `tito` or `numpy`, can stand in for
-    the real one. `part` (a grade_id) runs only that part's tests.
+    Only the graded package is made importable (by `_ONLY_THE_GRADED_PACKAGE`, from a scratch
+    folder on the path), so nothing else in the student's workspace, such as a folder named
+    `tito` or `numpy`, can stand in for the real one. `part` (a grade_id) runs only that part's tests.
     """
     problems = []
     with tempfile.TemporaryDirectory(prefix="tito-grade-") as scratch:
         report, path = Path(scratch) / "report.jsonl", Path(scratch) / "path"
         path.mkdir()
-        (path / "tinytorch").symlink_to(package, target_is_directory=True)
+        (path / "sitecustomize.py").write_text(_ONLY_THE_GRADED_PACKAGE.format(package=str(package)), encoding="utf-8")
         env = dict(os.environ, PYTHONPATH=str(path), **{PACKAGE_ENV: str(package), REPORT_ENV: str(report),
                                                          MODULE_ENV: f"tinytorch.core.{module.name}"})
         env.pop(PART_ENV, None)

@@ -56,7 +56,7 @@ def _todo_location(report) -> dict | None:
     crash = getattr(report.longrepr, "reprcrash", None)
     if crash is None or "NotImplementedError" not in crash.message:
         return None
-    return {"path": str(Path(crash.path).resolve()), "line": crash.lineno}  # through the scratch link
+    return {"path": str(Path(crash.path).resolve()), "line": crash.lineno}
 
 
 def _grade_id(item) -> str | None:

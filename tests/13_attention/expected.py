@@ -1,13 +1,19 @@
 """Expected values for the tests, stored, so that no reference implementation ships to students.
 
 The tests ask for an expected value the way they would call a reference function:
-`ref.attention(q, k, v, keep)`. What answers depends on where the tests run:
+`ref.attention(q, k, v, keep)`. Each answer is stored under the test that asks and the number of
+its question in that test, `test_masks.py::test_causal_mask[3-5]#0.causal_mask`, as snapshot
+tests name theirs: a key never depends on how a machine rounds the inputs. Beside each answer the
+store keeps a fingerprint of the inputs it was computed from, so that a question asked with other
+inputs gets a clear error instead of a wrong answer.
 
-- In the course repository, `course/reference.py` (a float64 reference written independently
-  of the module, never released) computes the value, and the answer is also checked against the
-  stored copy, so every run there proves that the stored values are the reference's.
-- In a student workspace, made by `tito release`, only `expected_values.npz` exists: the value
-  is looked up by a hash of the function's name and its inputs.
+- In the course repository, `course/reference.py` (a float64 reference written independently of
+  the module, never released) recomputes every answer, and the stored copy must agree with it
+  within `STORE_RTOL`; the test then gets the stored copy. So the course and a release hand every
+  test the same numbers, on every machine, and every course run proves that the store is the
+  reference's.
+- In a student workspace, made by `tito release`, only `expected_values.npz` exists, and the
+  answers are looked up.
 
 After a change to the tests or the reference, rewrite the store from the course repository with
 `TITO_RECORD_EXPECTED=1 pytest tests/13_attention` (the whole folder: the store keeps exactly the
@@ -15,7 +21,6 @@ values that run asks for).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import sys
 import zipfile
@@ -26,35 +31,93 @@ import numpy as np
 STORE_FILE = Path(__file__).with_name("expected_values.npz")
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)      # zip entries carry no time of writing: the store is byte-stable
 
+# The float64 reference against its stored copy. Another CPU's BLAS rounds the reference's dot
+# products differently (FMA or not, other SIMD widths): a dot product of n terms moves by at most
+# about n * 1.1e-16 of its terms' magnitude, and the softmax turns a score's absolute error into a
+# relative error of the weights. The largest products here have n = 4096 and the largest scores
+# are about 1e5, which bounds the difference near 1e-16 * 4096 * 1e5 = 4e-8 in the worst case and
+# about 1e-15 in the measured one. The tests compare float32 results with rtol >= 1e-6, so any
+# store error below 1e-8 cannot change a grade, while a real change to the reference or to a
+# test's inputs moves values by far more.
+STORE_RTOL = 1e-8
+# Integer and boolean answers (masks, lengths, block tables) come from exact arithmetic: compared exactly.
 
-def _feed(digest, value) -> None:
-    """Hash a value by its content: arrays by dtype, shape and bytes; containers item by item."""
+# The fingerprint of the inputs: per array its shape, sum, sum of squares and a position-weighted
+# sum. The inputs are seeded draws, or float32 numbers computed from them; another CPU may round a
+# computed input by a few float32 units in the last place, so a sum of n such numbers may move by
+# n * 8 * 1.2e-7 of their largest magnitude. A different seed, shape or order moves it by far more.
+INPUT_ULPS = 8
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _leaves(value, into: list) -> list:
+    """The arrays and scalars of a test's inputs, in order: a Tensor or CausalMask by its array."""
     if not isinstance(value, (np.ndarray, np.generic)):
-        value = getattr(value, "data", value)                  # a Tensor (or CausalMask) by its array
-    if isinstance(value, (np.ndarray, np.generic)):
-        array = np.ascontiguousarray(value)
-        digest.update(f"array {array.dtype.str} {array.shape};".encode())
-        digest.update(array.tobytes())
-    elif isinstance(value, dict):
-        digest.update(f"dict {len(value)};".encode())
+        value = getattr(value, "data", value)
+    if isinstance(value, dict):
         for name in sorted(value):
-            digest.update(f"{name}=".encode())
-            _feed(digest, value[name])
-    elif isinstance(value, (list, tuple)):
-        digest.update(f"seq {len(value)};".encode())
+            _leaves(value[name], into)
+    elif isinstance(value, (list, tuple)) and not all(np.isscalar(item) for item in value):
         for item in value:
-            _feed(digest, item)
-    elif value is None or isinstance(value, (bool, int, float, str)):
-        digest.update(f"{type(value).__name__} {value!r};".encode())
-    else:
-        raise TypeError(f"cannot key an expected value by an input of type {type(value).__name__}")
+            _leaves(item, into)
+    elif isinstance(value, str):
+        raise TypeError(f"cannot fingerprint an input of type str ({value!r}): pass numbers and arrays")
+    elif value is not None:
+        into.append(np.asarray(value))
+    return into
 
 
-def case_key(function: str, args: tuple, kwargs: dict) -> str:
-    digest = hashlib.sha256(function.encode())
-    _feed(digest, list(args))
-    _feed(digest, {name: kwargs[name] for name in sorted(kwargs)})
-    return f"{function}-{digest.hexdigest()[:24]}"
+def fingerprint(args: tuple, kwargs: dict) -> np.ndarray:
+    """Each input array as (size, ndim, *shape, sum, sum of squares, weighted sum, largest |x|), in float64."""
+    numbers = []
+    for array in _leaves([list(args), {name: kwargs[name] for name in sorted(kwargs)}], []):
+        flat = np.nan_to_num(array.astype(np.float64).ravel(), nan=0.0, posinf=3e38, neginf=-3e38)
+        weights = np.cos(np.arange(flat.size))                       # a permutation moves this sum
+        largest = float(np.abs(flat).max()) if flat.size else 0.0
+        numbers += [flat.size, array.ndim, *array.shape, flat.sum(), (flat * flat).sum(), flat @ weights, largest]
+    return np.array(numbers, dtype=np.float64)
+
+
+def same_inputs(stored: np.ndarray, asked: np.ndarray) -> bool:
+    """Whether two fingerprints describe the same inputs, up to another CPU's float32 rounding."""
+    if stored.shape != asked.shape:
+        return False
+    position = 0
+    while position < len(stored):
+        size, ndim = int(stored[position]), int(stored[position + 1])
+        header = slice(position, position + 2 + ndim)
+        if not np.array_equal(stored[header], asked[header]):      # size, rank and shape: exact
+            return False
+        total, squares, weighted, largest = stored[header.stop:header.stop + 4]
+        slack = max(size, 1) * INPUT_ULPS * FLOAT32_EPS * largest
+        limits = np.array([slack, 2 * slack * largest, slack, slack])
+        asked_sums = asked[header.stop:header.stop + 4]
+        if np.any(np.abs(asked_sums - [total, squares, weighted, largest]) > limits + 1e-300):
+            return False
+        position = header.stop + 4
+    return True
+
+
+def agrees(stored: np.ndarray, computed: np.ndarray) -> bool:
+    """Whether a stored answer is the reference's, computed on this machine, within STORE_RTOL."""
+    stored, computed = np.asarray(stored), np.asarray(computed)
+    if stored.shape != computed.shape or stored.dtype.kind != computed.dtype.kind:
+        return False
+    if stored.dtype.kind != "f":
+        return np.array_equal(stored, computed)
+    finite = np.isfinite(stored)
+    if not np.array_equal(finite, np.isfinite(computed)) or not np.array_equal(stored[~finite], computed[~finite],
+                                                                                 equal_nan=True):
+        return False                                  # -inf, +inf and NaN stand where they stood
+    return relative_difference(stored[finite], computed[finite]) <= STORE_RTOL
+
+
+def relative_difference(stored: np.ndarray, computed: np.ndarray) -> float:
+    """The largest difference of two float arrays, in units of their largest magnitude (at least 1)."""
+    if not stored.size:
+        return 0.0
+    scale = max(1.0, float(np.abs(stored).max()))
+    return float(np.abs(stored - computed).max()) / scale
 
 
 def _flatten(key: str, value, into: dict) -> None:
@@ -70,7 +133,7 @@ def _flatten(key: str, value, into: dict) -> None:
 def _unflatten(key: str, arrays: dict):
     if f"{key}.len" in arrays:
         return tuple(_unflatten(f"{key}.{index}", arrays) for index in range(int(arrays[f"{key}.len"])))
-    return arrays[key]
+    return np.array(arrays[key])             # a copy: a test may change the array it was handed
 
 
 def read_store(path: Path = STORE_FILE) -> dict:
@@ -110,7 +173,7 @@ def _refuse_inside_the_package(function: str) -> None:
 
 
 class ExpectedValues:
-    """`expected.NAME(*inputs)`: the reference's NAME on these inputs, computed or looked up.
+    """`expected.NAME(*inputs)`: the reference's NAME on these inputs, looked up (and recomputed in the course).
 
     Args:
         stored: the store's arrays by name.
@@ -121,6 +184,14 @@ class ExpectedValues:
     def __init__(self, stored: dict, reference=None, record: bool = False):
         self._stored, self._reference, self._record = stored, reference, record
         self.asked: dict = {}                 # what this run asked for, flattened: the next store
+        self._test: str | None = None         # the test now running, as `file.py::name[params]`
+        self._questions = 0                   # how many questions that test has asked so far
+        self.checked = 0                      # answers recomputed and found stored (course repository)
+        self.largest_difference = 0.0         # the largest relative_difference among them
+
+    def begin_test(self, test_id: str | None) -> None:
+        """Answer the questions of this test next (None: no test is running)."""
+        self._test, self._questions = test_id, 0
 
     def __getattr__(self, function: str):
         if function.startswith("_"):
@@ -128,34 +199,57 @@ class ExpectedValues:
 
         def expected(*args, **kwargs):
             _refuse_inside_the_package(function)
-            key = case_key(function, args, kwargs)
+            if self._test is None:
+                raise RuntimeError(f"the expected value of {function} was asked for outside a test: "
+                                   "answers are stored by the test that asks")
+            key = f"{self._test}#{self._questions}.{function}"
+            self._questions += 1
+            inputs = fingerprint(args, kwargs)
             if self._reference is None:
-                return self._look_up(key, function)
+                return self._look_up(key, function, inputs)
             value = getattr(self._reference, function)(*args, **kwargs)
-            flat: dict = {}
+            flat = {f"{key}.inputs": inputs}
             _flatten(key, value, flat)
             self.asked.update(flat)
-            if not self._record:
-                self._check_stored(key, function, flat)
-            return value
+            if self._record:
+                return value
+            self._check_stored(key, function, flat)
+            return self._look_up(key, function, inputs)
 
         return expected
 
-    def _look_up(self, key: str, function: str):
-        if f"{key}.len" not in self._stored and key not in self._stored:
+    def _look_up(self, key: str, function: str, inputs: np.ndarray):
+        if f"{key}.inputs" not in self._stored:
             raise LookupError(
-                f"no stored expected value of {function} for these inputs. The inputs of this case differ from "
-                f"the ones the course's tests use: they are drawn from seeded random numbers, or computed by "
-                f"the test, so an input that depends on your code's output (for example a layer's weights) "
-                f"means your code changed it")
+                f"no stored expected value for question {key}: this test asks more questions, or other ones, "
+                f"than the course's tests do")
+        if not same_inputs(self._stored[f"{key}.inputs"], inputs):
+            raise LookupError(
+                f"the expected value of {function} for question {key} was stored for other inputs. The inputs "
+                f"are seeded random numbers, or computed by the test, so an input that depends on your code's "
+                f"output (for example a layer's weights) means your code changed it")
         return _unflatten(key, self._stored)
 
     def _check_stored(self, key: str, function: str, flat: dict) -> None:
         for name, array in flat.items():
-            if name not in self._stored or not np.array_equal(self._stored[name], array, equal_nan=True):
+            same = same_inputs if name.endswith(".inputs") else agrees
+            if name not in self._stored or not same(self._stored[name], array):
+                what = ("was stored for other inputs" if name.endswith(".inputs") and name in self._stored
+                        else f"is not stored as computed ({name})")
                 raise AssertionError(
-                    f"expected_values.npz is stale: the reference's {function} is not stored as computed for this "
-                    f"case; rewrite it with TITO_RECORD_EXPECTED=1 pytest tests/13_attention")
+                    f"expected_values.npz is stale: the reference's {function} for question {key} {what}; "
+                    f"rewrite it with TITO_RECORD_EXPECTED=1 pytest tests/13_attention")
+            if array.dtype.kind == "f" and not name.endswith(".inputs"):
+                finite = np.isfinite(array)
+                self.largest_difference = max(self.largest_difference,
+                                              relative_difference(self._stored[name][finite], array[finite]))
+        self.checked += 1
+
+
+def test_id(path: Path, nodeid: str) -> str:
+    """A test's name in the store: its file, relative to this folder, and its name with parameters."""
+    relative = Path(path).resolve().relative_to(STORE_FILE.parent.resolve()).as_posix()
+    return f"{relative}::{nodeid.split('::', 1)[1]}"
 
 
 def weights_of(layer) -> list:

@@ -66,6 +66,8 @@ def _attend_in_child(_):
         return float(ScaledDotProductAttention()(x, x, x).data.sum())
 
 
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                    reason="only POSIX forks a process with the parent's threads' state (Windows spawns)")
 def test_a_forked_child_can_use_the_thread_pool():
     x = np.random.default_rng(1).normal(size=(1, 4, 300, 16))
     with attention_backend("fast"):
