@@ -169,7 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             format_table, plot_sweep, profiler_check, run_ablation, run_bench)
 
     if args.ablation:
-        result = run_ablation(quick=args.quick)
+        result = run_ablation(quick=args.quick, **({} if args.pairs is None else {"pairs": args.pairs}))
         print(format_ablation(result))
         if args.json is not None:
             _write_json(args.json, result)
@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ablation", action="store_true",
                        help="instead: switch each technique of the tuned kernel off in turn and print its gain "
                        "on the goal rows")
+    bench.add_argument("--pairs", type=int, default=None, metavar="N",
+                       help="with --ablation: alternating runs with and without each technique, per goal row (default 7)")
     bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--plot", type=Path, default=None, metavar="PATH",
                        help="also save the sweep's log-log plot as a PNG (needs matplotlib)")

@@ -84,7 +84,7 @@ class Module:
 
     @property
     def sources(self) -> list[Source]:
-        """The main source first, then any provided ones beside it (`_attention_runtime_dev.py`),
+        """The main source first, then any provided ones beside it (`_attention_checks_dev.py`),
         each exported to its own package file."""
         provided = sorted(path for path in self.folder.glob(f"*{SOURCE_SUFFIX}") if path != self.source)
         return [self.main, *(Source(self.root, path) for path in provided)]

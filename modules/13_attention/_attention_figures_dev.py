@@ -29,7 +29,7 @@
 #| export
 import numpy as np
 
-from tinytorch.core._attention_runtime import check_int
+from tinytorch.core._attention_checks import check_int
 
 # One palette for every picture: signed numbers on a red-blue map centred on 0, weights in blues,
 # and one colour per head, kernel or cache state.

@@ -16,38 +16,45 @@
 # %% [markdown]
 # # Module 13, provided: the tuned attention kernel
 #
-# > The tiled, threaded attention that runs when `set_attention_backend("fast")` switches it on.
-# > Provided complete; it computes what the lesson's `math_attention` and `MultiHeadAttention`
-# > compute, and the tests hold it to a float64 reference.
+# > The tiled, threaded attention core that runs when `set_attention_backend("fast")` switches it on.
+# > Provided complete; it computes what the lesson's `math_attention` computes, and the tests hold
+# > it to a float64 reference. Every layer and cache around it is the student's.
 #
 # Everything the kernel needs comes in as arguments: checked float32 arrays, the boolean mask or
 # a causal offset, the scale, and `techniques`, which says which of its techniques to use. Nothing
-# is carried from one call to the next except the worker pool and its threads. `tito bench
-# --ablation` switches each technique off in turn and measures what it buys.
+# is carried from one call to the next except the worker pool and its threads, and the techniques
+# chosen for the machine (section 1), once per process. `tito bench --ablation` switches each
+# technique on and off, the others as chosen for the machine, and measures what it buys.
 #
-# ## Design note: what each technique buys and what it guards against
+# ## Design note: what each technique buys, per machine class, and what it guards against
 #
-# The gain is the time without the technique over the time with it, minus 1, as measured by
-# `tito bench --ablation` (the median of alternating runs, kernel called directly) on the goal
-# row where it helps most. Measured on a shared 2-core machine with a 1-minute load of 4 to 5
-# from other jobs, so each figure moves by several percent between runs; the README holds the
-# full table. A technique stays only where it gains at least 5% on some goal row.
+# Gain: the time without the technique over the time with it, minus 1, median of alternating
+# runs; SDPA and causal SDPA are 4 x 8 heads x 512 x 64, the kernel called directly (41 pairs),
+# the other rows through the layers (`tito bench --ablation --pairs 15`). Two classes of the same
+# shared 2-core AMD EPYC: AVX-512 as it is, and AVX2 as NumPy and OpenBLAS see it with
+# `OPENBLAS_CORETYPE=Haswell` and NumPy's AVX-512 groups in `NPY_DISABLE_CPU_FEATURES`. The
+# machine carried a 1-minute load of 4.8 to 7.6 from other jobs, so a single run moves by tens of
+# percent and only the medians mean much. A technique stays only if it pays on some class;
+# `machine_techniques()` switches it off where it loses.
 #
-# | technique | switch | gain (best row) | numerical hazard it guards against |
-# |---|---|---|---|
-# | worker pool: the caller plus one thread per further core, BLAS held at one thread | `threads` | +397% SDPA | none: each tile is computed by one thread, so results do not depend on scheduling |
-# | tile sizes: 512-row plain tiles; 32-row causal tiles across heads, within `TILE_SCORES` | `tuned_tiles` | +64% SDPA | none; a tile holds at most `TILE_SCORES` scores, so memory stays bounded at long S |
-# | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +61% causal SDPA | rows that see no key at all are written as zeros, as the formula's fully masked rows |
-# | Sᵀ = K·Qᵀ for tiles of few query rows | `keys_first` | +20 to +30% causal SDPA | none: the same products, read transposed |
-# | shift-free softmax: row maxima not subtracted where norms prove it safe | `shift_free` | +19% SDPA | overflow and underflow of exp: taken only when max‖q‖·max‖k‖·scale·log2 e ≤ 86, S·2^86·max\|v\| fits float32, and the base-2 scale itself fits float32; each tile measures its own rows |
-# | the layer's projections as row blocks on the pool, heads as strided views | `layer_on_pool` | +12 to +22% (causal) multi-head | none: the same products; BLAS's own threads no longer wake against the pool's |
-# | row sums as a matrix-vector product | `blas_row_sums` | +9 to +11% causal SDPA | none: on a transposed view of Sᵀ, `sum(axis=-1)` walks columns |
-# | base-2 exponentials: Q scaled by scale·log2 e, then `exp2` | `base2` | +2 to +10% SDPA (noisy); `exp2` takes 57 µs against `exp`'s 119 µs on one 512 × 512 tile, about 8% of the tile | `exp2` is slow on -inf and on underflow: masked scores are zeroed after it, and only the shift-free path uses it |
+# | technique | switch | AVX-512 | AVX2 | numerical hazard it guards against |
+# |---|---|---|---|---|
+# | worker pool: the caller plus one thread per further core, BLAS held at one thread | `threads` | +279% SDPA, +506% causal, +79% multi-head | +354% SDPA, +337% causal, +85% multi-head | none: each tile is computed by one thread, so results do not depend on scheduling |
+# | tile sizes: 512-row plain tiles; 32-row causal tiles across heads, within `TILE_SCORES` | `tuned_tiles` | +30% SDPA, +11% causal | +17% SDPA | none; a tile holds at most `TILE_SCORES` scores, so memory stays bounded at long S |
+# | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +34% causal SDPA, +12% causal multi-head | +30% causal SDPA | rows that see no key at all are written as zeros, as the formula's fully masked rows |
+# | shift-free softmax: row maxima not subtracted where norms prove it safe | `shift_free` | +16% SDPA, +26% causal | +5% SDPA, −3% causal (no clear effect); +7% and +5% through the layers | overflow and underflow of exp: taken only when max‖q‖·max‖k‖·scale·log2 e ≤ 86, S·2^86·max\|v\| fits float32, and the base-2 scale itself fits float32; each tile measures its own rows |
+# | row sums as a matrix-vector product | `blas_row_sums` | +6% SDPA, +5% causal | +4% SDPA, +8% causal | none: the same sums, by BLAS instead of NumPy's reduction |
+# | base-2 exponentials: Q scaled by scale·log2 e, then `exp2` | `base2` | +4% SDPA, +6% causal; `exp2` 0.64 ns against `exp`'s 0.74 ns per number | −26% SDPA, −15% causal; `exp2` 3.4 ns against `exp`'s 3.0 ns: NumPy runs it scalar: **off** | `exp2` is slow on -inf and on underflow: masked scores are zeroed after it, and only the shift-free path uses it |
 #
-# Removed: each worker's scratch memory reused from call to call (−7% to +2% on every goal row:
-# freed tiles come back from the heap without fresh page faults), the norms handed from the
-# input check to the kernel through weak references (each tile now measures its own rows), and
-# the fork hook (the pool remembers the process that made it).
+# No technique needed a calibration at first use: the only one whose sign differs between the
+# two classes is `base2`, and a CPU feature decides it.
+#
+# Removed: `keys_first`, the scores of few-row tiles formed transposed as Sᵀ = K·Qᵀ (−1% and −5%
+# on AVX-512, −2% and +1% on AVX2); `layer_on_pool`, the kernel's own copy of the multi-head
+# layer's projections (the student's layer runs under either backend); each worker's scratch
+# memory reused from call to call; the norms handed from the input check to the kernel through
+# weak references (each tile measures its own rows); and the fork hook (the pool remembers the
+# process that made it).
 
 # %%
 #| default_exp core._attention_kernel
@@ -59,7 +66,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -69,33 +75,45 @@ import numpy as np
 #
 # Graded tests run inside `provided_kernels_refused()`: there the kernel raises instead of
 # running, so a student function that hands its work to the kernel fails its tests instead of
-# earning their points.
+# earning their points. The refusal is process-wide: it holds in every thread, including one
+# that a student function starts itself (a context variable would not follow it there). A count
+# of the blocks inside it, under a lock, lets blocks nest and overlap.
 
 # %%
 #| export
-_refused: ContextVar = ContextVar("tinytorch_provided_kernels_refused", default=False)
+_refusals = 0                          # how many provided_kernels_refused() blocks are open, in any thread
+_refusals_lock = threading.Lock()
 
 
 @contextmanager
 def provided_kernels_refused():
-    """Inside this block the tuned kernel raises instead of running (in the current thread)."""
-    token = _refused.set(True)
+    """Inside this block the tuned kernel raises instead of running, in every thread of the process."""
+    global _refusals
+    with _refusals_lock:
+        _refusals += 1
     try:
         yield
     finally:
-        _refused.reset(token)
+        with _refusals_lock:
+            _refusals -= 1
 
 
 def _refuse_while_grading() -> None:
-    if _refused.get():
+    if _refusals:
         raise RuntimeError("the provided tuned attention kernel is switched off while grading: every graded "
                            "function must compute its result with the student's own code")
 
 # %% [markdown]
-# ## 1. The techniques, as explicit options
+# ## 1. The techniques, as explicit options, chosen for the machine
 #
 # `Techniques()` is every technique on; `Techniques(base2=False)` is the kernel without base-2
-# exponentials, and so on. The layers pass `DEFAULT_TECHNIQUES`; the ablation passes the others.
+# exponentials, and so on. A call that passes no techniques uses `machine_techniques()`: each
+# technique on only where it helps on the CPU running it. Where a CPU feature decides it, the
+# feature decides: NumPy vectorises float32 `exp2` only with AVX512_SKX
+# (`loops_umath_fp.dispatch.c.src`), while it vectorises `exp` with AVX2 and AVX-512 alike
+# (`loops_exponent_log.dispatch.c.src`), so on AVX2 and NEON `exp2` runs scalar, about twice
+# `exp`'s time, and `base2` is off there. The choice is made once per process and kept;
+# `tito bench` prints it, and a caller overrides it by passing `Techniques`.
 
 # %%
 #| export
@@ -106,14 +124,44 @@ class Techniques:
     threads: bool = True         # tiles on the caller plus a pool thread per further core, BLAS on one thread
     causal_tiles: bool = True    # skip key blocks in a row block's future instead of masking them
     shift_free: bool = True      # skip the softmax's max-subtraction where norms prove it safe
-    base2: bool = True           # on that path: base-2 scores and exp2, about twice as fast as exp
-    keys_first: bool = True      # tiles of few rows form Sᵀ = K·Qᵀ, K read as stored
+    base2: bool = True           # on that path: base-2 scores and exp2, where exp2 is vectorised
     tuned_tiles: bool = True     # 512-row plain tiles, 32-row causal tiles spanning heads (off: 64 rows per head)
-    layer_on_pool: bool = True   # a layer's projections run on the pool too, heads as strided views
     blas_row_sums: bool = True   # row sums as a matrix-vector product instead of sum(axis=-1)
 
 
-DEFAULT_TECHNIQUES = Techniques()
+def cpu_features() -> dict:
+    """The CPU features NumPy dispatches to in this process (NPY_DISABLE_CPU_FEATURES removes some)."""
+    core = np._core if hasattr(np, "_core") else np.core          # NumPy 2 renamed numpy.core
+    return dict(core._multiarray_umath.__cpu_features__)
+
+
+def simd_level(features: dict | None = None) -> str:
+    """The widest SIMD NumPy uses here: "AVX-512", "AVX2", "NEON" or "baseline"."""
+    features = cpu_features() if features is None else features
+    if features.get("AVX512_SKX"):
+        return "AVX-512"
+    if features.get("AVX2"):
+        return "AVX2"
+    if features.get("ASIMD") or features.get("NEON"):
+        return "NEON"
+    return "baseline"
+
+
+def techniques_for(features: dict) -> Techniques:
+    """The techniques that pay on a CPU with these features."""
+    return Techniques(base2=bool(features.get("AVX512_SKX")))       # exp2 vectorised only with AVX512_SKX
+
+
+_machine_techniques = None          # chosen on first use, then kept for the process
+
+
+def machine_techniques() -> Techniques:
+    """The techniques chosen for the CPU running this process, on first use; the same object afterwards."""
+    global _machine_techniques
+    if _machine_techniques is None:
+        _machine_techniques = techniques_for(cpu_features())
+    return _machine_techniques
+
 
 TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32, within a core's share of cache
 QUERY_ROWS = 512                 # plain tiles: up to 512 query rows (all of T = 512: measured fastest)
@@ -255,23 +303,18 @@ def shift_free(q, k, v, scale: float) -> bool:
     return bound <= SHIFT_FREE_BOUND and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * largest_value <= FLOAT32_MAX
 
 
-def attend_tile(q, k, v, hidden, output, weights, scale: float, keys_first: bool,
-                techniques: Techniques) -> None:
+def attend_tile(q, k, v, hidden, output, weights, scale: float, techniques: Techniques) -> None:
     """Softmax attention of one tile, written into `output` (and `weights`) in place.
 
     q (..., r, d), k (..., s, d), v (..., s, dv), leading axes broadcasting; hidden (..., r, w),
     True = masked, covers the last w keys (all of them, or a causal tile's diagonal block), or
-    None. keys_first: form Sᵀ = K·(Q·scale)ᵀ and read it transposed.
+    None.
     """
-    (r, d), s = q.shape[-2:], k.shape[-2]
+    s = k.shape[-2]
     unshifted = techniques.shift_free and shift_free(q, k, v, scale)
     base2 = unshifted and techniques.base2
     q_scale = np.float32(scale * LOG2_E if base2 else scale)
-    if keys_first:
-        q_t = np.multiply(np.swapaxes(q, -1, -2), q_scale, out=np.empty(q.shape[:-2] + (d, r), dtype=np.float32))
-        scores = np.swapaxes(np.matmul(k, q_t), -1, -2)                                             # (..., r, s)
-    else:
-        scores = np.matmul(q * q_scale, np.swapaxes(k, -1, -2))                                     # (..., r, s)
+    scores = np.matmul(q * q_scale, np.swapaxes(k, -1, -2))                                         # (..., r, s)
     masked = None if hidden is None else scores[..., s - hidden.shape[-1]:]
     if unshifted:
         (np.exp2 if base2 else np.exp)(scores, out=scores)
@@ -303,9 +346,7 @@ def attend_tile(q, k, v, hidden, output, weights, scale: float, keys_first: bool
 # **Plain tiles** are one head and up to `QUERY_ROWS` query rows each, within `TILE_SCORES`
 # scores. **Causal tiles** (a causal offset instead of a boolean mask) are `CAUSAL_QUERY_ROWS`
 # rows across every head at once (a group of heads when that would exceed `TILE_SCORES`), over
-# only the keys their last row may see; only the block on the diagonal is masked. Tiles of few
-# rows form the scores transposed, Sᵀ = K·Qᵀ: for so few rows OpenBLAS is about twice as fast on
-# that product, which reads K as stored, as on Q·Kᵀ.
+# only the keys their last row may see; only the block on the diagonal is masked.
 
 # %%
 #| export
@@ -330,7 +371,6 @@ def _causal_tasks(q, k, v, offset, output, weights, scale, techniques) -> list:
         groups = [index + (slice(h, h + per),) for index in np.ndindex(*lead[:-1]) for h in range(0, lead[-1], per)]
     else:
         groups = list(np.ndindex(*lead))                         # one head per tile
-    keys_first = techniques.keys_first
     tasks = []
     for r0 in range(0, T, rows):
         r1 = min(r0 + rows, T)
@@ -341,7 +381,7 @@ def _causal_tasks(q, k, v, offset, output, weights, scale, techniques) -> list:
         for g in groups:
             tasks.append((q[g][..., r0:r1, :], k[g][..., :seen, :], v[g][..., :seen, :], triangle,
                           output[g][..., r0:r1, :], None if weights is None else weights[g][..., r0:r1, :seen],
-                          scale, keys_first, techniques))
+                          scale, techniques))
     return tasks[::-1]                           # largest first: the workers finish together
 
 
@@ -349,14 +389,13 @@ def _row_tasks(q, k, v, hidden, output, weights, scale, techniques) -> list:
     """Tiles of a general attention: one head and a block of query rows each, within TILE_SCORES scores."""
     lead, T, S = output.shape[:-2], q.shape[-2], k.shape[-2]
     rows = max(1, min(QUERY_ROWS, TILE_SCORES // max(S, 1))) if techniques.tuned_tiles else UNTUNED_ROWS
-    keys_first = techniques.keys_first and rows < QUERY_ROWS and techniques.tuned_tiles
     tasks = []
     for r0 in range(0, T, rows):
         r1 = min(r0 + rows, T)
         for index in np.ndindex(*lead):
             tasks.append((q[index][r0:r1], k[index], v[index], None if hidden is None else hidden[index][r0:r1],
                           output[index][r0:r1], None if weights is None else weights[index][r0:r1], scale,
-                          keys_first, techniques))
+                          techniques))
     return tasks
 
 # %% [markdown]
@@ -379,7 +418,7 @@ def simplify_mask(keep, T: int, S: int):
 
 
 def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weights: bool = False, out=None,
-              techniques: Techniques = DEFAULT_TECHNIQUES):
+              techniques: Techniques | None = None):
     """Softmax attention on checked float32 arrays; returns (output, weights or None).
 
     Args:
@@ -389,9 +428,10 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         offset: the diagonal offset of a causal mask covering the (T, S) scores; replaces `keep`.
         need_weights: also return the (..., T, S) weights.
         out: an array (any strides) of shape (..., T, dv) to write the output into.
-        techniques: which techniques to use.
+        techniques: which techniques to use; None: `machine_techniques()`.
     """
     _refuse_while_grading()
+    techniques = machine_techniques() if techniques is None else techniques
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if offset is None:
@@ -409,7 +449,7 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
     if math.prod(lead) * T * S < PARALLEL_MIN_SCORES:           # one vectorised tile on the caller
         hidden = (None if keep is None else np.broadcast_to(~keep, lead + (T, S))) if offset is None \
             else ~np.tri(T, S, k=offset, dtype=bool)
-        attend_tile(q, k, v, hidden, output, weights, scale, False,
+        attend_tile(q, k, v, hidden, output, weights, scale,
                     replace(techniques, shift_free=False))       # measuring the norms would cost more
     elif offset is not None:
         POOL.map(attend_tile, _causal_tasks(q, k, v, offset, output, weights, scale, techniques),
@@ -418,94 +458,3 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
         POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), techniques.threads)
     return output, weights
-
-# %% [markdown]
-# ## 6. The multi-head layer
-#
-# `multihead_attention` computes `MultiHeadAttention.forward` from the layer's weights, heads and
-# cache. Its projections are row blocks on the pool, so that BLAS never wakes its own threads
-# against the pool's; the heads are strided views of the projections, (B, T, Hkv, G, hd) read as
-# (B, Hkv, G, T, hd), so the split, the grouped key/value heads and the merge copy nothing; and
-# the kv cache is written at `[length : length + T]` as the lesson's `append` writes it.
-
-# %%
-#| export
-def _project(x2d, weights, outputs, techniques) -> None:
-    """outputs[i] = x2d @ weights[i], in row blocks on the pool (or by BLAS's own threads without `layer_on_pool`)."""
-    rows = x2d.shape[0]
-    if not (techniques.layer_on_pool and techniques.threads) or rows * x2d.shape[1] < PARALLEL_MIN_SCORES // 4:
-        for w, out in zip(weights, outputs):
-            np.matmul(x2d, w, out=out)
-        return
-    block = max(1, -(-rows // (2 * cores())))
-    POOL.map(lambda r0, w, out: np.matmul(x2d[r0:r0 + block], w, out=out[r0:r0 + block]),
-             [(r0, w, out) for w, out in zip(weights, outputs) for r0 in range(0, rows, block)])
-
-
-def _append_to_cache(cache, k, v) -> tuple:
-    """Write (B, T, Hkv, hd) keys and values after each row's cached ones; (keys, values, lengths after)."""
-    B, T = k.shape[:2]
-    starts = cache.cache_lengths[:B].copy()
-    if B and (starts == starts[0]).all():
-        s0 = int(starts[0])
-        cache.cached_keys[:B, :, s0:s0 + T] = k.transpose(0, 2, 1, 3)       # (B, Hkv, T, hd)
-        cache.cached_values[:B, :, s0:s0 + T] = v.transpose(0, 2, 1, 3)
-    else:
-        for row, s0 in enumerate(starts.tolist()):                      # rows of different lengths
-            cache.cached_keys[row, :, s0:s0 + T] = k[row].transpose(1, 0, 2)
-            cache.cached_values[row, :, s0:s0 + T] = v[row].transpose(1, 0, 2)
-    cache.cache_lengths[:B] = starts + T
-    longest = int(starts.max()) + T if B else T
-    return cache.cached_keys[:B, :, :longest], cache.cached_values[:B, :, :longest], starts + T
-
-
-def multihead_attention(layer, x_q, x_k, x_v, keep, offset, kv_cache, need_weights: bool,
-                        techniques: Techniques = DEFAULT_TECHNIQUES):
-    """A MultiHeadAttention's (output (B, T, E), weights (B, H, T, S) or None) from checked inputs.
-
-    Args:
-        layer: reads w_q, w_k, w_v, w_o (Tensors), num_heads, num_kv_heads, head_dim.
-        x_q: (B, T, E); x_k, x_v: (B, S, E), float32.
-        keep: boolean mask broadcasting to (B, H, T, S), or None; offset: a causal mask's offset instead.
-        kv_cache: a KVCache (cached_keys, cached_values, cache_lengths) or None.
-    """
-    _refuse_while_grading()
-    B, T, E = x_q.shape
-    S, H, Hkv, hd = x_k.shape[1], layer.num_heads, layer.num_kv_heads, layer.head_dim
-    G = H // Hkv
-    w_q, w_k, w_v, w_o = (w.data for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o))
-    q = np.empty((B * T, E), dtype=np.float32)
-    k, v = (np.empty((B * S, Hkv * hd), dtype=np.float32) for _ in range(2))
-    if x_k is x_q and x_v is x_q:                                    # self-attention: one pass over x
-        _project(x_q.reshape(B * T, E), (w_q, w_k, w_v), (q, k, v), techniques)
-    else:
-        _project(x_q.reshape(B * T, E), (w_q,), (q,), techniques)
-        _project(x_k.reshape(B * S, E), (w_k,), (k,), techniques)
-        _project(x_v.reshape(B * S, E), (w_v,), (v,), techniques)
-    k, v = k.reshape(B, S, Hkv, hd), v.reshape(B, S, Hkv, hd)
-    if kv_cache is None:
-        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # (B, Hkv, S, hd) views
-    else:
-        keys, values, lengths = _append_to_cache(kv_cache, k, v)                 # (B, Hkv, L, hd)
-        L = keys.shape[2]
-        if (lengths == L).all():
-            visible = None
-            if keep is None:
-                offset = L - T                                                   # causal over the cache
-            else:
-                keep = keep & np.tri(T, L, k=L - T, dtype=bool)
-        else:
-            positions = lengths[:, None] - T + np.arange(T)[None, :]             # (B, T)
-            visible = (np.arange(L)[None, None, :] <= positions[:, :, None])[:, None]   # (B, 1, T, L)
-            keep = visible if keep is None else keep & visible
-    L = keys.shape[2]
-    if keep is not None:                                                         # (b, h, T, L) -> (b, Hkv, G|1, T, L)
-        keep = keep.reshape((1, 1) + keep.shape) if keep.ndim == 2 else keep
-        keep = keep.reshape(keep.shape[:1] + ((Hkv, G) if keep.shape[1] == H else (1, 1)) + keep.shape[2:])
-    context = np.empty((B, T, Hkv, G, hd), dtype=np.float32)
-    _, weights = attention(q.reshape(B, T, Hkv, G, hd).transpose(0, 2, 3, 1, 4),     # (B, Hkv, G, T, hd)
-                           keys[:, :, None], values[:, :, None], keep, 1.0 / math.sqrt(hd), offset, need_weights,
-                           out=context.transpose(0, 2, 3, 1, 4), techniques=techniques)
-    output = np.empty((B * T, E), dtype=np.float32)
-    _project(context.reshape(B * T, E), (w_o,), (output,), techniques)
-    return output.reshape(B, T, E), None if weights is None else weights.reshape(B, H, T, L)

@@ -39,7 +39,8 @@ import time
 
 import numpy as np
 
-from tinytorch.core._attention_runtime import check_int, single_threaded_blas
+from tinytorch.core._attention_backend import single_threaded_blas
+from tinytorch.core._attention_checks import check_int
 
 # %% [markdown]
 # ## 1. A gradient check by central differences

@@ -67,10 +67,11 @@
 # example and on larger ones. Each part ends with a short *Try it* exercise: change something,
 # run it, and see what happens. Those are not graded.
 #
-# The input checks are provided in `_attention_runtime_dev.py` beside this notebook, the tuned
-# kernel and its thread pool in `_attention_kernel_dev.py`, the figures in
-# `_attention_figures_dev.py`, and the gradient check and training demonstration of Part 11 in
-# `_attention_training_dev.py`. You never need to read them, but you may.
+# Beside this notebook are the provided parts: the input checks in `_attention_checks_dev.py`,
+# what your classes extend in `_attention_bases_dev.py`, the switch to the tuned kernel in
+# `_attention_backend_dev.py`, the kernel and its thread pool in `_attention_kernel_dev.py`, the
+# figures in `_attention_figures_dev.py`, and the gradient check and training demonstration of
+# Part 11 in `_attention_training_dev.py`. You never need to read them, but you may.
 
 # %%
 #| default_exp core.attention
@@ -84,7 +85,8 @@ import tracemalloc
 import numpy as np
 
 from tinytorch.core.tensor import ParameterList, Tensor
-from tinytorch.core._attention_runtime import KVCacheBase, Layer, PagedKVCacheBase, ProfilerSweeps, checked
+from tinytorch.core._attention_bases import KVCacheBase, Layer, PagedKVCacheBase, ProfilerSweeps
+from tinytorch.core._attention_checks import checked
 
 # %%
 from tinytorch.core._attention_figures import (
@@ -493,14 +495,14 @@ def attention_with_dropout(query, key, value, mask, scale: float, dropout: float
     ### END SOLUTION
 
 # %% [markdown]
-# The layer itself is provided. It picks the kernel: the blocked loop of Part 8 when
-# `block_size` is set, your dropout in training mode, the tuned kernel of Part 7 only when it is
-# switched on, and otherwise your `math_attention`.
+# The layer itself is provided. It picks the attention core, in this one place: your dropout in
+# training mode; the tuned kernel of Part 7 when it is switched on; otherwise the blocked loop
+# of Part 8 when `block_size` is set, and your `math_attention`. Everything around the core
+# (the multi-head layer, the caches) is always your code.
 
 # %%
 #| export
-from tinytorch.core._attention_runtime import causal_offset, get_attention_backend, parallel_blocked_attention
-from tinytorch.core._attention_runtime import tuned_attention
+from tinytorch.core._attention_backend import get_attention_backend, parallel_blocked_attention, tuned_attention
 
 
 @checked
@@ -518,14 +520,13 @@ class ScaledDotProductAttention(Layer):
         Returns the output (..., T, d_v), or (output, weights (..., T, S)) with return_attention_weights.
         """
         scale = 1.0 / (math.sqrt(query.shape[-1]) * self.temperature)
-        offset = causal_offset(mask, query.shape[-2], key.shape[-2])      # a causal mask's future can be skipped
-        if self.block_size is not None:
-            output, weights = parallel_blocked_attention(blocked_attention, query, key, value, mask, offset, scale,
-                                                         self.block_size), None
-        elif self.training and self.dropout > 0:
+        if self.training and self.dropout > 0:
             output, weights = attention_with_dropout(query, key, value, mask, scale, self.dropout, self._rng)
-        elif get_attention_backend() == "fast":
-            output, weights = tuned_attention(query, key, value, mask, scale, offset, return_attention_weights)
+        elif get_attention_backend() == "fast":                          # the tuned core, switched on by choice
+            output, weights = tuned_attention(query, key, value, mask, scale, return_attention_weights)
+        elif self.block_size is not None:
+            output, weights = parallel_blocked_attention(blocked_attention, query, key, value, mask, scale,
+                                                         self.block_size), None
         else:
             output, weights = math_attention(query, key, value, mask, scale)
         return (output, weights) if return_attention_weights else output
@@ -1165,7 +1166,7 @@ test_unit_memory_costs()
 # and to run.
 
 # %%
-from tinytorch.core._attention_runtime import attention_backend, fast_attention, single_threaded_blas
+from tinytorch.core._attention_backend import attention_backend, fast_attention, single_threaded_blas
 
 
 def tiled_attention(q, k, v, causal=False, rows=64):
@@ -1212,9 +1213,10 @@ with single_threaded_blas():                                    # one core for b
 #   group of them at very long sequences), so that one batched product replaces many small ones;
 # - it reads a `CausalMask`'s offset to skip the future without ever looking at the mask;
 # - when the norms of Q and K prove that no score can overflow, it skips the max-subtraction and
-#   exponentiates in base 2, since NumPy's `exp2` is faster than its `exp`;
-# - in the multi-head layer, it runs the projections on the same pool and reads the heads as
-#   strided views, so the split and merge copy nothing.
+#   exponentiates in base 2 where NumPy's `exp2` is faster than its `exp` on your CPU.
+#
+# It replaces only the attention core, inside `ScaledDotProductAttention`: your multi-head
+# layer and your caches run around it exactly as on the math path.
 #
 # Each of these is kept only because a measurement showed it pays: `tito bench --ablation`
 # switches them off one at a time, and the kernel's file opens with what each one bought.
@@ -1401,7 +1403,7 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
 # %% nbgrader={"grade": true, "grade_id": "test-blocked-attention", "locked": true, "points": 10, "schema_version": 3, "solution": false}
 def test_unit_blocked_attention():
     """The worked example, every mask and block size against math_attention, and the causal stop."""
-    from tinytorch.core._attention_runtime import keep_mask
+    from tinytorch.core._attention_checks import keep_mask
     output = blocked_attention(np.array([[1.0]]), np.array([[1.0], [3.0]]), np.array([[10.0], [20.0]]),
                                scale=1.0, block_size=1)
     np.testing.assert_allclose(output.data, [[18.81]], atol=1e-2, err_msg="worked example: scores [1, 3], blocks of 1")
@@ -1507,8 +1509,11 @@ class AttentionProfiler(ProfilerSweeps):
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc).
 
     The sweeps over sequence lengths (`measure_attention_scaling`, `analyze_quadratic_scaling`)
-    are provided in the runtime's `ProfilerSweeps`; they hold BLAS at one thread.
+    are provided in `ProfilerSweeps`; they hold BLAS at one thread, and a causal sweep uses your
+    causal mask, handed in here.
     """
+
+    causal_mask = staticmethod(create_causal_mask)
 
     def __init__(self, repeats: int = 5, warmup: int = 1, seed: int = 0):
         self.repeats, self.warmup, self.seed = repeats, warmup, seed
@@ -3005,13 +3010,14 @@ plot_head_weights(open_weights.data[0], words, title="no mask")
 # %% [markdown]
 # ## Appendix: names this package re-exports
 #
-# The kernel switch, the causal mask's class and the fast kernel are provided in
-# `_attention_runtime_dev.py`; `tinytorch.core.attention` makes them public beside your code.
+# The kernel switch and the fast kernel are provided in `_attention_backend_dev.py`, the causal
+# mask's class in `_attention_checks_dev.py`; `tinytorch.core.attention` makes them public beside
+# your code.
 
 # %%
 #| export
-from tinytorch.core._attention_runtime import (ATTENTION_BACKENDS, CausalMask, attention_backend, fast_attention,
-                                               set_attention_backend)
+from tinytorch.core._attention_backend import ATTENTION_BACKENDS, attention_backend, fast_attention, set_attention_backend
+from tinytorch.core._attention_checks import CausalMask
 
 _all_ = ["ATTENTION_BACKENDS", "CausalMask", "get_attention_backend", "set_attention_backend", "attention_backend",
          "fast_attention"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tinytorch.core._attention_runtime import provided_kernels_refused
+from tinytorch.core._attention_kernel import provided_kernels_refused
 from tinytorch.core.attention import attention_backend
 
 HERE = Path(__file__).parent

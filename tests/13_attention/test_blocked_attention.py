@@ -10,7 +10,7 @@ import numpy as np
 from expected import weights_of, with_weights
 import pytest
 
-from tinytorch.core._attention_runtime import keep_mask
+from tinytorch.core._attention_checks import keep_mask
 from tinytorch.core.attention import (MultiHeadAttention, ScaledDotProductAttention, blocked_attention,
                                       create_causal_mask, math_attention)
 from tinytorch.core.tensor import Tensor

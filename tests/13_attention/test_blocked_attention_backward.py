@@ -12,7 +12,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from tinytorch.core._attention_runtime import keep_mask
+from tinytorch.core._attention_checks import keep_mask
 from tinytorch.core.attention import blocked_attention, blocked_attention_backward, create_causal_mask
 from tinytorch.core.tensor import Tensor
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from expected import GRADED_PACKAGE, ref
 
-from tinytorch.core._attention_runtime import provided_kernels_refused
+from tinytorch.core._attention_kernel import provided_kernels_refused
 from tinytorch.core.attention import (ScaledDotProductAttention, attention_backend, fast_attention,
                                       get_attention_backend, math_attention)
 
@@ -29,6 +29,42 @@ def test_the_tuned_kernel_refuses_while_grading_and_runs_otherwise():
     np.testing.assert_allclose(fast_attention(q, k, v)[0].data, math_attention(q, k, v)[0].data, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("call", ["fast_attention", "tuned_attention", "kernel attention"])
+@pytest.mark.parametrize("start", ["threading.Thread", "ThreadPoolExecutor"])
+def test_the_refusal_holds_in_a_thread_the_student_starts(call, start):
+    """A thread started inside the graded block, the way a student function could, is refused too."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tinytorch.core import _attention_backend as backend
+    from tinytorch.core import _attention_kernel as kernel
+
+    q, k, v = (x.astype(np.float32) for x in inputs())
+    run = {"fast_attention": lambda: fast_attention(q, k, v),
+           "tuned_attention": lambda: backend.tuned_attention(q, k, v, None, 0.5, True),
+           "kernel attention": lambda: kernel.attention(q, k, v, None, 0.5)}[call]
+    outcome = []
+
+    def in_thread():
+        try:
+            outcome.append(run())
+        except RuntimeError as error:
+            outcome.append(error)
+
+    with provided_kernels_refused():
+        if start == "threading.Thread":
+            worker = threading.Thread(target=in_thread)
+            worker.start()
+            worker.join()
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                pool.submit(in_thread).result()
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), f"{call} in a thread gave {outcome}"
+    assert "switched off while grading" in str(outcome[0])
+    in_thread()                                                   # after the block, the kernel runs again
+    assert not isinstance(outcome[1], RuntimeError)
+
+
 def test_expected_values_refuse_the_code_under_test():
     scores = np.random.default_rng(1).normal(size=(3, 4))
     package_namespace = {"__name__": GRADED_PACKAGE, "ref": ref, "scores": scores}
@@ -40,16 +76,16 @@ def test_expected_values_refuse_the_code_under_test():
 
 # ---------------------------------------------------------------- the public boundary checks once
 def count_conversions(monkeypatch):
-    """Record the name of every argument the runtime converts to a float32 array."""
-    from tinytorch.core import _attention_runtime as runtime
+    """Record the name of every argument the boundary's checks convert to a float32 array."""
+    from tinytorch.core import _attention_checks as checks
 
-    converted, convert = [], runtime.as_float32
+    converted, convert = [], checks.as_float32
 
     def counting(x, name, finite=True):
         converted.append(name)
         return convert(x, name, finite)
 
-    monkeypatch.setattr(runtime, "as_float32", counting)
+    monkeypatch.setattr(checks, "as_float32", counting)
     return converted
 
 

@@ -7,7 +7,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 from tinytorch.core import _attention_kernel as kernel
-from tinytorch.core import _attention_runtime as runtime
+from tinytorch.core import _attention_backend as runtime
 from tinytorch.core.attention import (KVCache, MultiHeadAttention, ScaledDotProductAttention, attention_backend,
                                       create_causal_mask, get_attention_backend)
 

@@ -26,14 +26,12 @@ ROOT = Path.cwd()                 # the copy of the release the probe runs in
 
 # Provided functions that may compute what a student function computes, and why each may ship.
 ALLOWED = {
-    "tinytorch.core._attention_runtime.fast_attention":
+    "tinytorch.core._attention_backend.fast_attention":
         "the tuned kernel, a different, tiled algorithm; it refuses to run while a graded test runs",
-    "tinytorch.core._attention_runtime.tuned_attention":
+    "tinytorch.core._attention_backend.tuned_attention":
         "the tuned kernel on checked arrays; it refuses to run while a graded test runs",
     "tinytorch.core._attention_kernel.attention":
         "the tuned kernel itself; it refuses to run while a graded test runs",
-    "tinytorch.core._attention_kernel.multihead_attention":
-        "the tuned kernel's multi-head layer; it refuses to run while a graded test runs",
     "provided_13_attention_test_against_pytorch.torch_sdpa":
         "PyTorch's own scaled_dot_product_attention, the reference those tests compare with",
     "provided_13_attention_test_against_pytorch.torch_sdpa_gradients":

@@ -21,8 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "modules" / "13_attention"
 LESSON = MODULE / "attention_dev.py"
-PROVIDED = [MODULE / name for name in ("_attention_runtime_dev.py", "_attention_kernel_dev.py",
-                                       "_attention_figures_dev.py")]
+PROVIDED = sorted(path for path in MODULE.glob("_attention_*_dev.py"))
 PACKAGE = [REPO / "tinytorch" / "core" / name for name in ("tensor.py", "embeddings.py")]
 LIBRARIES = {"np": np, "numpy": np, "math": None, "time": None, "tracemalloc": None}
 PYTORCH = {"nn.MultiheadAttention", "scaled_dot_product_attention"}   # what the lesson compares with, by name
@@ -117,7 +116,7 @@ def test_a_local_variable_of_provided_code_is_not_a_name_the_student_meets():
 
 def test_the_check_finds_a_name_the_code_lacks():
     markdown = ("Read `cache.total_bytes`, then `last_key(i1)`, `np.broadcast_to` and `causal * padding` "
-                "in `_attention_runtime_dev.py`.")
+                "in `_attention_checks_dev.py`.")
     names = names_in(markdown)
     assert names == {"cache.total_bytes", "last_key", "np.broadcast_to"}
     words = {"cache", "total_bytes"}

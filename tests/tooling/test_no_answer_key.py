@@ -55,7 +55,8 @@ def test_the_release_ships_no_reference_and_no_course_tools(repo_root):
 
 def test_no_provided_function_reproduces_a_student_function(repo_root, probe_workspace):
     files = provided_python_files(repo_root)
-    assert {"tinytorch/core/_attention_runtime.py", "tinytorch/core/_attention_figures.py", "tinytorch/core/tensor.py",
+    assert {"tinytorch/core/_attention_checks.py", "tinytorch/core/_attention_bases.py",
+            "tinytorch/core/_attention_backend.py", "tinytorch/core/_attention_figures.py", "tinytorch/core/tensor.py",
             "tinytorch/core/embeddings.py", "tito/grade.py", "tests/13_attention/expected.py",
             "tests/13_attention/test_masked_softmax.py"} <= set(files)
     report = run_probe(probe_workspace, files)
@@ -84,7 +85,7 @@ def test_the_probe_finds_a_planted_twin(probe_workspace, tmp_path, twin, student
 # What a student could try instead of writing a part: hand it to a provided kernel, or read the stored
 # expected values. Each replaces the stub of the function named, in a blank release.
 REF = "__import__('sys').modules['expected'].ref"
-KERNEL = "__import__('tinytorch.core._attention_runtime', fromlist=['runtime'])"
+KERNEL = "__import__('tinytorch.core._attention_backend', fromlist=['backend'])"
 CHEATS = {
     "create_causal_mask": f"return {REF}.causal_mask(seq_len, key_len)",
     "create_padding_mask": f"return {REF}.padding_mask(lengths, key_len)",
@@ -98,8 +99,22 @@ CHEATS = {
 }
 
 
-def cheat(source: str) -> tuple[str, set[str]]:
-    """`source` with the stub of every function named in CHEATS replaced by its cheat; and the names replaced."""
+# The same calls made from a thread the student's function starts, where a context variable set by the
+# grading fixture would not reach: the refusal is process-wide, so these earn nothing either.
+TUNED_KERNEL = "__import__('tinytorch.core._attention_kernel', fromlist=['kernel'])"
+IN_A_THREAD = ("box = []; worker = __import__('threading').Thread(target=lambda: box.append({call})); "
+               "worker.start(); worker.join(); return box[0]")
+THREAD_CHEATS = {
+    "math_attention": IN_A_THREAD.format(call=f"{KERNEL}.tuned_attention(query, key, value, mask, scale, True)"),
+    "blocked_attention": IN_A_THREAD.format(call=f"{TUNED_KERNEL}.attention(query, key, value, mask, scale)[0]"),
+    "attention_with_dropout": ("return __import__('concurrent.futures', fromlist=['futures']).ThreadPoolExecutor(1)"
+                               f".submit(lambda: tuple(r.data for r in {KERNEL}.fast_attention(query, key, value, "
+                               "mask, scale))).result()"),
+}
+
+
+def cheat(source: str, cheats: dict = CHEATS) -> tuple[str, set[str]]:
+    """`source` with the stub of every function named in `cheats` replaced by its cheat; and the names replaced."""
     lines, replaced, function, depth = source.split("\n"), set(), None, 0
     for index, line in enumerate(lines):
         stripped = line.strip()
@@ -108,20 +123,21 @@ def cheat(source: str) -> tuple[str, set[str]]:
             function = None
         elif stripped.startswith("def ") and (function is None or indent <= depth):   # not a closure inside it
             function, depth = stripped[4:].split("(")[0], indent
-        if stripped == "# YOUR CODE HERE" and function in CHEATS and lines[index + 1].strip().startswith("raise NotImplementedError("):
-            lines[index + 1] = line[: len(line) - len(line.lstrip())] + CHEATS[function]
+        if stripped == "# YOUR CODE HERE" and function in cheats and lines[index + 1].strip().startswith("raise NotImplementedError("):
+            lines[index + 1] = line[: len(line) - len(line.lstrip())] + cheats[function]
             replaced.add(function)
     return "\n".join(lines), replaced
 
 
-def test_a_release_filled_by_calls_into_provided_code_scores_nothing(tmp_path, repo_root):
+@pytest.mark.parametrize("cheats", [CHEATS, THREAD_CHEATS], ids=["called directly", "called from a thread"])
+def test_a_release_filled_by_calls_into_provided_code_scores_nothing(tmp_path, repo_root, cheats):
     out = tmp_path / "student"
     released = subprocess.run([sys.executable, "-m", "tito.cli", "release", "13", "--out", str(out)],
                               capture_output=True, text=True, cwd=repo_root)
     assert released.returncode == 0, released.stderr
     source = out / "modules/13_attention/attention_dev.py"
-    text, replaced = cheat(source.read_text())
-    assert replaced == set(CHEATS), f"cheats not placed: {set(CHEATS) - replaced}"
+    text, replaced = cheat(source.read_text(), cheats)
+    assert replaced == set(cheats), f"cheats not placed: {set(cheats) - replaced}"
     source.write_text(text)
     graded = subprocess.run([sys.executable, "-m", "tito.cli", "grade", "13", "--json", "-"], capture_output=True,
                             text=True, cwd=out)
@@ -129,4 +145,6 @@ def test_a_release_filled_by_calls_into_provided_code_scores_nothing(tmp_path, r
     earned = {part["grade_id"]: part["earned"] for part in report["parts"] if not part["manual"]}
     assert report["earned"] == 0, f"calls into provided code earned points: {earned}"
     refusals = " ".join(failure["traceback"] for part in report["parts"] for failure in part["failures"])
-    assert "switched off while grading" in refusals and "not to be its answer" in refusals
+    assert "switched off while grading" in refusals
+    if cheats is CHEATS:
+        assert "not to be its answer" in refusals

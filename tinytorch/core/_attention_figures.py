@@ -7,10 +7,10 @@ __all__ = ['SPIKE_FACTOR', 'SPIKE_WINDOW', 'draw_attention_flow', 'draw_head_spl
            'plot_scaling', 'generation_spikes', 'plot_generation', 'plot_head_weights', 'draw_block_tables',
            'plot_serving_memory', 'plot_training']
 
-# %% ../../modules/13_attention/_attention_figures_dev.ipynb #c983a174
+# %% ../../modules/13_attention/_attention_figures_dev.ipynb #5c53c7d8
 import numpy as np
 
-from ._attention_runtime import check_int
+from ._attention_checks import check_int
 
 # One palette for every picture: signed numbers on a red-blue map centred on 0, weights in blues,
 # and one colour per head, kernel or cache state.

@@ -6,12 +6,13 @@
 __all__ = ['numerical_gradients', 'gradient_check', 'reversal_batch', 'cross_entropy', 'projection_gradient', 'train_reversal',
            'measure_backward_scaling']
 
-# %% ../../modules/13_attention/_attention_training_dev.ipynb #83f431f0
+# %% ../../modules/13_attention/_attention_training_dev.ipynb #651fdef0
 import time
 
 import numpy as np
 
-from ._attention_runtime import check_int, single_threaded_blas
+from ._attention_backend import single_threaded_blas
+from ._attention_checks import check_int
 
 # %% ../../modules/13_attention/_attention_training_dev.ipynb #79096c6c
 def _as_float64(value) -> np.ndarray:

@@ -9,7 +9,7 @@ __all__ = ['create_causal_mask', 'create_padding_mask', 'masked_softmax', 'math_
            'attention_backward', 'repeat_kv_heads_backward', 'blocked_attention_backward', 'ATTENTION_BACKENDS',
            'CausalMask', 'get_attention_backend', 'set_attention_backend', 'attention_backend', 'fast_attention']
 
-# %% ../../modules/13_attention/attention_dev.ipynb #7b392d36
+# %% ../../modules/13_attention/attention_dev.ipynb #242b6604
 import math
 import time
 import tracemalloc
@@ -17,7 +17,8 @@ import tracemalloc
 import numpy as np
 
 from .tensor import ParameterList, Tensor
-from ._attention_runtime import KVCacheBase, Layer, PagedKVCacheBase, ProfilerSweeps, checked
+from ._attention_bases import KVCacheBase, Layer, PagedKVCacheBase, ProfilerSweeps
+from ._attention_checks import checked
 
 # %% ../../modules/13_attention/attention_dev.ipynb #f7a713ca
 @checked
@@ -111,9 +112,8 @@ def attention_with_dropout(query, key, value, mask, scale: float, dropout: float
     return (weights @ value).astype(np.float32), weights.astype(np.float32)
     ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #f97165ed
-from ._attention_runtime import causal_offset, get_attention_backend, parallel_blocked_attention
-from ._attention_runtime import tuned_attention
+# %% ../../modules/13_attention/attention_dev.ipynb #0c06dcdb
+from ._attention_backend import get_attention_backend, parallel_blocked_attention, tuned_attention
 
 
 @checked
@@ -131,14 +131,13 @@ class ScaledDotProductAttention(Layer):
         Returns the output (..., T, d_v), or (output, weights (..., T, S)) with return_attention_weights.
         """
         scale = 1.0 / (math.sqrt(query.shape[-1]) * self.temperature)
-        offset = causal_offset(mask, query.shape[-2], key.shape[-2])      # a causal mask's future can be skipped
-        if self.block_size is not None:
-            output, weights = parallel_blocked_attention(blocked_attention, query, key, value, mask, offset, scale,
-                                                         self.block_size), None
-        elif self.training and self.dropout > 0:
+        if self.training and self.dropout > 0:
             output, weights = attention_with_dropout(query, key, value, mask, scale, self.dropout, self._rng)
-        elif get_attention_backend() == "fast":
-            output, weights = tuned_attention(query, key, value, mask, scale, offset, return_attention_weights)
+        elif get_attention_backend() == "fast":                          # the tuned core, switched on by choice
+            output, weights = tuned_attention(query, key, value, mask, scale, return_attention_weights)
+        elif self.block_size is not None:
+            output, weights = parallel_blocked_attention(blocked_attention, query, key, value, mask, scale,
+                                                         self.block_size), None
         else:
             output, weights = math_attention(query, key, value, mask, scale)
         return (output, weights) if return_attention_weights else output
@@ -349,14 +348,17 @@ def blocked_attention(query, key, value, mask=None, scale=None, block_size: int 
     return (output, logsumexp) if return_logsumexp else output
     ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #eb64a7ef
+# %% ../../modules/13_attention/attention_dev.ipynb #85ee8891
 @checked
 class AttentionProfiler(ProfilerSweeps):
     """Measured costs of attention: wall time (time.perf_counter) and peak memory (tracemalloc).
 
     The sweeps over sequence lengths (`measure_attention_scaling`, `analyze_quadratic_scaling`)
-    are provided in the runtime's `ProfilerSweeps`; they hold BLAS at one thread.
+    are provided in `ProfilerSweeps`; they hold BLAS at one thread, and a causal sweep uses your
+    causal mask, handed in here.
     """
+
+    causal_mask = staticmethod(create_causal_mask)
 
     def __init__(self, repeats: int = 5, warmup: int = 1, seed: int = 0):
         self.repeats, self.warmup, self.seed = repeats, warmup, seed
@@ -692,9 +694,9 @@ def blocked_attention_backward(d_output, query, key, value, output, logsumexp, m
     return d_query * np.float32(scale), d_key, d_value
     ### END SOLUTION
 
-# %% ../../modules/13_attention/attention_dev.ipynb #9513db2d
-from ._attention_runtime import (ATTENTION_BACKENDS, CausalMask, attention_backend, fast_attention,
-                                               set_attention_backend)
+# %% ../../modules/13_attention/attention_dev.ipynb #d0c3feea
+from ._attention_backend import ATTENTION_BACKENDS, attention_backend, fast_attention, set_attention_backend
+from ._attention_checks import CausalMask
 
 _all_ = ["ATTENTION_BACKENDS", "CausalMask", "get_attention_backend", "set_attention_backend", "attention_backend",
          "fast_attention"]

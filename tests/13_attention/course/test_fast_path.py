@@ -22,7 +22,7 @@ def random_qkv(seed, lead, T, S, d_k=8, d_v=8):
 
 # (2, 3) x 5 x 7 takes the single vectorised call; the others hold more than 2**18 scores and take the
 # tiled, threaded path (600 x 250 causal: the first ten 32-row tiles see no key at all). At S = 2100 a
-# tile holds fewer than 512 rows, and the kernel forms the scores transposed, as it does for causal tiles.
+# tile holds fewer than 512 rows.
 SHAPES = [((2, 3), 5, 7), ((2,), 384, 384), ((1, 2), 300, 450), ((2,), 600, 250), ((1,), 520, 2100)]
 
 
@@ -98,8 +98,7 @@ def test_tiles_bounded_by_tile_scores(monkeypatch, causal):
     monkeypatch.setattr(kernel, "TILE_SCORES", 2 ** 12)
     tiles = []
     attend_tile = kernel.attend_tile
-    monkeypatch.setattr(kernel, "attend_tile", lambda q, k, *rest: tiles.append((q.shape, rest[-2])) or
-                        attend_tile(q, k, *rest))
+    monkeypatch.setattr(kernel, "attend_tile", lambda q, k, *rest: tiles.append(q.shape) or attend_tile(q, k, *rest))
     with attention_backend("fast"):
         q, k, v = random_qkv(11, (2, 3), 200, 400)
         keep = np.tril(np.ones((200, 400)), 200) if causal else None
@@ -107,11 +106,10 @@ def test_tiles_bounded_by_tile_scores(monkeypatch, causal):
         expected_output, expected_weights = ref.attention_formula(q, k, v, keep)
         np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
-    assert all(keys_first for _, keys_first in tiles), "short tiles form the scores transposed"
     if causal:   # 32 rows x 400 keys is more than 2**12 scores: one head per tile, six heads on one axis
-        assert {shape for shape, _ in tiles} == {(1, 32, 8)} | {(1, 200 - 192, 8)}
+        assert set(tiles) == {(1, 32, 8)} | {(1, 200 - 192, 8)}
     else:        # 2**12 // 400 = 10 rows per tile, one head each
-        assert {shape[-2] for shape, _ in tiles} == {10} and len(tiles) == 6 * 20
+        assert {shape[-2] for shape in tiles} == {10} and len(tiles) == 6 * 20
 
 
 def test_extreme_scales_and_values_stay_finite():
@@ -148,15 +146,16 @@ def test_no_state_crosses_calls():
 
 
 def test_the_kernel_keeps_no_state_but_its_pool():
-    """No thread-locals, weak references or global statements in the kernel's source, and one context
-    variable: the grading switch, which a block sets and resets, never a memory of an earlier call."""
+    """No thread-locals, weak references or context variables in the kernel's source, and two global
+    statements: the grading refusal's count, which a block raises and lowers, and the techniques chosen
+    for the machine, once per process; never a memory of an earlier call's data."""
     import inspect
     import re
 
     source = inspect.getsource(kernel)
-    for pattern in (r"threading\.local", r"weakref", r"^\s*global\s", r"register_at_fork"):
+    for pattern in (r"threading\.local", r"weakref", r"ContextVar", r"register_at_fork"):
         assert not re.search(pattern, source, flags=re.MULTILINE), pattern
-    assert re.findall(r"^(\w+).*= ContextVar\(", source, flags=re.MULTILINE) == ["_refused"]
+    assert re.findall(r"^\s*global\s+(\w+)", source, flags=re.MULTILINE) == ["_refusals", "_machine_techniques"]
     assert [name for name, value in vars(kernel).items() if isinstance(value, kernel.WorkerPool)] == ["POOL"]
 
 
@@ -272,9 +271,8 @@ def _layer_case(name):
 
 
 @pytest.mark.parametrize("case", LAYER_CASES)
-@pytest.mark.parametrize("techniques", [kernel.Techniques(), kernel.Techniques(layer_on_pool=False, threads=False)],
-                         ids=["all", "no pool"])
-def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques, monkeypatch):
+@pytest.mark.parametrize("techniques", [None, kernel.Techniques(threads=False)], ids=["machine's", "no pool"])
+def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques):
     num_kv_heads, x_shape, kv_shape, mask = _layer_case(case)
     rng = np.random.default_rng(21)
     layer = MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, seed=3).eval()
@@ -282,9 +280,7 @@ def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques, mo
     kv = None if kv_shape is None else rng.normal(size=kv_shape + (16,)).astype(np.float32)
     with attention_backend("math"):
         expected, expected_weights = layer(x, kv, kv, mask=mask, return_attention_weights=True)
-    multihead = kernel.multihead_attention
-    monkeypatch.setattr(kernel, "multihead_attention", lambda *args: multihead(*args, techniques=techniques))
-    with attention_backend("fast"):
+    with attention_backend("fast", techniques=techniques):
         output, weights = layer(x, kv, kv, mask=mask, return_attention_weights=True)
         assert layer(x, kv, kv, mask=mask).shape == output.shape
     np.testing.assert_allclose(output.data, expected.data, rtol=RTOL, atol=ATOL)
@@ -325,3 +321,83 @@ def test_long_causal_tiles_span_groups_of_heads_on_the_layer_layout(monkeypatch)
     with attention_backend("fast"):
         output = layer(x, mask=create_causal_mask(300)).data
     np.testing.assert_allclose(output, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_under_fast_a_bug_planted_in_the_students_multihead_forward_changes_the_output(monkeypatch):
+    """The fast backend replaces only the attention core: the student's forward still runs, bugs and all.
+
+    The bug is the mutation table's kind: the keys projected with w_v instead of w_k, planted in the
+    solution's own source and put behind the same boundary.
+    """
+    import inspect
+    import textwrap
+
+    from tinytorch.core import attention as lesson
+    from tinytorch.core import _attention_checks as boundary
+
+    forward = MultiHeadAttention.forward.student_function
+    source = textwrap.dedent(inspect.getsource(forward))
+    assert source.count("key @ self.w_k.data") == 1, "the solution's forward projects the keys once"
+    namespace = dict(vars(lesson))
+    exec(compile(source.replace("key @ self.w_k.data", "key @ self.w_v.data"), "planted_bug", "exec"), namespace)
+    x = np.random.default_rng(24).normal(size=(2, 7, 16)).astype(np.float32)
+    layer = MultiHeadAttention(16, 4, seed=6).eval()
+    correct = {}
+    for backend in ("math", "fast"):
+        with attention_backend(backend):
+            correct[backend] = layer(x, mask=create_causal_mask(7)).data
+    monkeypatch.setattr(MultiHeadAttention, "forward", boundary.checked_method(namespace["forward"],
+                                                                              "MultiHeadAttention.forward"))
+    for backend in ("math", "fast"):
+        with attention_backend(backend):
+            buggy = layer(x, mask=create_causal_mask(7)).data
+        assert np.abs(buggy - correct[backend]).max() > 1e-2, f"under {backend!r} the planted bug changed nothing"
+        np.testing.assert_allclose(correct["fast"], correct["math"], rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------- techniques chosen for the machine
+@pytest.mark.parametrize("features, level, base2", [
+    ({"AVX2": True, "AVX512F": True, "AVX512_SKX": True}, "AVX-512", True),
+    ({"AVX2": True, "AVX512F": True, "AVX512_SKX": False}, "AVX2", False),     # AVX512_SKX disabled: exp2 is scalar
+    ({"AVX2": True}, "AVX2", False),
+    ({"ASIMD": True, "NEON": True}, "NEON", False),
+    ({"SSE2": True}, "baseline", False),
+])
+def test_base2_is_on_only_where_numpy_vectorises_exp2(features, level, base2):
+    assert kernel.simd_level(features) == level
+    chosen = kernel.techniques_for(features)
+    assert chosen.base2 is base2
+    assert chosen == kernel.Techniques(base2=base2), "every other technique pays on both measured classes"
+
+
+def test_the_machine_choice_is_made_once_and_a_caller_overrides_it():
+    from tinytorch.core import _attention_backend as backend
+
+    chosen = kernel.machine_techniques()
+    assert chosen is kernel.machine_techniques()
+    assert chosen == kernel.techniques_for(kernel.cpu_features())
+    override = kernel.Techniques(base2=not chosen.base2, threads=False)
+    with attention_backend("fast", techniques=override):
+        assert backend._backend_techniques() is override
+    with attention_backend("fast"):
+        assert backend._backend_techniques() is None                # None: the machine's choice
+    with pytest.raises(TypeError, match="techniques must be a Techniques or None, got dict"):
+        set_attention_backend("fast", techniques={"base2": False})
+
+
+AVX512_GROUPS = ("AVX512F AVX512CD AVX512VL AVX512BW AVX512DQ AVX512_SKX X86_V4 AVX512_CLX AVX512_CNL AVX512_ICL "
+                 "AVX512_SPR")    # NumPy 2.4 dispatches to the X86_V4 group too: disabling AVX512_SKX alone is not enough
+
+
+def test_a_process_without_avx512_skx_chooses_exp_over_exp2():
+    """NumPy's own switch: with AVX512_SKX disabled, the process sees an AVX2 machine and base2 goes off."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from tinytorch.core import _attention_kernel as k; f = k.cpu_features(); "
+            "print(k.simd_level(f), k.machine_techniques().base2, bool(f.get('AVX2')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "NPY_DISABLE_CPU_FEATURES": AVX512_GROUPS})
+    level, base2, has_avx2 = done.stdout.split()
+    assert base2 == "False" and level == ("AVX2" if has_avx2 == "True" else level)
