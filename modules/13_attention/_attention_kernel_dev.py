@@ -42,12 +42,12 @@
 # | worker pool: the caller plus one thread per further core, BLAS held at one thread | `threads` | +279% SDPA, +506% causal, +79% multi-head | +354% SDPA, +337% causal, +85% multi-head | none: each tile is computed by one thread, so results do not depend on scheduling |
 # | tile sizes: 512-row plain tiles; 32-row causal tiles across heads, within `TILE_SCORES` | `tuned_tiles` | +30% SDPA, +11% causal | +17% SDPA | none; a tile holds at most `TILE_SCORES` scores, so memory stays bounded at long S |
 # | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +34% causal SDPA, +12% causal multi-head | +30% causal SDPA | rows that see no key at all are written as zeros, as the formula's fully masked rows |
-# | shift-free softmax: row maxima not subtracted where norms prove it safe | `shift_free` | +16% SDPA, +26% causal | +5% SDPA, −3% causal (no clear effect); +7% and +5% through the layers | overflow and underflow of exp: taken only when max‖q‖·max‖k‖·scale·log2 e ≤ 86, S·2^86·max\|v\| fits float32, and the base-2 scale itself fits float32; each tile measures its own rows |
+# | shift-free softmax: row maxima not subtracted where norms prove it safe | `shift_free` | +16% SDPA, +26% causal | +5% SDPA, −3% causal; through the layers +7% and +5%, then +5% and −13%: **off** | overflow and underflow of exp: taken only when max‖q‖·max‖k‖·scale·log2 e ≤ 86, S·2^86·max\|v\| fits float32, and the base-2 scale itself fits float32; each tile measures its own rows |
 # | row sums as a matrix-vector product | `blas_row_sums` | +6% SDPA, +5% causal | +4% SDPA, +8% causal | none: the same sums, by BLAS instead of NumPy's reduction |
 # | base-2 exponentials: Q scaled by scale·log2 e, then `exp2` | `base2` | +4% SDPA, +6% causal; `exp2` 0.64 ns against `exp`'s 0.74 ns per number | −26% SDPA, −15% causal; `exp2` 3.4 ns against `exp`'s 3.0 ns: NumPy runs it scalar: **off** | `exp2` is slow on -inf and on underflow: masked scores are zeroed after it, and only the shift-free path uses it |
 #
-# No technique needed a calibration at first use: the only one whose sign differs between the
-# two classes is `base2`, and a CPU feature decides it.
+# No technique needed a calibration at first use: the two whose effect differs between the
+# classes, `base2` and `shift_free`, differ because of `exp2`, and a CPU feature decides that.
 #
 # Removed: `keys_first`, the scores of few-row tiles formed transposed as Sᵀ = K·Qᵀ (−1% and −5%
 # on AVX-512, −2% and +1% on AVX2); `layer_on_pool`, the kernel's own copy of the multi-head
@@ -112,7 +112,8 @@ def _refuse_while_grading() -> None:
 # feature decides: NumPy vectorises float32 `exp2` only with AVX512_SKX
 # (`loops_umath_fp.dispatch.c.src`), while it vectorises `exp` with AVX2 and AVX-512 alike
 # (`loops_exponent_log.dispatch.c.src`), so on AVX2 and NEON `exp2` runs scalar, about twice
-# `exp`'s time, and `base2` is off there. The choice is made once per process and kept;
+# `exp`'s time, and `base2` is off there, and with it `shift_free`, which then loses on causal
+# tiles (the design note has the figures). The choice is made once per process and kept;
 # `tito bench` prints it, and a caller overrides it by passing `Techniques`.
 
 # %%
@@ -148,8 +149,14 @@ def simd_level(features: dict | None = None) -> str:
 
 
 def techniques_for(features: dict) -> Techniques:
-    """The techniques that pay on a CPU with these features."""
-    return Techniques(base2=bool(features.get("AVX512_SKX")))       # exp2 vectorised only with AVX512_SKX
+    """The techniques that pay on a CPU with these features.
+
+    `exp2` is vectorised only with AVX512_SKX. Without it, base-2 scores lose, and the shift-free
+    softmax pays on plain tiles but loses on causal ones: each tile's norm measurement costs about
+    what skipping the max-subtraction saves when `exp` does the work.
+    """
+    vectorised_exp2 = bool(features.get("AVX512_SKX"))
+    return Techniques(base2=vectorised_exp2, shift_free=vectorised_exp2)
 
 
 _machine_techniques = None          # chosen on first use, then kept for the process

@@ -363,11 +363,11 @@ def test_under_fast_a_bug_planted_in_the_students_multihead_forward_changes_the_
     ({"ASIMD": True, "NEON": True}, "NEON", False),
     ({"SSE2": True}, "baseline", False),
 ])
-def test_base2_is_on_only_where_numpy_vectorises_exp2(features, level, base2):
+def test_base2_and_shift_free_are_on_only_where_numpy_vectorises_exp2(features, level, base2):
     assert kernel.simd_level(features) == level
     chosen = kernel.techniques_for(features)
-    assert chosen.base2 is base2
-    assert chosen == kernel.Techniques(base2=base2), "every other technique pays on both measured classes"
+    assert chosen.base2 is base2 and chosen.shift_free is base2, "both pay only where exp2 is vectorised"
+    assert chosen == kernel.Techniques(base2=base2, shift_free=base2), "every other technique pays on both classes"
 
 
 def test_the_machine_choice_is_made_once_and_a_caller_overrides_it():
@@ -396,7 +396,7 @@ def test_a_process_without_avx512_skx_chooses_exp_over_exp2():
     import sys
 
     code = ("from tinytorch.core import _attention_kernel as k; f = k.cpu_features(); "
-            "print(k.simd_level(f), k.machine_techniques().base2, bool(f.get('AVX2')))")
+            "t = k.machine_techniques(); print(k.simd_level(f), t.base2 or t.shift_free, bool(f.get('AVX2')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "NPY_DISABLE_CPU_FEATURES": AVX512_GROUPS})
     level, base2, has_avx2 = done.stdout.split()
