@@ -956,7 +956,8 @@ draw_kv_cache(prompt_length=4, steps=3, max_seq_length=8)
 #   values as views into the preallocated arrays (slicing makes views; copying would defeat
 #   the cache).
 # - `append(new_keys, new_values)`, which the multi-head layer calls: update each batch row
-#   0..B−1 with its (Hkv, T, hd) slice, then return the cached keys and values of those rows up
+#   0..B−1 with its (Hkv, T, hd) slice (calling your `self.update` is right: inside your code it
+#   is not checked again and returns arrays), then return the cached keys and values of those rows up
 #   to the longest one, L, (B, Hkv, L, hd) each, and the (B, 1, T, L) boolean mask of which
 #   cached keys each new query may see.
 # - `get_memory_usage`: `total_bytes`, what the cache allocates for keys and values together;
@@ -1496,7 +1497,8 @@ test_unit_blocked_attention()
 #   layer. Return what you measured: `prefill_ms`, the lists `cached_ms` and `recompute_ms`
 #   (one time per new token), and `cached_out` and `recompute_out`, lists of the (B, 1, E) output
 #   arrays of each step, so that the two ways can be compared. The provided boundary holds BLAS
-#   at one thread around this method: you need not. The caller gets a report made from them by
+#   at one thread around this method: you need not. Inside it, your layer and
+#   `create_causal_mask` are called as from outside: checked, with `Tensor`s back (read `.data`). The caller gets a report made from them by
 #   the provided boundary: your lists come back as `cached_token_ms` and `recompute_token_ms`,
 #   beside their medians `cached_ms_per_token` and `recompute_ms_per_token`, the ratio of the
 #   total times `speedup`, and `max_abs_difference` between the two ways' outputs. The test and
@@ -2094,7 +2096,9 @@ test_unit_paged_decoding()
 #
 # 1. Time runs in steps. At each step, every running request generates one token, oldest first,
 #    so its length grows by 1. If the slots it then holds would take the running requests past
-#    the budget, the **newest** running request is **preempted**: it gives back all its slots and
+#    the budget (counting every other running request at the length it holds now: the older
+#    ones have already grown this step, the newer ones not yet), the **newest** running request
+#    is **preempted**: it gives back all its slots and
 #    returns to the front of the queue, keeping the tokens it generated before this step (so
 #    requests preempted in one step wait oldest first, ahead of every other). Repeat
 #    until there is room; the request that needs room may itself be the newest, and then it
@@ -2682,8 +2686,9 @@ test_unit_repeat_kv_heads_backward()
 #
 # **Your tasks**, two:
 #
-# 1. Go back to your `blocked_attention` in Part 8, and when it is called with
-#    `return_logsumexp=True`, return `(output, logsumexp)`: a (…, T) float32 array holding
+# 1. If you have not yet, finish the `return_logsumexp=True` case of your `blocked_attention`
+#    in Part 8 (its task asked for it; the tests of this part grade it): return
+#    `(output, logsumexp)`, a (…, T) float32 array holding
 #    m + log ℓ of each row after its last key block, and −∞ for a row that saw no key (take
 #    care that log 0 is never computed: use ℓ = 1 there, as for the division). Rerun Part 8's
 #    cells, then this part's.
@@ -2836,7 +2841,8 @@ plot_scaling(backward_scaling, backward_fits, call="call")
 # Read your table against your guesses:
 #
 # - **Memory.** The backward from saved weights keeps P and makes dP and dS, each (H, T, T), so
-#   its memory exponent should come out near 2. The recomputing backward holds dQ, dK and dV,
+#   its memory exponent should come out close to 2 (arrays that do not grow pull a fit over
+#   three sizes a little below it). The recomputing backward holds dQ, dK and dV,
 #   the size of Q, K and V, which grow as T, and one block's arrays, which do not grow at all:
 #   its exponent is at most 1, and below it where the fixed block arrays are still a large share
 #   (at T = 256 they are). At T = 1024 its memory is a small fraction of the other's. At T = 2048 with 8 heads, the saved
