@@ -36,9 +36,11 @@ FIXED_DATE = (1980, 1, 1, 0, 0, 0)      # zip entries carry no time of writing: 
 # about n * 1.1e-16 of its terms' magnitude, and the softmax turns a score's absolute error into a
 # relative error of the weights. The largest products here have n = 4096 and the largest scores
 # are about 1e5, which bounds the difference near 1e-16 * 4096 * 1e5 = 4e-8 in the worst case and
-# about 1e-15 in the measured one. The tests compare float32 results with rtol >= 1e-6, so any
-# store error below 1e-8 cannot change a grade, while a real change to the reference or to a
-# test's inputs moves values by far more.
+# about 1e-15 in the measured one. The central differences of Part 11 (step 1e-6) divide a
+# difference of two rounded sums by the step, so another CPU moves them by up to about
+# 1e-16 / 1e-6 times their sums' size: 8.9e-10 measured, the largest of any answer. The tests
+# compare float32 results with rtol >= 1e-6, so any store error below 1e-8 cannot change a grade,
+# while a real change to the reference or to a test's inputs moves values by far more.
 STORE_RTOL = 1e-8
 # Integer and boolean answers (masks, lengths, block tables) come from exact arithmetic: compared exactly.
 
