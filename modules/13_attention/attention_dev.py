@@ -1803,8 +1803,8 @@ plot_generation(generation)
 # and reports memory.
 #
 # - `append_tokens` writes the (Hkv, T, hd) new keys and values after the sequence's last token.
-#   First, if the last block is partly filled and shared (its count is above 1), copy it to a new
-#   block and put the copy in the table. Then take blocks from the front of the free list
+#   First, if T > 0 and the last block is partly filled and shared (its count is above 1), copy it
+#   to a new block and put the copy in the table (appending nothing writes nothing, so copies nothing). Then take blocks from the front of the free list
 #   (`self.free_blocks.pop(0)`) until the table has the ⌈(length + T) / block_size⌉ blocks the
 #   new length needs. Last, write each new token at its position's block and slot: T tokens
 #   may span several blocks. (Indexing `self.key_blocks[blocks, :, slots]` with two arrays of
@@ -2094,8 +2094,9 @@ test_unit_paged_decoding()
 #
 # The rules are the same for both ways of managing the cache:
 #
-# 1. Time runs in steps. At each step, every running request generates one token, oldest first,
-#    so its length grows by 1. If the slots it then holds would take the running requests past
+# 1. Time runs in steps. Running requests are ordered by admission: the one admitted longest
+#    ago is the oldest, the one admitted last (a readmitted request included) the newest. At each
+#    step, every running request generates one token, oldest first, so its length grows by 1. If the slots it then holds would take the running requests past
 #    the budget (counting every other running request at the length it holds now: the older
 #    ones have already grown this step, the newer ones not yet), the **newest** running request
 #    is **preempted**: it gives back all its slots and
@@ -2695,8 +2696,9 @@ test_unit_repeat_kv_heads_backward()
 # 2. `blocked_attention_backward`: the loop above. Walk the query and key blocks as your forward
 #    does, with the same causal stop, so that no key block a causal mask hides is ever read.
 #    Rows whose L is −∞ have nothing to recompute: use 0 in its place (their scores are all −∞,
-#    so their weights come out 0, never `nan`). Keep dQ, dK and dV the shapes of their
-#    comments, and never make an array of T × S.
+#    so their weights come out 0, never `nan`). Make dQ, dK and dV the broadcast shape of the
+#    forward, (…, T, d), (…, S, d) and (…, S, d_v), as `attention_backward` does (the boundary
+#    sums them back to each input's shape), and never make an array of T × S.
 
 # %% nbgrader={"grade": false, "grade_id": "blocked-attention-backward", "locked": false, "schema_version": 3, "solution": true}
 #| export
