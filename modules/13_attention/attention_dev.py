@@ -959,7 +959,8 @@ draw_kv_cache(prompt_length=4, steps=3, max_seq_length=8)
 #   0..B−1 with its (Hkv, T, hd) slice (calling your `self.update` is right: inside your code it
 #   is not checked again and returns arrays), then return the cached keys and values of those rows up
 #   to the longest one, L, (B, Hkv, L, hd) each, and the (B, 1, T, L) boolean mask of which
-#   cached keys each new query may see.
+#   cached keys each new query may see. B may be 0 (an empty batch): then L is 0, and a maximum
+#   over no rows needs `initial=0`, as in Part 2.
 # - `get_memory_usage`: `total_bytes`, what the cache allocates for keys and values together;
 #   `bytes_per_token`, what one cached token takes; and `utilization`, the fraction of the
 #   cache's positions, over all rows, that are filled. The caller gets them through the provided
@@ -1493,7 +1494,7 @@ test_unit_blocked_attention()
 #   `np.random.default_rng(self.seed)`; then prefill a new `KVCache` with the prompt and decode
 #   one position per call through it, timing each call; then, for the same positions, recompute
 #   a causal forward over everything so far and keep its last position (time the whole step,
-#   making its causal mask included, as a server would pay for it). Size the cache for the
+#   making its causal mask included, since a server pays for that too). Size the cache for the
 #   layer. Return what you measured: `prefill_ms`, the lists `cached_ms` and `recompute_ms`
 #   (one time per new token), and `cached_out` and `recompute_out`, lists of the (B, 1, E) output
 #   arrays of each step, so that the two ways can be compared. The provided boundary holds BLAS
@@ -1793,7 +1794,7 @@ plot_generation(generation)
 #
 # **Your task**: five methods of `PagedKVCache`: `append_tokens`, `get_sequence`, `fork` and
 # `free` here, and `append` in the next section. The provided base class, `PagedKVCacheBase`,
-# makes everything the cache holds: the pool `key_blocks` and `value_blocks`
+# makes everything the cache holds: `block_size`, the pool `key_blocks` and `value_blocks`
 # (num_blocks, Hkv, block_size, hd), the list `free_blocks` (all ids, in order, at the start),
 # the array `ref_counts` (num_blocks,), the dicts `block_tables` and `lengths` keyed by sequence
 # id, the set `finished` of freed ids and the list `batch` that `set_batch` names. It checks every
@@ -2108,7 +2109,9 @@ test_unit_paged_decoding()
 # 2. Then waiting requests are admitted in order of arrival, while the first of them has arrived
 #    and its slots fit. Its prompt, and any tokens it generated before a preemption, are
 #    prefilled, and the prefill generates its next token: it holds `prompt + generated + 1`
-#    tokens. A request never overtakes an earlier one.
+#    tokens. A request never overtakes an earlier one. (Every request fits on its own: the
+#    provided checks refuse a request longer than `max_seq_length` and a budget smaller than one
+#    request of `max_seq_length`, before your code runs.)
 # 3. The step's memory is recorded: the real tokens of the running requests, the slots they hold,
 #    and how many of them run. A step at which nothing runs, while the server waits for the next
 #    arrival, is recorded too, with zeros: a request is never admitted before its arrival step,
@@ -2852,8 +2855,9 @@ plot_scaling(backward_scaling, backward_fits, call="call")
 # - **Time.** Per block, the forward makes two products (Q Kᵀ and P V) and the recomputing
 #   backward five (Q Kᵀ again, Pᵀ dO, dO Vᵀ, dS K and dSᵀ Q), with fewer element-wise steps, since
 #   it knows the final L and needs no running maximum or rescaling. Expect the backward to take
-#   somewhere around 1.5 to 3 times the blocked forward; on a busy laptop, check the spread
-#   column before you trust a ratio. All three passes do work that grows as T², like every exact
+#   somewhere around 1.5 to 3 times the blocked forward on a quiet machine (runs behind this text
+#   measured 1.4 to 3.2 with other work running); on a busy laptop, check the spread column
+#   before you trust a ratio. All three passes do work that grows as T², like every exact
 #   attention, but a fit over three sizes on a busy machine can land well off 2: trust it only
 #   where the spreads are small.
 #
