@@ -529,14 +529,15 @@ def backward_check(seq_len: int = 2048, num_heads: int = 8, head_dim: int = 64, 
     peak plus the weights (tracemalloc). Time: the recomputing backward over the blocked forward with
     its logsumexp (medians of `repeats` calls); each ratio is the median over `rounds` sweeps.
     """
+    from tinytorch.core import attention
     from tinytorch.core._attention_training import measure_backward_scaling
     from tinytorch.core.attention import AttentionProfiler
 
     load_before = load_average()
     rows = []
     for causal in (False, True):
-        runs = [measure_backward_scaling(AttentionProfiler(repeats=repeats, warmup=1), [seq_len], num_heads=num_heads,
-                                         head_dim=head_dim, block_size=block_size, causal=causal)
+        runs = [measure_backward_scaling(attention, AttentionProfiler(repeats=repeats, warmup=1), [seq_len],
+                                         num_heads=num_heads, head_dim=head_dim, block_size=block_size, causal=causal)
                 for _ in range(rounds)]
         first = {name: run[0] for name, run in runs[0].items()}
         memory = [run["recomputed"][0]["peak_memory_mb"] / run["saved weights"][0]["peak_memory_mb"] for run in runs]

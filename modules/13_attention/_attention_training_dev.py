@@ -166,11 +166,14 @@ def projection_gradient(x, d_y):
     return np.einsum("btf,btd->fd", x, d_y)
 
 
-def train_reversal(steps: int = 300, learning_rate: float = 1.0, batch_size: int = 64, seq_len: int = 6,
+def train_reversal(student, steps: int = 300, learning_rate: float = 1.0, batch_size: int = 64, seq_len: int = 6,
                    vocab_size: int = 8, head_dim: int = 16, seed: int = 0, recompute: bool = False) -> dict:
     """Train the one-layer reversal model by plain gradient descent with the student's attention gradients.
 
     Args:
+        student: what holds the student's functions by name (`math_attention`, `attention_backward`,
+            `blocked_attention`, `blocked_attention_backward`): the notebook's own namespace, so that
+            the demo runs the code just written, or the exported `tinytorch.core.attention`.
         steps, learning_rate, batch_size: the descent; a fresh random batch every step.
         seq_len, vocab_size, head_dim: the task and the head.
         seed: the initial weights and the batches.
@@ -180,9 +183,8 @@ def train_reversal(steps: int = 300, learning_rate: float = 1.0, batch_size: int
         losses (one per step), seconds (the whole run), accuracy (of the last batch), and
         example_tokens (T,) with example_weights (T, T), the trained model's weights on one new example.
     """
-    from tinytorch.core.attention import (attention_backward, blocked_attention, blocked_attention_backward,
-                                          math_attention)     # the student's, imported when the demo runs
-
+    math_attention, attention_backward = student.math_attention, student.attention_backward
+    blocked_attention, blocked_attention_backward = student.blocked_attention, student.blocked_attention_backward
     steps, batch_size = check_int(steps, "steps", 1), check_int(batch_size, "batch_size", 1)
     rng = np.random.default_rng(seed)
     width = vocab_size + seq_len
@@ -227,11 +229,13 @@ def train_reversal(steps: int = 300, learning_rate: float = 1.0, batch_size: int
 
 # %%
 #| export
-def measure_backward_scaling(profiler, seq_lengths, *, num_heads: int = 4, head_dim: int = 64,
+def measure_backward_scaling(student, profiler, seq_lengths, *, num_heads: int = 4, head_dim: int = 64,
                              block_size: int = 128, causal: bool = False) -> dict:
     """Time and memory of the blocked forward and of both backward passes at each sequence length.
 
     Args:
+        student: what holds the student's functions by name, as for `train_reversal`, and
+            `create_causal_mask`.
         profiler: an `AttentionProfiler` (its measure_time, peak_memory and seed are used).
         seq_lengths: the lengths T = S to measure.
         num_heads, head_dim, block_size, causal: the inputs, the blocks, and create_causal_mask(T) or none.
@@ -239,9 +243,9 @@ def measure_backward_scaling(profiler, seq_lengths, *, num_heads: int = 4, head_
         {"blocked forward": rows, "saved weights": rows, "recomputed": rows}; each row holds seq_len,
         time_ms, time_spread_ms, peak_memory_mb (the call's peak plus what it keeps) and kept_mb.
     """
-    from tinytorch.core.attention import (attention_backward, blocked_attention, blocked_attention_backward,
-                                          create_causal_mask, math_attention)
-
+    math_attention, attention_backward = student.math_attention, student.attention_backward
+    blocked_attention, blocked_attention_backward = student.blocked_attention, student.blocked_attention_backward
+    create_causal_mask = student.create_causal_mask
     num_heads, head_dim = check_int(num_heads, "num_heads", 1), check_int(head_dim, "head_dim", 1)
     results = {"blocked forward": [], "saved weights": [], "recomputed": []}
     with single_threaded_blas():

@@ -79,6 +79,7 @@
 # %%
 #| export
 import math
+import sys
 import time
 import tracemalloc
 
@@ -2803,8 +2804,9 @@ test_unit_blocked_attention_backward()
 # their losses after 300 steps be identical, close, or far apart, and why?
 
 # %%
-training_runs = {"saved weights": train_reversal(steps=300, learning_rate=1.0, seed=0),
-                 "recomputed (blocked)": train_reversal(steps=300, learning_rate=1.0, seed=0, recompute=True)}
+yours = sys.modules[__name__]           # this notebook's functions: the demo runs what you just wrote
+training_runs = {"saved weights": train_reversal(yours, steps=300, learning_rate=1.0, seed=0),
+                 "recomputed (blocked)": train_reversal(yours, steps=300, learning_rate=1.0, seed=0, recompute=True)}
 for name, run in training_runs.items():
     print(f"{name:>22}: loss {run['losses'][0]:.3f} -> {run['losses'][-1]:.4f} "
           f"({run['losses'][0] / run['losses'][-1]:.0f}x lower) in {run['seconds']:.2f} s; "
@@ -2828,7 +2830,7 @@ plot_training(training_runs, title="A one-layer attention model learning to reve
 # backward takes (count the block products of each, and remember the element-wise work).
 
 # %%
-backward_scaling = measure_backward_scaling(AttentionProfiler(repeats=3, warmup=1), [256, 512, 1024],
+backward_scaling = measure_backward_scaling(yours, AttentionProfiler(repeats=3, warmup=1), [256, 512, 1024],
                                             num_heads=4, head_dim=64, block_size=128)
 backward_fits = {name: AttentionProfiler.analyze_quadratic_scaling(rows) for name, rows in backward_scaling.items()}
 print(f"{'T':>5} | " + " | ".join(f"{name + ' ms':>24} | {'MiB':>6}" for name in backward_scaling))

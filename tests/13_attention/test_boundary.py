@@ -8,7 +8,8 @@ import pytest
 import tinytorch.core.attention  # noqa: F401 - importing the lesson applies every registered name
 from tinytorch.core import _attention_checks as boundary
 
-PROVIDED = ["_attention_checks", "_attention_bases", "_attention_backend", "_attention_kernel", "_attention_figures"]
+PROVIDED = ["_attention_checks", "_attention_bases", "_attention_backend", "_attention_kernel", "_attention_figures",
+            "_attention_training"]
 
 
 def test_every_registered_name_is_applied_to_a_student_function():

@@ -5,6 +5,7 @@ None of these grades a part: they check provided code, some of it run through th
 import numpy as np
 import pytest
 
+from tinytorch.core import attention
 from tinytorch.core._attention_figures import plot_training
 from tinytorch.core._attention_training import (cross_entropy, gradient_check, measure_backward_scaling,
                                                 numerical_gradients, projection_gradient, reversal_batch,
@@ -73,7 +74,7 @@ def test_reversal_batch_and_the_loss_gradient():
 def test_the_reversal_model_learns_with_either_backward(recompute):
     """The notebook's run: the loss falls at least 10x and the weights find the mirrored key (its time is
     printed by the notebook, not asserted: no test asserts a timing)."""
-    run = train_reversal(steps=300, learning_rate=1.0, seed=0, recompute=recompute)
+    run = train_reversal(attention, steps=300, learning_rate=1.0, seed=0, recompute=recompute)
     assert run["losses"][0] / run["losses"][-1] >= 10, f"loss {run['losses'][0]:.3f} -> {run['losses'][-1]:.4f}"
     assert run["seconds"] > 0
     assert run["accuracy"] > 0.95
@@ -83,13 +84,13 @@ def test_the_reversal_model_learns_with_either_backward(recompute):
 
 
 def test_both_backward_passes_train_identically():
-    saved, recomputed = (train_reversal(steps=40, seed=3, recompute=flag)["losses"] for flag in (False, True))
+    saved, recomputed = (train_reversal(attention, steps=40, seed=3, recompute=flag)["losses"] for flag in (False, True))
     np.testing.assert_allclose(saved, recomputed, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- the sweep and the figure
 def test_backward_sweep_reports_both_passes_and_what_each_keeps():
-    rows = measure_backward_scaling(AttentionProfiler(repeats=1, warmup=0), [64, 128], num_heads=2, head_dim=8,
+    rows = measure_backward_scaling(attention, AttentionProfiler(repeats=1, warmup=0), [64, 128], num_heads=2, head_dim=8,
                                     block_size=32)
     assert set(rows) == {"blocked forward", "saved weights", "recomputed"}
     assert [row["seq_len"] for row in rows["recomputed"]] == [64, 128]

@@ -9,8 +9,9 @@ __all__ = ['create_causal_mask', 'create_padding_mask', 'masked_softmax', 'math_
            'attention_backward', 'repeat_kv_heads_backward', 'blocked_attention_backward', 'ATTENTION_BACKENDS',
            'CausalMask', 'get_attention_backend', 'set_attention_backend', 'attention_backend', 'fast_attention']
 
-# %% ../../modules/13_attention/attention_dev.ipynb #242b6604
+# %% ../../modules/13_attention/attention_dev.ipynb #4104d706
 import math
+import sys
 import time
 import tracemalloc
 
