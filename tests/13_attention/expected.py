@@ -102,16 +102,22 @@ def same_inputs(stored: np.ndarray, asked: np.ndarray) -> bool:
 
 def agrees(stored: np.ndarray, computed: np.ndarray) -> bool:
     """Whether a stored answer is the reference's, computed on this machine, within STORE_RTOL."""
+    return answer_difference(stored, computed) <= STORE_RTOL
+
+
+def answer_difference(stored: np.ndarray, computed: np.ndarray) -> float:
+    """How far a recomputed answer is from the stored one: the relative_difference of its finite floats,
+    0 for equal integers or booleans, and inf where shape, kind or a non-finite entry differs."""
     stored, computed = np.asarray(stored), np.asarray(computed)
     if stored.shape != computed.shape or stored.dtype.kind != computed.dtype.kind:
-        return False
+        return np.inf
     if stored.dtype.kind != "f":
-        return np.array_equal(stored, computed)
+        return 0.0 if np.array_equal(stored, computed) else np.inf
     finite = np.isfinite(stored)
     if not np.array_equal(finite, np.isfinite(computed)) or not np.array_equal(stored[~finite], computed[~finite],
                                                                                  equal_nan=True):
-        return False                                  # -inf, +inf and NaN stand where they stood
-    return relative_difference(stored[finite], computed[finite]) <= STORE_RTOL
+        return np.inf                                 # -inf, +inf and NaN stand where they stood
+    return relative_difference(stored[finite], computed[finite])
 
 
 def relative_difference(stored: np.ndarray, computed: np.ndarray) -> float:
@@ -233,18 +239,21 @@ class ExpectedValues:
         return _unflatten(key, self._stored)
 
     def _check_stored(self, key: str, function: str, flat: dict) -> None:
+        def stale(what: str) -> AssertionError:
+            return AssertionError(f"expected_values.npz is stale: the reference's {function} for question {key} {what}; "
+                                  f"rewrite it with TITO_RECORD_EXPECTED=1 pytest tests/13_attention")
+
         for name, array in flat.items():
-            same = same_inputs if name.endswith(".inputs") else agrees
-            if name not in self._stored or not same(self._stored[name], array):
-                what = ("was stored for other inputs" if name.endswith(".inputs") and name in self._stored
-                        else f"is not stored as computed ({name})")
-                raise AssertionError(
-                    f"expected_values.npz is stale: the reference's {function} for question {key} {what}; "
-                    f"rewrite it with TITO_RECORD_EXPECTED=1 pytest tests/13_attention")
-            if array.dtype.kind == "f" and not name.endswith(".inputs"):
-                finite = np.isfinite(array)
-                self.largest_difference = max(self.largest_difference,
-                                              relative_difference(self._stored[name][finite], array[finite]))
+            if name not in self._stored:
+                raise stale(f"is not stored as computed ({name})")
+            if name.endswith(".inputs"):
+                if not same_inputs(self._stored[name], array):
+                    raise stale("was stored for other inputs")
+                continue
+            difference = answer_difference(self._stored[name], array)
+            if difference > STORE_RTOL:
+                raise stale(f"is not stored as computed ({name})")
+            self.largest_difference = max(self.largest_difference, difference)
         self.checked += 1
 
 
