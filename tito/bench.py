@@ -8,8 +8,8 @@ each workload (time.perf_counter, memory with tracemalloc) and reports the media
 a ratio is the median over the rounds of the per-round ratios, with the spread (lowest and
 highest) beside it. Every label names the sizes that were run.
 
-`tito bench --ablation` switches each technique of the tuned kernel off in turn, in one process
-(ours only), and reports the gain on the goal rows. `tito bench --profiler-check` keeps one
+`tito bench --ablation` switches each technique of the tuned kernel on and off in turn, in one
+process (ours only), in alternating blocks of runs, and reports the gain on the goal rows. `tito bench --profiler-check` keeps one
 core busy with another process and checks that the lesson's AttentionProfiler still measures the
 math path's scaling well.
 """
@@ -49,7 +49,11 @@ class Sizes:
 QUICK = Sizes(batch=1, heads=2, seq=64, head_dim=16, embed=64, prompt=8, new_tokens=16, long_seq=256,
               sweep=(32, 64, 128), repeats=3, rounds=2, peak_size=256)
 ROOFLINE_GOAL = 1.10      # SDPA and the layer: at most 10% over what NumPy itself needs here, perfectly parallel
-ABLATION_PAIRS = 7        # alternating runs with and without a technique, per goal row
+ABLATION_PAIRS = 7        # alternating pairs of blocks of runs, with and without a technique
+QUICK_ABLATION_PAIRS = 2  # with --quick: a smoke test
+VERDICT_PAIRS = 5         # fewer pairs than this give gains but no verdict
+ABLATION_REPEATS = 5      # timed runs per block
+SETTLE_SECONDS = 0.15     # untimed runs at the start of a block: longer than OpenBLAS's threads spin (~0.1 s)
 KEEP_THRESHOLD = 0.05     # a technique stays in the kernel if it gains at least 5% on some goal row
 
 
@@ -69,15 +73,20 @@ class Row:
     roofline_ratio: float | None = None  # median over rounds of ours / roofline, measured in the same worker
 
 
-def median_time(function, repeats: int) -> float:
-    """Median seconds of `function()` over `repeats` runs, after one warm-up run."""
-    function()
+def timed_median(function, repeats: int) -> float:
+    """Median seconds of `function()` over `repeats` timed runs, with no warm-up."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def median_time(function, repeats: int) -> float:
+    """Median seconds of `function()` over `repeats` runs, after one warm-up run."""
+    function()
+    return timed_median(function, repeats)
 
 
 def paired(first, second, repeats: int) -> tuple[float, float, list[float]]:
@@ -375,14 +384,20 @@ def worker(side: str, quick: bool, extras: bool) -> dict:
     return result
 
 
-def _run_worker(side: str, quick: bool, extras: bool) -> dict:
-    """`worker(side)` in a fresh Python process with this one's environment, untouched."""
-    command = [sys.executable, "-m", "tito.bench", "--worker", side] + (["--quick"] if quick else []) \
-        + (["--extras"] if extras else [])
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+def _in_fresh_process(arguments: list[str], what: str) -> dict:
+    """`python -m tito.bench ARGUMENTS` in a fresh Python process with this one's environment, untouched:
+    the JSON it prints last."""
+    done = subprocess.run([sys.executable, "-m", "tito.bench", *arguments], capture_output=True, text=True,
+                          check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"the {side} worker failed ({done.returncode}):\n{done.stderr}")
+        raise RuntimeError(f"{what} failed ({done.returncode}):\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run_worker(side: str, quick: bool, extras: bool) -> dict:
+    """`worker(side)` in a fresh process."""
+    return _in_fresh_process(["--worker", side] + (["--quick"] if quick else []) + (["--extras"] if extras else []),
+                             f"the {side} worker")
 
 
 def _spread(values) -> tuple[float, float, float]:
@@ -626,34 +641,66 @@ def format_machine(machine: dict) -> str:
     return line + f"\nkernel techniques chosen for this machine: off: {', '.join(off) if off else 'none'}"
 
 
-def run_ablation(quick: bool = False, pairs: int = ABLATION_PAIRS, names=None, rows=None) -> dict:
+def blocks(first, second, pairs: int, repeats: int) -> list[float]:
+    """Per pair of blocks, median seconds of `first()` over median seconds of `second()`, in this process.
+
+    A block is one function's `repeats` timed runs; the pairs alternate which block goes first. Each
+    block starts with untimed runs for at least SETTLE_SECONDS, so that none of its runs is timed
+    while the other function's effects linger: a run with BLAS on several threads leaves OpenBLAS's
+    threads spinning (for 2^28 cycles, its THREAD_TIMEOUT, about 0.1 s), and a run on the worker
+    pool right after it shares a core with them.
+    """
+    def block(function) -> float:
+        start = time.perf_counter()
+        function()
+        while time.perf_counter() - start < SETTLE_SECONDS:
+            function()
+        return timed_median(function, repeats)
+
+    ratios = []
+    for number in range(pairs):
+        if number % 2 == 0:
+            a = block(first)
+            b = block(second)
+        else:
+            b = block(second)
+            a = block(first)
+        ratios.append(a / b)
+    return ratios
+
+
+def run_ablation(quick: bool = False, pairs: int | None = None, names=None, rows=None) -> dict:
     """Each technique of the tuned kernel switched on and off, the others as chosen for this machine:
     its gain on every goal row.
 
-    The gain is the median, over `pairs` alternating runs, of (time without it) / (time with it) - 1.
-    On a row, a technique pays when that median is at least KEEP_THRESHOLD and three quarters of the
-    runs gain, and loses when the median is at most -KEEP_THRESHOLD and three quarters of the runs
-    lose; a shared machine moves single runs by tens of percent, so anything else is no clear effect.
+    The gain of a pair of blocks (`blocks`) is (median time without the technique) / (median time
+    with it) - 1. On a row, a technique pays when the median gain over the pairs is at least
+    KEEP_THRESHOLD and three quarters of the pairs gain, and loses when it is at most
+    -KEEP_THRESHOLD and three quarters lose; anything else is no clear effect. Fewer than
+    VERDICT_PAIRS pairs (`--quick`) give the gains but no verdict.
     """
     from dataclasses import replace
 
     from tinytorch.core._attention_kernel import Techniques, machine_techniques
 
     s = QUICK if quick else Sizes()
+    pairs = (QUICK_ABLATION_PAIRS if quick else ABLATION_PAIRS) if pairs is None else pairs
+    repeats = QUICK.repeats if quick else ABLATION_REPEATS
     chosen = machine_techniques()
+    judged = pairs >= VERDICT_PAIRS
     load_before = load_average()
     table = {}
+    calls = _our_workloads(s)            # one set of arrays and layers: only the techniques differ between sides
     for name in names or Techniques.__dataclass_fields__:
-        with_it = _on_fast_backend(_our_workloads(s), replace(chosen, **{name: True}))
-        without = _on_fast_backend(_our_workloads(s), replace(chosen, **{name: False}))
+        with_it = _on_fast_backend(calls, replace(chosen, **{name: True}))
+        without = _on_fast_backend(calls, replace(chosen, **{name: False}))
         table[name] = {}
         for row in rows or GOAL_ROWS:
-            _, _, ratios = paired(without[row], with_it[row], pairs)
-            gains = [r - 1 for r in ratios]
+            gains = [r - 1 for r in blocks(without[row], with_it[row], pairs, repeats)]
             q25, median, q75 = (float(x) for x in np.percentile(gains, [25, 50, 75]))
             table[name][row] = {"gain": median, "low": float(min(gains)), "high": float(max(gains)), "q25": q25,
-                                "q75": q75, "pays": median >= KEEP_THRESHOLD and q25 > 0,
-                                "loses": median <= -KEEP_THRESHOLD and q75 < 0}
+                                "q75": q75, "pays": judged and median >= KEEP_THRESHOLD and q25 > 0,
+                                "loses": judged and median <= -KEEP_THRESHOLD and q75 < 0}
         cells = [table[name][row] for row in rows or GOAL_ROWS]
         table[name]["chosen"] = getattr(chosen, name)
         table[name]["pays"] = any(cell["pays"] for cell in cells)
@@ -661,24 +708,27 @@ def run_ablation(quick: bool = False, pairs: int = ABLATION_PAIRS, names=None, r
     machine = machine_line()
     loads = [x for x in (load_before, load_average()) if x is not None]
     machine["load_1min"] = (min(loads), max(loads)) if loads else None
-    return {"quick": quick, "pairs": pairs, "machine": machine, "techniques": table}
+    return {"quick": quick, "pairs": pairs, "repeats": repeats, "judged": judged, "machine": machine,
+            "techniques": table}
 
 
 def format_ablation(result: dict) -> str:
     width = 22
     lines = [format_machine(result["machine"]),
-             f"{'technique':<16}" + "".join(f"{label:>{width}}" for label in GOAL_ROWS.values())
+             f"{'technique':<19}" + "".join(f"{label:>{width}}" for label in GOAL_ROWS.values())
              + "  chosen  verdict"]
     for name, cells in result["techniques"].items():
         row = "".join(f"{cells[key]['gain']:>+8.1%} ({cells[key]['q25']:+.0%}..{cells[key]['q75']:+.0%})"
                       f"{'+' if cells[key]['pays'] else '-' if cells[key]['loses'] else ' '}".rjust(width)
                       if key in cells else "".rjust(width) for key in GOAL_ROWS)
-        verdict = ("ON BUT LOSES on a goal row" if cells["chosen"] and cells["loses"]
+        verdict = ("too few pairs to judge" if not result["judged"]
+                   else "ON BUT LOSES on a goal row" if cells["chosen"] and cells["loses"]
                    else "would pay, but off" if not cells["chosen"] and cells["pays"] and not cells["loses"]
                    else "pays" if cells["pays"] else "no clear effect here")
-        lines.append(f"{name:<16}{row}  {'on' if cells['chosen'] else 'off':<6}  {verdict}")
+        lines.append(f"{name:<19}{row}  {'on' if cells['chosen'] else 'off':<6}  {verdict}")
     lines.append(f"gain = time without the technique / time with it - 1 (the others as chosen for this machine), "
-                 f"median of {result['pairs']} alternating runs (25th..75th percentile), through the layers; "
+                 f"median of {result['pairs']} alternating pairs of blocks, each the median of {result['repeats']} runs "
+                 f"after {SETTLE_SECONDS} s of untimed ones (25th..75th percentile), through the layers; "
                  f"+ pays, - loses: a median of at least {KEEP_THRESHOLD:.0%} either way with three quarters of the "
                  f"runs on its side")
     return "\n".join(lines)

@@ -124,7 +124,7 @@ def tuned_attention(q, k, v, keep, scale: float, need_weights: bool):
     """
     offset = checks.causal_offset(keep, q.shape[-2], k.shape[-2])
     return kernel.attention(q, k, v, None if offset is not None else keep, scale, offset, need_weights,
-                            techniques=_backend_techniques())
+                            techniques=_backend_techniques(), after_threaded_blas=checks.after_threaded_blas())
 
 
 def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool = True):

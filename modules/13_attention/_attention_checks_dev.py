@@ -704,7 +704,26 @@ def check_multihead_init(a):
     a["dropout"], _, a["block_size"] = check_layer_options(a["dropout"], 1.0, a["block_size"])
 
 
-@entry_point("MultiHeadAttention.forward")
+_in_layer_forward: ContextVar = ContextVar("tinytorch_attention_in_layer_forward", default=False)
+
+
+@contextmanager
+def projections_on_blas_threads(a):
+    """Around a multi-head layer's forward, whose projections run on BLAS's threads just before its
+    attention core: the tuned kernel then leaves its pool alone (the kernel's section 2)."""
+    token = _in_layer_forward.set(True)
+    try:
+        yield
+    finally:
+        _in_layer_forward.reset(token)
+
+
+def after_threaded_blas() -> bool:
+    """Inside a multi-head layer's forward, right after its projections ran on BLAS's threads."""
+    return _in_layer_forward.get()
+
+
+@entry_point("MultiHeadAttention.forward", around=projections_on_blas_threads)
 def check_multihead_forward(a):
     x_q, x_k, x_v, mask = check_multihead_inputs(a["self"], a["query"], a["key"], a["value"], a["mask"],
                                                  a["kv_cache"], a["return_attention_weights"])

@@ -123,6 +123,7 @@ class Techniques:
     """Which of the kernel's techniques a call uses; all on by default."""
 
     threads: bool = True         # tiles on the caller plus a pool thread per further core, BLAS on one thread
+    warm_blas_threads: bool = True   # but right after the caller's own threaded BLAS: BLAS's threads
     causal_tiles: bool = True    # skip key blocks in a row block's future instead of masking them
     shift_free: bool = True      # skip the softmax's max-subtraction where norms prove it safe
     base2: bool = True           # on that path: base-2 scores and exp2, where exp2 is vectorised
@@ -191,6 +192,15 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # first concurrent caller and restored by the last, and nothing is changed after a call. The
 # pool remembers the process that made it: a forked child, which has none of its threads,
 # makes its own.
+#
+# **Right after the caller's own BLAS work on several threads**, the pool loses. After a
+# threaded call OpenBLAS keeps its threads spinning, waiting for more work, for 2^28 cycles
+# (its THREAD_TIMEOUT, about 0.1 s), and a pool thread started then shares a core with one of
+# them. A multi-head layer is that case: its projections `x @ w` run on BLAS's threads just
+# before the attention core. A caller says so with `after_threaded_blas=True` (the layer's
+# boundary does), and the kernel then runs its tiles on the caller and lets BLAS use its own,
+# already spinning, threads (`Techniques.warm_blas_threads`), unless BLAS is held at one
+# thread around the call.
 
 # %%
 #| export
@@ -216,6 +226,10 @@ class WorkerPool:
             with self._lock:
                 if self._pid != os.getpid():
                     self._start()
+
+    def blas_held(self) -> bool:
+        """Whether some caller holds BLAS at one thread now."""
+        return self._pid == os.getpid() and self._blas_users > 0
 
     @contextmanager
     def blas_on_one_thread(self):
@@ -279,6 +293,13 @@ class WorkerPool:
 
 
 POOL = WorkerPool()
+
+
+def use_pool(techniques: Techniques, after_threaded_blas: bool) -> bool:
+    """Whether a call's tiles go to the worker pool, or run on the caller with BLAS as the caller left it."""
+    if not techniques.threads:
+        return False
+    return not (techniques.warm_blas_threads and after_threaded_blas and not POOL.blas_held())
 
 # %% [markdown]
 # ## 3. One tile
@@ -425,7 +446,7 @@ def simplify_mask(keep, T: int, S: int):
 
 
 def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weights: bool = False, out=None,
-              techniques: Techniques | None = None):
+              techniques: Techniques | None = None, after_threaded_blas: bool = False):
     """Softmax attention on checked float32 arrays; returns (output, weights or None).
 
     Args:
@@ -436,6 +457,7 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         need_weights: also return the (..., T, S) weights.
         out: an array (any strides) of shape (..., T, dv) to write the output into.
         techniques: which techniques to use; None: `machine_techniques()`.
+        after_threaded_blas: the caller has just run BLAS on several threads (section 2).
     """
     _refuse_while_grading()
     techniques = machine_techniques() if techniques is None else techniques
@@ -460,8 +482,8 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
                     replace(techniques, shift_free=False))       # measuring the norms would cost more
     elif offset is not None:
         POOL.map(attend_tile, _causal_tasks(q, k, v, offset, output, weights, scale, techniques),
-                 techniques.threads)
+                 use_pool(techniques, after_threaded_blas))
     else:
         hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
-        POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), techniques.threads)
+        POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), use_pool(techniques, after_threaded_blas))
     return output, weights

@@ -58,7 +58,7 @@ def attention_backend(name: str, techniques=None):
     finally:
         _backend_in_block.reset(token)
 
-# %% ../../modules/13_attention/_attention_backend_dev.ipynb #ab7bc32c
+# %% ../../modules/13_attention/_attention_backend_dev.ipynb #517374d3
 def single_threaded_blas():
     """BLAS on one thread while any caller, in any thread, is inside: the first in limits, the last out restores."""
     return kernel.POOL.blas_on_one_thread()
@@ -72,7 +72,7 @@ def tuned_attention(q, k, v, keep, scale: float, need_weights: bool):
     """
     offset = checks.causal_offset(keep, q.shape[-2], k.shape[-2])
     return kernel.attention(q, k, v, None if offset is not None else keep, scale, offset, need_weights,
-                            techniques=_backend_techniques())
+                            techniques=_backend_techniques(), after_threaded_blas=checks.after_threaded_blas())
 
 
 def fast_attention(query, key, value, mask=None, scale=None, need_weights: bool = True):

@@ -13,11 +13,12 @@ __all__ = ['FLOAT32_TINY', 'FLOAT32_MAX', 'ENTRY_POINTS', 'APPLIED', 'inputs_che
            'check_flag', 'sum_to_shape', 'saved_array', 'check_backward_inputs', 'complete_gradients',
            'check_attention_backward', 'check_blocked_attention_backward', 'check_repeat_kv_heads_backward',
            'check_split_heads', 'check_merge_heads', 'check_repeat_kv_heads', 'check_sdpa_init', 'check_sdpa_forward',
-           'check_multihead_init', 'check_multihead_forward', 'complete_layer_memory', 'check_kv_cache_update',
-           'check_cache_append', 'complete_cache_memory', 'check_profiler_init', 'check_callable', 'tracing',
-           'complete_peak_memory', 'complete_fit_exponent', 'check_fit_exponent', 'complete_generation_report',
-           'blas_on_one_thread', 'check_compare_generation', 'check_paged_append_tokens', 'check_known_sequence',
-           'complete_free', 'check_simulate_serving', 'check_kv_cache_capacity']
+           'check_multihead_init', 'projections_on_blas_threads', 'after_threaded_blas', 'check_multihead_forward',
+           'complete_layer_memory', 'check_kv_cache_update', 'check_cache_append', 'complete_cache_memory',
+           'check_profiler_init', 'check_callable', 'tracing', 'complete_peak_memory', 'complete_fit_exponent',
+           'check_fit_exponent', 'complete_generation_report', 'blas_on_one_thread', 'check_compare_generation',
+           'check_paged_append_tokens', 'check_known_sequence', 'complete_free', 'check_simulate_serving',
+           'check_kv_cache_capacity']
 
 # %% ../../modules/13_attention/_attention_checks_dev.ipynb #aa60e0d4
 import contextlib
@@ -443,7 +444,7 @@ def _entry(function, entry: EntryPoint):
     call.student_function = function
     return call
 
-# %% ../../modules/13_attention/_attention_checks_dev.ipynb #30b807d7
+# %% ../../modules/13_attention/_attention_checks_dev.ipynb #4d119a43
 def check_nothing(arguments) -> None:
     """A method whose only argument is the object itself: nothing to check."""
 
@@ -627,7 +628,26 @@ def check_multihead_init(a):
     a["dropout"], _, a["block_size"] = check_layer_options(a["dropout"], 1.0, a["block_size"])
 
 
-@entry_point("MultiHeadAttention.forward")
+_in_layer_forward: ContextVar = ContextVar("tinytorch_attention_in_layer_forward", default=False)
+
+
+@contextmanager
+def projections_on_blas_threads(a):
+    """Around a multi-head layer's forward, whose projections run on BLAS's threads just before its
+    attention core: the tuned kernel then leaves its pool alone (the kernel's section 2)."""
+    token = _in_layer_forward.set(True)
+    try:
+        yield
+    finally:
+        _in_layer_forward.reset(token)
+
+
+def after_threaded_blas() -> bool:
+    """Inside a multi-head layer's forward, right after its projections ran on BLAS's threads."""
+    return _in_layer_forward.get()
+
+
+@entry_point("MultiHeadAttention.forward", around=projections_on_blas_threads)
 def check_multihead_forward(a):
     x_q, x_k, x_v, mask = check_multihead_inputs(a["self"], a["query"], a["key"], a["value"], a["mask"],
                                                  a["kv_cache"], a["return_attention_weights"])

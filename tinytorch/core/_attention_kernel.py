@@ -7,8 +7,8 @@ it to a float64 reference. Every layer and cache around it is the student's."""
 # %% auto #0
 __all__ = ['TILE_SCORES', 'QUERY_ROWS', 'CAUSAL_QUERY_ROWS', 'UNTUNED_ROWS', 'PARALLEL_MIN_SCORES', 'SHIFT_FREE_BOUND', 'LOG2_E',
            'FLOAT32_MAX', 'POOL', 'provided_kernels_refused', 'Techniques', 'cpu_features', 'simd_level',
-           'techniques_for', 'machine_techniques', 'cores', 'WorkerPool', 'shift_free', 'attend_tile', 'simplify_mask',
-           'attention']
+           'techniques_for', 'machine_techniques', 'cores', 'WorkerPool', 'use_pool', 'shift_free', 'attend_tile',
+           'simplify_mask', 'attention']
 
 # %% ../../modules/13_attention/_attention_kernel_dev.ipynb #ae20b506
 import math
@@ -43,12 +43,13 @@ def _refuse_while_grading() -> None:
         raise RuntimeError("the provided tuned attention kernel is switched off while grading: every graded "
                            "function must compute its result with the student's own code")
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #b98fde54
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #3f781809
 @dataclass(frozen=True)
 class Techniques:
     """Which of the kernel's techniques a call uses; all on by default."""
 
     threads: bool = True         # tiles on the caller plus a pool thread per further core, BLAS on one thread
+    warm_blas_threads: bool = True   # but right after the caller's own threaded BLAS: BLAS's threads
     causal_tiles: bool = True    # skip key blocks in a row block's future instead of masking them
     shift_free: bool = True      # skip the softmax's max-subtraction where norms prove it safe
     base2: bool = True           # on that path: base-2 scores and exp2, where exp2 is vectorised
@@ -105,7 +106,7 @@ SHIFT_FREE_BOUND = 86.0          # base-2 scores within +-86: 2^86 ~ 8e25 cannot
 LOG2_E = math.log2(math.e)       # e^x = 2^(x log2 e)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #2f15d527
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #0ba2f295
 def cores() -> int:
     """The cores this process may run on (its CPU affinity, where the system has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -128,6 +129,10 @@ class WorkerPool:
             with self._lock:
                 if self._pid != os.getpid():
                     self._start()
+
+    def blas_held(self) -> bool:
+        """Whether some caller holds BLAS at one thread now."""
+        return self._pid == os.getpid() and self._blas_users > 0
 
     @contextmanager
     def blas_on_one_thread(self):
@@ -191,6 +196,13 @@ class WorkerPool:
 
 
 POOL = WorkerPool()
+
+
+def use_pool(techniques: Techniques, after_threaded_blas: bool) -> bool:
+    """Whether a call's tiles go to the worker pool, or run on the caller with BLAS as the caller left it."""
+    if not techniques.threads:
+        return False
+    return not (techniques.warm_blas_threads and after_threaded_blas and not POOL.blas_held())
 
 # %% ../../modules/13_attention/_attention_kernel_dev.ipynb #dbe4a327
 def _largest_row_norm(x: np.ndarray) -> float:
@@ -293,7 +305,7 @@ def _row_tasks(q, k, v, hidden, output, weights, scale, techniques) -> list:
                           techniques))
     return tasks
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #13152e24
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #7a2eb1a3
 def simplify_mask(keep, T: int, S: int):
     """(keep, offset): (None, None) for a mask that hides nothing, (None, offset) for a causal one."""
     if keep is None or keep.all():
@@ -305,7 +317,7 @@ def simplify_mask(keep, T: int, S: int):
 
 
 def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weights: bool = False, out=None,
-              techniques: Techniques | None = None):
+              techniques: Techniques | None = None, after_threaded_blas: bool = False):
     """Softmax attention on checked float32 arrays; returns (output, weights or None).
 
     Args:
@@ -316,6 +328,7 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         need_weights: also return the (..., T, S) weights.
         out: an array (any strides) of shape (..., T, dv) to write the output into.
         techniques: which techniques to use; None: `machine_techniques()`.
+        after_threaded_blas: the caller has just run BLAS on several threads (section 2).
     """
     _refuse_while_grading()
     techniques = machine_techniques() if techniques is None else techniques
@@ -340,8 +353,8 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
                     replace(techniques, shift_free=False))       # measuring the norms would cost more
     elif offset is not None:
         POOL.map(attend_tile, _causal_tasks(q, k, v, offset, output, weights, scale, techniques),
-                 techniques.threads)
+                 use_pool(techniques, after_threaded_blas))
     else:
         hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
-        POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), techniques.threads)
+        POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), use_pool(techniques, after_threaded_blas))
     return output, weights

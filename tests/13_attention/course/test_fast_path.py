@@ -271,7 +271,9 @@ def _layer_case(name):
 
 
 @pytest.mark.parametrize("case", LAYER_CASES)
-@pytest.mark.parametrize("techniques", [None, kernel.Techniques(threads=False)], ids=["machine's", "no pool"])
+@pytest.mark.parametrize("techniques", [None, kernel.Techniques(threads=False),
+                                        kernel.Techniques(warm_blas_threads=False)],
+                         ids=["machine's", "no pool", "pool in the layer"])
 def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques):
     num_kv_heads, x_shape, kv_shape, mask = _layer_case(case)
     rng = np.random.default_rng(21)
@@ -285,6 +287,30 @@ def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques):
         assert layer(x, kv, kv, mask=mask).shape == output.shape
     np.testing.assert_allclose(output.data, expected.data, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(weights.data, expected_weights.data, rtol=RTOL, atol=ATOL)
+
+
+def test_the_pool_runs_outside_layers_and_blas_threads_inside(monkeypatch):
+    """A multi-head layer's projections leave BLAS's threads spinning, so its core runs on the caller with
+    BLAS's threads; a core called on its own, or with BLAS held at one thread, uses the pool."""
+    pooled = []
+    real_map = kernel.POOL.map
+    monkeypatch.setattr(kernel.POOL, "map", lambda function, tasks, threads=True: (
+        pooled.append(threads), real_map(function, tasks, threads))[1])
+    layer = MultiHeadAttention(16, 4, seed=3).eval()
+    x = np.random.default_rng(23).normal(size=(2, 300, 16)).astype(np.float32)   # 2 x 4 x 300 x 300: tiled
+    q, k, v = random_qkv(23, (2, 4), 300, 300)
+    with attention_backend("fast"):
+        layer(x)
+        fast_attention(q, k, v)
+        with kernel.POOL.blas_on_one_thread():
+            layer(x)
+    with attention_backend("fast", kernel.Techniques(warm_blas_threads=False)):
+        layer(x)
+    with attention_backend("fast", kernel.Techniques(threads=False)):
+        fast_attention(q, k, v)
+    assert pooled == [False, True, True, True, False], (
+        f"pool used by: the layer, the core alone, the layer with BLAS held, the layer without the rule, "
+        f"no pool at all: {pooled}")
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
