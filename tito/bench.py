@@ -49,7 +49,7 @@ class Sizes:
 QUICK = Sizes(batch=1, heads=2, seq=64, head_dim=16, embed=64, prompt=8, new_tokens=16, long_seq=256,
               sweep=(32, 64, 128), repeats=3, rounds=2, peak_size=256)
 ROOFLINE_GOAL = 1.10      # SDPA and the layer: at most 10% over what NumPy itself needs here, perfectly parallel
-ABLATION_PAIRS = 7        # alternating pairs of blocks of runs, with and without a technique
+ABLATION_PAIRS = 9        # alternating pairs of blocks of runs, with and without a technique
 QUICK_ABLATION_PAIRS = 2  # with --quick: a smoke test
 VERDICT_PAIRS = 5         # fewer pairs than this give gains but no verdict
 ABLATION_REPEATS = 5      # timed runs per block
@@ -613,12 +613,12 @@ def _on_fast_backend(calls: dict, techniques) -> dict:
 
 
 def machine_line() -> dict:
-    """This process's machine: CPU, cores, NumPy's SIMD level and BLAS, and the kernel's chosen techniques."""
+    """This process's machine: CPU, cores, NumPy's SIMD level and BLAS, and the kernel's default techniques."""
     from threadpoolctl import threadpool_info
 
-    from tinytorch.core._attention_kernel import cpu_features, machine_techniques, simd_level
+    from tinytorch.core._attention_kernel import Techniques, cpu_features, simd_level
 
-    chosen = machine_techniques()
+    chosen = Techniques()
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "simd": simd_level(cpu_features()),
             "numpy": np.__version__, "blas": ", ".join(
                 f"{info['internal_api']} {info['version']} {info.get('architecture') or ''} "
@@ -638,7 +638,7 @@ def format_machine(machine: dict) -> str:
         low, high = machine["load_1min"]
         line += f"; 1-minute load {low:.2f}-{high:.2f} during the run"
     off = machine["techniques_off"]
-    return line + f"\nkernel techniques chosen for this machine: off: {', '.join(off) if off else 'none'}"
+    return line + f"\nkernel techniques by default: off: {', '.join(off) if off else 'none'}"
 
 
 def blocks(first, second, pairs: int, repeats: int) -> list[float]:
@@ -669,68 +669,85 @@ def blocks(first, second, pairs: int, repeats: int) -> list[float]:
     return ratios
 
 
+CONTROL = "(control)"      # the ablation's first row: the machine's techniques on both sides
+
+
+def _gain_cell(gains: list[float]) -> dict:
+    q25, median, q75 = (float(x) for x in np.percentile(gains, [25, 50, 75]))
+    return {"gain": median, "low": float(min(gains)), "high": float(max(gains)), "q25": q25, "q75": q75}
+
+
 def run_ablation(quick: bool = False, pairs: int | None = None, names=None, rows=None) -> dict:
-    """Each technique of the tuned kernel switched on and off, the others as chosen for this machine:
-    its gain on every goal row.
+    """Each technique of the tuned kernel switched on and off, the others on by default:
+    its gain on every goal row, beside a control that runs the same techniques on both sides.
 
     The gain of a pair of blocks (`blocks`) is (median time without the technique) / (median time
-    with it) - 1. On a row, a technique pays when the median gain over the pairs is at least
-    KEEP_THRESHOLD and three quarters of the pairs gain, and loses when it is at most
-    -KEEP_THRESHOLD and three quarters lose; anything else is no clear effect. Fewer than
-    VERDICT_PAIRS pairs (`--quick`) give the gains but no verdict.
+    with it) - 1. The control's gains are what the machine's noise alone gives, for identical
+    code. On a row, a technique pays when the median of its gains over the pairs is at least
+    KEEP_THRESHOLD and their middle half (25th to 75th percentile) lies wholly above the control's,
+    and loses when the median is at most -KEEP_THRESHOLD and the middle half lies wholly below it;
+    anything else is no clear effect. Fewer than VERDICT_PAIRS pairs (`--quick`) give the gains
+    but no verdict.
     """
     from dataclasses import replace
 
-    from tinytorch.core._attention_kernel import Techniques, machine_techniques
+    from tinytorch.core._attention_kernel import Techniques
 
     s = QUICK if quick else Sizes()
     pairs = (QUICK_ABLATION_PAIRS if quick else ABLATION_PAIRS) if pairs is None else pairs
     repeats = QUICK.repeats if quick else ABLATION_REPEATS
-    chosen = machine_techniques()
+    rows = list(rows or GOAL_ROWS)
+    chosen = Techniques()
     judged = pairs >= VERDICT_PAIRS
     load_before = load_average()
-    table = {}
     calls = _our_workloads(s)            # one set of arrays and layers: only the techniques differ between sides
+    same = _on_fast_backend(calls, chosen)
+    again = _on_fast_backend(calls, replace(chosen))
+    control = {row: _gain_cell([r - 1 for r in blocks(same[row], again[row], pairs, repeats)]) for row in rows}
+    table = {}
     for name in names or Techniques.__dataclass_fields__:
         with_it = _on_fast_backend(calls, replace(chosen, **{name: True}))
         without = _on_fast_backend(calls, replace(chosen, **{name: False}))
         table[name] = {}
-        for row in rows or GOAL_ROWS:
-            gains = [r - 1 for r in blocks(without[row], with_it[row], pairs, repeats)]
-            q25, median, q75 = (float(x) for x in np.percentile(gains, [25, 50, 75]))
-            table[name][row] = {"gain": median, "low": float(min(gains)), "high": float(max(gains)), "q25": q25,
-                                "q75": q75, "pays": judged and median >= KEEP_THRESHOLD and q25 > 0,
-                                "loses": judged and median <= -KEEP_THRESHOLD and q75 < 0}
-        cells = [table[name][row] for row in rows or GOAL_ROWS]
-        table[name]["chosen"] = getattr(chosen, name)
+        for row in rows:
+            cell = _gain_cell([r - 1 for r in blocks(without[row], with_it[row], pairs, repeats)])
+            cell["pays"] = judged and cell["gain"] >= KEEP_THRESHOLD and cell["q25"] > control[row]["q75"]
+            cell["loses"] = judged and cell["gain"] <= -KEEP_THRESHOLD and cell["q75"] < control[row]["q25"]
+            table[name][row] = cell
+        cells = [table[name][row] for row in rows]
+        table[name]["default"] = getattr(chosen, name)
         table[name]["pays"] = any(cell["pays"] for cell in cells)
         table[name]["loses"] = any(cell["loses"] for cell in cells)
     machine = machine_line()
     loads = [x for x in (load_before, load_average()) if x is not None]
     machine["load_1min"] = (min(loads), max(loads)) if loads else None
     return {"quick": quick, "pairs": pairs, "repeats": repeats, "judged": judged, "machine": machine,
-            "techniques": table}
+            "control": control, "techniques": table}
 
 
 def format_ablation(result: dict) -> str:
     width = 22
+
+    def cells_line(cells: dict) -> str:
+        return "".join(f"{cells[key]['gain']:>+8.1%} ({cells[key]['q25']:+.0%}..{cells[key]['q75']:+.0%})"
+                       f"{'+' if cells[key].get('pays') else '-' if cells[key].get('loses') else ' '}".rjust(width)
+                       if key in cells else "".rjust(width) for key in GOAL_ROWS)
+
     lines = [format_machine(result["machine"]),
              f"{'technique':<19}" + "".join(f"{label:>{width}}" for label in GOAL_ROWS.values())
-             + "  chosen  verdict"]
+             + "  default verdict",
+             f"{CONTROL:<19}{cells_line(result['control'])}  {'':<6}  the noise: the same techniques on both sides"]
     for name, cells in result["techniques"].items():
-        row = "".join(f"{cells[key]['gain']:>+8.1%} ({cells[key]['q25']:+.0%}..{cells[key]['q75']:+.0%})"
-                      f"{'+' if cells[key]['pays'] else '-' if cells[key]['loses'] else ' '}".rjust(width)
-                      if key in cells else "".rjust(width) for key in GOAL_ROWS)
         verdict = ("too few pairs to judge" if not result["judged"]
-                   else "ON BUT LOSES on a goal row" if cells["chosen"] and cells["loses"]
-                   else "would pay, but off" if not cells["chosen"] and cells["pays"] and not cells["loses"]
+                   else "ON BUT LOSES on a goal row" if cells["default"] and cells["loses"]
+                   else "would pay, but off" if not cells["default"] and cells["pays"] and not cells["loses"]
                    else "pays" if cells["pays"] else "no clear effect here")
-        lines.append(f"{name:<19}{row}  {'on' if cells['chosen'] else 'off':<6}  {verdict}")
-    lines.append(f"gain = time without the technique / time with it - 1 (the others as chosen for this machine), "
+        lines.append(f"{name:<19}{cells_line(cells)}  {'on' if cells['default'] else 'off':<6}  {verdict}")
+    lines.append(f"gain = time without the technique / time with it - 1 (the others on, as by default), "
                  f"median of {result['pairs']} alternating pairs of blocks, each the median of {result['repeats']} runs "
                  f"after {SETTLE_SECONDS} s of untimed ones (25th..75th percentile), through the layers; "
-                 f"+ pays, - loses: a median of at least {KEEP_THRESHOLD:.0%} either way with three quarters of the "
-                 f"runs on its side")
+                 f"+ pays, - loses: a median of at least {KEEP_THRESHOLD:.0%} either way with the middle half of the "
+                 f"pairs wholly beyond the control's")
     return "\n".join(lines)
 
 

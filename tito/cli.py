@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: switch each technique of the tuned kernel off in turn and print its gain "
                        "on the goal rows")
     bench.add_argument("--pairs", type=int, default=None, metavar="N",
-                       help="with --ablation: alternating pairs of blocks of runs with and without each technique, per goal row (default 7, 2 with --quick)")
+                       help="with --ablation: alternating pairs of blocks of runs with and without each technique, per goal row (default 9, 2 with --quick)")
     bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--plot", type=Path, default=None, metavar="PATH",
                        help="also save the sweep's log-log plot as a PNG (needs matplotlib)")

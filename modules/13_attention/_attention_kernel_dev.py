@@ -66,7 +66,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -104,17 +104,12 @@ def _refuse_while_grading() -> None:
                            "function must compute its result with the student's own code")
 
 # %% [markdown]
-# ## 1. The techniques, as explicit options, chosen for the machine
+# ## 1. The techniques, as explicit options
 #
-# `Techniques()` is every technique on; `Techniques(base2=False)` is the kernel without base-2
-# exponentials, and so on. A call that passes no techniques uses `machine_techniques()`: each
-# technique on only where it helps on the CPU running it. Where a CPU feature decides it, the
-# feature decides: NumPy vectorises float32 `exp2` only with AVX512_SKX
-# (`loops_umath_fp.dispatch.c.src`), while it vectorises `exp` with AVX2 and AVX-512 alike
-# (`loops_exponent_log.dispatch.c.src`), so on AVX2 and NEON `exp2` runs scalar, about twice
-# `exp`'s time, and `base2` is off there, and with it `shift_free`, which then loses on causal
-# tiles (the design note has the figures). The choice is made once per process and kept;
-# `tito bench` prints it, and a caller overrides it by passing `Techniques`.
+# `Techniques()` is every technique on; `Techniques(causal_tiles=False)` is the kernel without
+# causal tiles, and so on. A call that passes no techniques uses them all: each one paid on both
+# machine classes measured (the design note above), so none is chosen by the CPU. `cpu_features`
+# and `simd_level` name the machine for `tito bench`'s output line.
 
 # %%
 #| export
@@ -122,13 +117,10 @@ def _refuse_while_grading() -> None:
 class Techniques:
     """Which of the kernel's techniques a call uses; all on by default."""
 
-    threads: bool = True         # tiles on the caller plus a pool thread per further core, BLAS on one thread
-    warm_blas_threads: bool = True   # but right after the caller's own threaded BLAS: BLAS's threads
-    causal_tiles: bool = True    # skip key blocks in a row block's future instead of masking them
-    shift_free: bool = True      # skip the softmax's max-subtraction where norms prove it safe
-    base2: bool = True           # on that path: base-2 scores and exp2, where exp2 is vectorised
-    tuned_tiles: bool = True     # 512-row plain tiles, 32-row causal tiles spanning heads (off: 64 rows per head)
-    blas_row_sums: bool = True   # row sums as a matrix-vector product instead of sum(axis=-1)
+    threads: bool = True             # tiles on the caller plus a pool thread per further core, BLAS on one thread
+    warm_blas_threads: bool = True   # but right after the caller's own threaded BLAS: BLAS's threads (section 2)
+    causal_tiles: bool = True        # skip key blocks in a row block's future instead of masking them
+    tuned_tiles: bool = True         # 512-row plain tiles, 32-row causal tiles spanning heads (off: 64 rows per head)
 
 
 def cpu_features() -> dict:
@@ -149,36 +141,11 @@ def simd_level(features: dict | None = None) -> str:
     return "baseline"
 
 
-def techniques_for(features: dict) -> Techniques:
-    """The techniques that pay on a CPU with these features.
-
-    `exp2` is vectorised only with AVX512_SKX. Without it, base-2 scores lose, and the shift-free
-    softmax pays on plain tiles but loses on causal ones: each tile's norm measurement costs about
-    what skipping the max-subtraction saves when `exp` does the work.
-    """
-    vectorised_exp2 = bool(features.get("AVX512_SKX"))
-    return Techniques(base2=vectorised_exp2, shift_free=vectorised_exp2)
-
-
-_machine_techniques = None          # chosen on first use, then kept for the process
-
-
-def machine_techniques() -> Techniques:
-    """The techniques chosen for the CPU running this process, on first use; the same object afterwards."""
-    global _machine_techniques
-    if _machine_techniques is None:
-        _machine_techniques = techniques_for(cpu_features())
-    return _machine_techniques
-
-
 TILE_SCORES = 1 << 20            # scores per tile at most: 4 MiB of float32, within a core's share of cache
 QUERY_ROWS = 512                 # plain tiles: up to 512 query rows (all of T = 512: measured fastest)
 CAUSAL_QUERY_ROWS = 32           # causal tiles: few rows, so that little of the future is computed
 UNTUNED_ROWS = 64                # Part 7's tile height, what `tuned_tiles=False` uses
 PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores a call runs on the caller alone: hand-offs cost more
-SHIFT_FREE_BOUND = 86.0          # base-2 scores within +-86: 2^86 ~ 8e25 cannot overflow, 2^-86 is normal
-LOG2_E = math.log2(math.e)       # e^x = 2^(x log2 e)
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # %% [markdown]
 # ## 2. The worker pool
@@ -309,28 +276,9 @@ def use_pool(techniques: Techniques, after_threaded_blas: bool) -> bool:
 # they are in the core's cache, and the output is normalised after the product with V, which
 # scales (r, d_v) numbers instead of (r, s).
 #
-# **Shift-free.** Every score is at most ‖q_i‖·‖k_j‖·scale in size (Cauchy–Schwarz). When that
-# bound, in base 2, is within `SHIFT_FREE_BOUND`, exp(s) / Σ exp(s) is computed without
-# subtracting the row maxima, which saves two passes over the scores; the output before it is
-# normalised, at most S·2^86·max|v|, must fit float32 too. Each tile measures the norms of the
-# rows it reads, so the decision needs nothing from outside the call.
 
 # %%
 #| export
-def _largest_row_norm(x: np.ndarray) -> float:
-    with np.errstate(over="ignore", invalid="ignore"):
-        return math.sqrt(float(np.einsum("...i,...i->...", x, x).max())) if x.size else 0.0
-
-
-def shift_free(q, k, v, scale: float) -> bool:
-    """Whether every base-2 score lies within +-SHIFT_FREE_BOUND and the unnormalised output fits float32."""
-    if q.size == 0 or k.size == 0 or scale * LOG2_E > FLOAT32_MAX:    # the base-2 scale itself must fit float32
-        return False
-    bound = _largest_row_norm(q) * _largest_row_norm(k) * scale * LOG2_E       # an inf or nan norm gives False
-    largest_value = max(abs(float(v.max())), abs(float(v.min()))) if v.size else 0.0
-    return bound <= SHIFT_FREE_BOUND and k.shape[-2] * 2.0 ** SHIFT_FREE_BOUND * largest_value <= FLOAT32_MAX
-
-
 def attend_tile(q, k, v, hidden, output, weights, scale: float, techniques: Techniques) -> None:
     """Softmax attention of one tile, written into `output` (and `weights`) in place.
 
@@ -339,27 +287,15 @@ def attend_tile(q, k, v, hidden, output, weights, scale: float, techniques: Tech
     None.
     """
     s = k.shape[-2]
-    unshifted = techniques.shift_free and shift_free(q, k, v, scale)
-    base2 = unshifted and techniques.base2
-    q_scale = np.float32(scale * LOG2_E if base2 else scale)
-    scores = np.matmul(q * q_scale, np.swapaxes(k, -1, -2))                                         # (..., r, s)
-    masked = None if hidden is None else scores[..., s - hidden.shape[-1]:]
-    if unshifted:
-        (np.exp2 if base2 else np.exp)(scores, out=scores)
-        if hidden is not None:
-            np.copyto(masked, 0.0, where=hidden)                  # after exp2, which is slow on -inf
-    else:
-        if hidden is not None:
-            np.copyto(masked, -np.inf, where=hidden)
-        row_max = scores.max(axis=-1, keepdims=True)              # (..., r, 1)
-        if hidden is not None:
-            np.copyto(row_max, 0.0, where=np.isneginf(row_max))   # fully masked rows
-        np.subtract(scores, row_max, out=scores)
-        np.exp(scores, out=scores)
-    if techniques.blas_row_sums:
-        totals = scores @ np.ones((s, 1), dtype=np.float32)       # (..., r, 1)
-    else:
-        totals = scores.sum(axis=-1, keepdims=True)               # (..., r, 1)
+    scores = np.matmul(q * np.float32(scale), np.swapaxes(k, -1, -2))                              # (..., r, s)
+    if hidden is not None:
+        np.copyto(scores[..., s - hidden.shape[-1]:], -np.inf, where=hidden)
+    row_max = scores.max(axis=-1, keepdims=True)                  # (..., r, 1)
+    if hidden is not None:
+        np.copyto(row_max, 0.0, where=np.isneginf(row_max))       # fully masked rows
+    np.subtract(scores, row_max, out=scores)
+    np.exp(scores, out=scores)
+    totals = scores.sum(axis=-1, keepdims=True)                   # (..., r, 1)
     if hidden is not None:
         np.copyto(totals, 1.0, where=totals == 0.0)               # fully masked rows stay 0
     np.matmul(scores, v, out=output)                              # (..., r, dv)
@@ -456,11 +392,11 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         offset: the diagonal offset of a causal mask covering the (T, S) scores; replaces `keep`.
         need_weights: also return the (..., T, S) weights.
         out: an array (any strides) of shape (..., T, dv) to write the output into.
-        techniques: which techniques to use; None: `machine_techniques()`.
+        techniques: which techniques to use; None: all of them.
         after_threaded_blas: the caller has just run BLAS on several threads (section 2).
     """
     _refuse_while_grading()
-    techniques = machine_techniques() if techniques is None else techniques
+    techniques = Techniques() if techniques is None else techniques
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     T, S, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if offset is None:
@@ -478,8 +414,7 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
     if math.prod(lead) * T * S < PARALLEL_MIN_SCORES:           # one vectorised tile on the caller
         hidden = (None if keep is None else np.broadcast_to(~keep, lead + (T, S))) if offset is None \
             else ~np.tri(T, S, k=offset, dtype=bool)
-        attend_tile(q, k, v, hidden, output, weights, scale,
-                    replace(techniques, shift_free=False))       # measuring the norms would cost more
+        attend_tile(q, k, v, hidden, output, weights, scale, techniques)
     elif offset is not None:
         POOL.map(attend_tile, _causal_tasks(q, k, v, offset, output, weights, scale, techniques),
                  use_pool(techniques, after_threaded_blas))

@@ -1211,12 +1211,12 @@ with single_threaded_blas():                                    # one core for b
 # - it runs the tiles on a **thread pool**, one thread per core. NumPy releases Python's global
 #   interpreter lock inside `exp` and inside BLAS, so the threads really run in parallel, and
 #   BLAS is held at one thread while they do, so that the two kinds of threads do not fight over
-#   the cores;
+#   the cores. Inside your multi-head layer it does the opposite: your projections have just run
+#   on BLAS's own threads, which OpenBLAS keeps spinning for about 0.1 s after a call, so a pool
+#   thread would share a core with one of them, and the tiles use BLAS's threads instead;
 # - it tiles every batch and head, and with a causal mask its tiles span all heads at once (a
 #   group of them at very long sequences), so that one batched product replaces many small ones;
-# - it reads a `CausalMask`'s offset to skip the future without ever looking at the mask;
-# - when the norms of Q and K prove that no score can overflow, it skips the max-subtraction and
-#   exponentiates in base 2 where NumPy's `exp2` is faster than its `exp` on your CPU.
+# - it reads a `CausalMask`'s offset to skip the future without ever looking at the mask.
 #
 # It replaces only the attention core, inside `ScaledDotProductAttention`: your multi-head
 # layer and your caches run around it exactly as on the math path.

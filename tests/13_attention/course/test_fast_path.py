@@ -77,13 +77,11 @@ def test_causal_mask_on_the_tiled_path_with_rows_past_the_first_tiles():
 
 @pytest.mark.parametrize("lead, T, S", SHAPES[1:])
 @pytest.mark.parametrize("masking", ["none", "causal", "padding"])
-def test_large_scores_take_the_max_subtracting_path(lead, T, S, masking):
-    """Queries 40 times larger: no longer can every score skip the max-subtraction, on any tile layout."""
+def test_large_scores_stay_exact(lead, T, S, masking):
+    """Queries 40 times larger, whose exponentials overflow without the max-subtraction, on every tile layout."""
     with attention_backend("fast"):
         q, k, v = random_qkv(T + 3, lead, T, S)
-        assert kernel.shift_free(q, k, v, 1 / np.sqrt(8)), "at their own size these scores skip it"
         q = q * np.float32(40.0)
-        assert not kernel.shift_free(q, k, v, 1 / np.sqrt(8))
         mask = {"none": None, "causal": create_causal_mask(T, S), "padding": np.arange(S) < S - 7}[masking]
         keep = None if mask is None else np.tril(np.ones((T, S)), S - T) if masking == "causal" else mask
         output, weights = fast_attention(q, k, v, mask=mask)
@@ -122,7 +120,7 @@ def test_extreme_scales_and_values_stay_finite():
         np.testing.assert_allclose(output.data, ref.attention_formula(q, k, v, scale=3e38)[0], rtol=1e-4, atol=1e-5)
 
         q, k = np.ones((1, 512, 1), dtype=np.float32), np.full((1, 512, 1), 59.0, dtype=np.float32)
-        v = np.full((1, 512, 2), 1e13, dtype=np.float32)       # base-2 scores 85.1: within the bound
+        v = np.full((1, 512, 2), 1e13, dtype=np.float32)       # scores of 59: e^59 times v would overflow
         output, _ = fast_attention(q, k, v, scale=1.0, need_weights=False)
         np.testing.assert_allclose(output.data, 1e13, rtol=1e-5)
 
@@ -137,8 +135,7 @@ def test_no_state_crosses_calls():
             expected_output, expected_weights = ref.attention_formula(*arrays)
             np.testing.assert_allclose(output.data, expected_output, rtol=RTOL, atol=ATOL)
             np.testing.assert_allclose(weights.data, expected_weights, rtol=RTOL, atol=ATOL)
-        q *= np.float32(40.0)                           # changed in place: now it needs the max-subtraction
-        assert not kernel.shift_free(q, k, v, 1 / np.sqrt(8))
+        q *= np.float32(40.0)                           # changed in place: scores that overflow exp unshifted
         output, weights = fast_attention(q, k, v)
     expected_output, expected_weights = ref.attention_formula(q, k, v)
     np.testing.assert_allclose(output.data, expected_output, rtol=1e-4, atol=1e-4)
@@ -146,16 +143,16 @@ def test_no_state_crosses_calls():
 
 
 def test_the_kernel_keeps_no_state_but_its_pool():
-    """No thread-locals, weak references or context variables in the kernel's source, and two global
-    statements: the grading refusal's count, which a block raises and lowers, and the techniques chosen
-    for the machine, once per process; never a memory of an earlier call's data."""
+    """No thread-locals, weak references or context variables in the kernel's source, and one global
+    statement: the grading refusal's count, which a block raises and lowers; never a memory of an earlier
+    call's data."""
     import inspect
     import re
 
     source = inspect.getsource(kernel)
     for pattern in (r"threading\.local", r"weakref", r"ContextVar", r"register_at_fork"):
         assert not re.search(pattern, source, flags=re.MULTILINE), pattern
-    assert re.findall(r"^\s*global\s+(\w+)", source, flags=re.MULTILINE) == ["_refusals", "_machine_techniques"]
+    assert re.findall(r"^\s*global\s+(\w+)", source, flags=re.MULTILINE) == ["_refusals"]
     assert [name for name, value in vars(kernel).items() if isinstance(value, kernel.WorkerPool)] == ["POOL"]
 
 
@@ -381,49 +378,26 @@ def test_under_fast_a_bug_planted_in_the_students_multihead_forward_changes_the_
         np.testing.assert_allclose(correct["fast"], correct["math"], rtol=RTOL, atol=ATOL)
 
 
-# ---------------------------------------------------------------- techniques chosen for the machine
-@pytest.mark.parametrize("features, level, base2", [
-    ({"AVX2": True, "AVX512F": True, "AVX512_SKX": True}, "AVX-512", True),
-    ({"AVX2": True, "AVX512F": True, "AVX512_SKX": False}, "AVX2", False),     # AVX512_SKX disabled: exp2 is scalar
-    ({"AVX2": True}, "AVX2", False),
-    ({"ASIMD": True, "NEON": True}, "NEON", False),
-    ({"SSE2": True}, "baseline", False),
+# ---------------------------------------------------------------- the techniques, and the machine's name
+@pytest.mark.parametrize("features, level", [
+    ({"AVX2": True, "AVX512F": True, "AVX512_SKX": True}, "AVX-512"),
+    ({"AVX2": True, "AVX512F": True, "AVX512_SKX": False}, "AVX2"),     # NumPy's AVX-512 groups disabled
+    ({"AVX2": True}, "AVX2"),
+    ({"ASIMD": True, "NEON": True}, "NEON"),
+    ({"SSE2": True}, "baseline"),
 ])
-def test_base2_and_shift_free_are_on_only_where_numpy_vectorises_exp2(features, level, base2):
+def test_the_simd_level_is_named_from_numpys_cpu_features(features, level):
     assert kernel.simd_level(features) == level
-    chosen = kernel.techniques_for(features)
-    assert chosen.base2 is base2 and chosen.shift_free is base2, "both pay only where exp2 is vectorised"
-    assert chosen == kernel.Techniques(base2=base2, shift_free=base2), "every other technique pays on both classes"
 
 
-def test_the_machine_choice_is_made_once_and_a_caller_overrides_it():
+def test_every_technique_is_on_unless_a_caller_passes_techniques():
     from tinytorch.core import _attention_backend as backend
 
-    chosen = kernel.machine_techniques()
-    assert chosen is kernel.machine_techniques()
-    assert chosen == kernel.techniques_for(kernel.cpu_features())
-    override = kernel.Techniques(base2=not chosen.base2, threads=False)
+    assert all(vars(kernel.Techniques()).values()), "each technique paid on both machine classes measured"
+    override = kernel.Techniques(causal_tiles=False, threads=False)
     with attention_backend("fast", techniques=override):
         assert backend._backend_techniques() is override
     with attention_backend("fast"):
-        assert backend._backend_techniques() is None                # None: the machine's choice
+        assert backend._backend_techniques() is None                # None: every technique
     with pytest.raises(TypeError, match="techniques must be a Techniques or None, got dict"):
-        set_attention_backend("fast", techniques={"base2": False})
-
-
-AVX512_GROUPS = ("AVX512F AVX512CD AVX512VL AVX512BW AVX512DQ AVX512_SKX X86_V4 AVX512_CLX AVX512_CNL AVX512_ICL "
-                 "AVX512_SPR")    # NumPy 2.4 dispatches to the X86_V4 group too: disabling AVX512_SKX alone is not enough
-
-
-def test_a_process_without_avx512_skx_chooses_exp_over_exp2():
-    """NumPy's own switch: with AVX512_SKX disabled, the process sees an AVX2 machine and base2 goes off."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("from tinytorch.core import _attention_kernel as k; f = k.cpu_features(); "
-            "t = k.machine_techniques(); print(k.simd_level(f), t.base2 or t.shift_free, bool(f.get('AVX2')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**os.environ, "NPY_DISABLE_CPU_FEATURES": AVX512_GROUPS})
-    level, base2, has_avx2 = done.stdout.split()
-    assert base2 == "False" and level == ("AVX2" if has_avx2 == "True" else level)
+        set_attention_backend("fast", techniques={"threads": False})
