@@ -74,14 +74,14 @@ def get_attention_backend() -> str:
 
 
 def _backend_techniques():
-    """The Techniques the "fast" kernel uses here, or None for the ones chosen for this machine."""
+    """The Techniques the "fast" kernel uses here, or None for all of them."""
     return (_backend_in_block.get() or _chosen_backend)[1]
 
 
 def set_attention_backend(name: str, techniques=None) -> None:
     """Choose the kernel of every attention layer: "math" (the student's, the default) or "fast" (tuned).
 
-    techniques: the tuned kernel's Techniques; None uses the ones chosen for this machine.
+    techniques: the tuned kernel's Techniques; None uses all of them.
     """
     global _chosen_backend
     _chosen_backend = _check_backend(name, techniques)

@@ -21,40 +21,48 @@
 # > it to a float64 reference. Every layer and cache around it is the student's.
 #
 # Everything the kernel needs comes in as arguments: checked float32 arrays, the boolean mask or
-# a causal offset, the scale, and `techniques`, which says which of its techniques to use. Nothing
-# is carried from one call to the next except the worker pool and its threads, and the techniques
-# chosen for the machine (section 1), once per process. `tito bench --ablation` switches each
-# technique on and off, the others as chosen for the machine, and measures what it buys.
+# a causal offset, the scale, `techniques`, which says which of its techniques to use, and
+# whether the caller has just run BLAS on several threads. Nothing is carried from one call to
+# the next except the worker pool and its threads. `tito bench --ablation` switches each
+# technique on and off, the others on, and measures what it buys.
 #
 # ## Design note: what each technique buys, per machine class, and what it guards against
 #
-# Gain: the time without the technique over the time with it, minus 1, median of alternating
-# runs; SDPA and causal SDPA are 4 x 8 heads x 512 x 64, the kernel called directly (41 pairs),
-# the other rows through the layers (`tito bench --ablation --pairs 15`). Two classes of the same
-# shared 2-core AMD EPYC: AVX-512 as it is, and AVX2 as NumPy and OpenBLAS see it with
-# `OPENBLAS_CORETYPE=Haswell` and NumPy's AVX-512 groups in `NPY_DISABLE_CPU_FEATURES`. The
-# machine carried a 1-minute load of 4.8 to 7.6 from other jobs, so a single run moves by tens of
-# percent and only the medians mean much. A technique stays only if it pays on some class;
-# `machine_techniques()` switches it off where it loses.
+# Gain: the time without the technique over the time with it, minus 1, through the layers,
+# median of 9 alternating pairs of blocks of runs (`tito bench --ablation`), with the
+# interquartile range of the pairs. A control runs the same techniques on both sides, and a
+# gain counts only when its middle half lies beyond the control's. Two classes of one quiet
+# 2-core AMD EPYC: AVX-512 as it is, and AVX2 as NumPy and OpenBLAS see it with
+# `OPENBLAS_CORETYPE=Haswell` and NumPy's AVX-512 groups in `NPY_DISABLE_CPU_FEATURES`. A
+# technique stays only if it pays on some class and loses on none; each one left is on
+# everywhere.
 #
-# | technique | switch | AVX-512 | AVX2 | numerical hazard it guards against |
+# | technique | switch | AVX-512 | AVX2 | hazard it guards against |
 # |---|---|---|---|---|
-# | worker pool: the caller plus one thread per further core, BLAS held at one thread | `threads` | +279% SDPA, +506% causal, +79% multi-head | +354% SDPA, +337% causal, +85% multi-head | none: each tile is computed by one thread, so results do not depend on scheduling |
-# | tile sizes: 512-row plain tiles; 32-row causal tiles across heads, within `TILE_SCORES` | `tuned_tiles` | +30% SDPA, +11% causal | +17% SDPA | none; a tile holds at most `TILE_SCORES` scores, so memory stays bounded at long S |
-# | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +34% causal SDPA, +12% causal multi-head | +30% causal SDPA | rows that see no key at all are written as zeros, as the formula's fully masked rows |
-# | shift-free softmax: row maxima not subtracted where norms prove it safe | `shift_free` | +16% SDPA, +26% causal | +5% SDPA, −3% causal; through the layers +7% and +5%, then +5% and −13%: **off** | overflow and underflow of exp: taken only when max‖q‖·max‖k‖·scale·log2 e ≤ 86, S·2^86·max\|v\| fits float32, and the base-2 scale itself fits float32; each tile measures its own rows |
-# | row sums as a matrix-vector product | `blas_row_sums` | +6% SDPA, +5% causal | +4% SDPA, +8% causal | none: the same sums, by BLAS instead of NumPy's reduction |
-# | base-2 exponentials: Q scaled by scale·log2 e, then `exp2` | `base2` | +4% SDPA, +6% causal; `exp2` 0.64 ns against `exp`'s 0.74 ns per number | −26% SDPA, −15% causal; `exp2` 3.4 ns against `exp`'s 3.0 ns: NumPy runs it scalar: **off** | `exp2` is slow on -inf and on underflow: masked scores are zeroed after it, and only the shift-free path uses it |
+# | worker pool: the caller plus one thread per further core, BLAS held at one thread | `threads` | +27% SDPA, +48% causal SDPA | +38% SDPA, +41% causal SDPA | none: each tile is computed by one thread, so results do not depend on scheduling |
+# | right after the caller's own threaded BLAS (a multi-head layer's projections), tiles on the caller and BLAS on its threads, which OpenBLAS keeps spinning | `warm_blas_threads` | no clear effect (−7%, −3% on the layer rows) | +17% multi-head, +20% causal multi-head | the pool's thread sharing a core with a spinning BLAS thread |
+# | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +48% causal SDPA, +10% causal multi-head | +57% causal SDPA, +13% causal multi-head | rows that see no key at all are written as zeros, as the formula's fully masked rows |
+# | tile sizes: 512-row plain tiles; 32-row causal tiles across heads, within `TILE_SCORES` | `tuned_tiles` | +44% SDPA, +56% causal SDPA, +10% multi-head | +37% SDPA, +53% causal SDPA, +6% multi-head | none; a tile holds at most `TILE_SCORES` scores, so memory stays bounded at long S |
 #
-# No technique needed a calibration at first use: the two whose effect differs between the
-# classes, `base2` and `shift_free`, differ because of `exp2`, and a CPU feature decides that.
+# Measured and removed, each paying on no class:
 #
-# Removed: `keys_first`, the scores of few-row tiles formed transposed as Sᵀ = K·Qᵀ (−1% and −5%
-# on AVX-512, −2% and +1% on AVX2); `layer_on_pool`, the kernel's own copy of the multi-head
-# layer's projections (the student's layer runs under either backend); each worker's scratch
-# memory reused from call to call; the norms handed from the input check to the kernel through
-# weak references (each tile measures its own rows); and the fork hook (the pool remembers the
-# process that made it).
+# - `base2` (base-2 scores and `exp2`) and `shift_free` (no max-subtraction where the norms of Q
+#   and K bound every score): on AVX-512, 25 pairs gave `base2` −11% SDPA and −6% multi-head,
+#   and `shift_free` +1% SDPA and −12% causal SDPA; other runs of the same ablation put each
+#   anywhere from −12% to +14%, within this shared machine's drift from run to run. On AVX2
+#   NumPy runs `exp2` scalar and both lost. Without them no overflow bound is needed: every
+#   tile subtracts its rows' maxima.
+# - `blas_row_sums` (row sums as a matrix-vector product): +2% to +4% on every row of both
+#   classes, under the 5% a technique must gain.
+# - `keys_first` (few-row tiles' scores formed as Sᵀ = K·Qᵀ): −1% and −5% on AVX-512, −2% and
+#   +1% on AVX2.
+# - `layer_on_pool`, the kernel's own copy of the multi-head layer's projections: the student's
+#   layer runs under either backend.
+# - Each worker's scratch memory reused from call to call, and the fork hook (the pool remembers
+#   the process that made it).
+#
+# No remaining technique loses on either class, so nothing is chosen per machine, by CPU
+# feature or by calibration.
 
 # %%
 #| default_exp core._attention_kernel
@@ -410,7 +418,7 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         return output, weights                                   # nothing to attend to: zeros
     if offset is not None and not techniques.causal_tiles:
         keep, offset = np.tri(T, S, k=offset, dtype=bool), None
-    q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
+    q, k, v = (x if x.shape[:-2] == lead else np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
     if math.prod(lead) * T * S < PARALLEL_MIN_SCORES:           # one vectorised tile on the caller
         hidden = (None if keep is None else np.broadcast_to(~keep, lead + (T, S))) if offset is None \
             else ~np.tri(T, S, k=offset, dtype=bool)

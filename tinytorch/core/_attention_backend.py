@@ -15,7 +15,7 @@ import numpy as np
 from . import _attention_checks as checks, _attention_kernel as kernel
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_backend_dev.ipynb #4b47517d
+# %% ../../modules/13_attention/_attention_backend_dev.ipynb #517dc871
 ATTENTION_BACKENDS = ("math", "fast")
 DEFAULT_BACKEND = "math"
 _chosen_backend = (DEFAULT_BACKEND, None)        # (name, the kernel's Techniques or None for the machine's choice)
@@ -36,14 +36,14 @@ def get_attention_backend() -> str:
 
 
 def _backend_techniques():
-    """The Techniques the "fast" kernel uses here, or None for the ones chosen for this machine."""
+    """The Techniques the "fast" kernel uses here, or None for all of them."""
     return (_backend_in_block.get() or _chosen_backend)[1]
 
 
 def set_attention_backend(name: str, techniques=None) -> None:
     """Choose the kernel of every attention layer: "math" (the student's, the default) or "fast" (tuned).
 
-    techniques: the tuned kernel's Techniques; None uses the ones chosen for this machine.
+    techniques: the tuned kernel's Techniques; None uses all of them.
     """
     global _chosen_backend
     _chosen_backend = _check_backend(name, techniques)

@@ -250,7 +250,7 @@ def _row_tasks(q, k, v, hidden, output, weights, scale, techniques) -> list:
                           techniques))
     return tasks
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #5ec58172
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #451ec0b8
 def simplify_mask(keep, T: int, S: int):
     """(keep, offset): (None, None) for a mask that hides nothing, (None, offset) for a causal one."""
     if keep is None or keep.all():
@@ -290,7 +290,7 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
         return output, weights                                   # nothing to attend to: zeros
     if offset is not None and not techniques.causal_tiles:
         keep, offset = np.tri(T, S, k=offset, dtype=bool), None
-    q, k, v = (np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
+    q, k, v = (x if x.shape[:-2] == lead else np.broadcast_to(x, lead + x.shape[-2:]) for x in (q, k, v))
     if math.prod(lead) * T * S < PARALLEL_MIN_SCORES:           # one vectorised tile on the caller
         hidden = (None if keep is None else np.broadcast_to(~keep, lead + (T, S))) if offset is None \
             else ~np.tri(T, S, k=offset, dtype=bool)
