@@ -54,7 +54,7 @@ QUICK_ABLATION_PAIRS = 2  # with --quick: a smoke test
 VERDICT_PAIRS = 5         # fewer pairs than this give gains but no verdict
 ABLATION_REPEATS = 5      # timed runs per block
 SETTLE_SECONDS = 0.15     # untimed runs at the start of a block: longer than OpenBLAS's threads spin (~0.1 s)
-KEEP_THRESHOLD = 0.05     # a technique stays in the kernel if it gains at least 5% on some goal row
+KEEP_THRESHOLD = 0.05     # a technique pays on a row if it gains at least 5% there, beyond the control's spread
 
 
 @dataclass
@@ -669,7 +669,7 @@ def blocks(first, second, pairs: int, repeats: int) -> list[float]:
     return ratios
 
 
-CONTROL = "(control)"      # the ablation's first row: the machine's techniques on both sides
+CONTROL = "(control)"      # the ablation's first row: the default techniques on both sides
 
 
 def _gain_cell(gains: list[float]) -> dict:

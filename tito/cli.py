@@ -132,6 +132,14 @@ def cmd_grade(args: argparse.Namespace) -> int:
         _write_json(args.json, result)
     return 0 if result["all_passed"] else 1
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _write_json(path: Path, data) -> None:
     """A command's --json output, or a clear error when the file cannot be written."""
     import json
@@ -312,13 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
         "machine's matmul peak.",
     )
     bench.add_argument("--quick", action="store_true", help="small sizes that run in seconds (a smoke test)")
-    bench.add_argument("--rounds", type=int, default=None, metavar="N",
+    bench.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
                        help="alternating rounds of worker processes (default 5, 2 with --quick)")
     bench.add_argument("--ablation", action="store_true",
                        help="instead: switch each technique of the tuned kernel off in turn and print its gain "
-                       "on the goal rows")
-    bench.add_argument("--pairs", type=int, default=None, metavar="N",
-                       help="with --ablation: alternating pairs of blocks of runs with and without each technique, per goal row (default 9, 2 with --quick)")
+                       "on the goal rows, beside a control row that runs the same techniques on both sides")
+    bench.add_argument("--pairs", type=_positive_int, default=None, metavar="N",
+                       help="with --ablation: alternating pairs of blocks of runs with and without each technique, "
+                       "per goal row (default 9, 2 with --quick); fewer than 5 give the gains but no verdict")
     bench.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--plot", type=Path, default=None, metavar="PATH",
                        help="also save the sweep's log-log plot as a PNG (needs matplotlib)")

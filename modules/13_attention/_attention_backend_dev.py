@@ -56,7 +56,7 @@ from tinytorch.core.tensor import Tensor
 #| export
 ATTENTION_BACKENDS = ("math", "fast")
 DEFAULT_BACKEND = "math"
-_chosen_backend = (DEFAULT_BACKEND, None)        # (name, the kernel's Techniques or None for the machine's choice)
+_chosen_backend = (DEFAULT_BACKEND, None)        # (name, the kernel's Techniques, or None for all of them)
 _backend_in_block: ContextVar = ContextVar("tinytorch_attention_backend", default=None)
 
 

@@ -31,8 +31,8 @@
 # Gain: the time without the technique over the time with it, minus 1, through the layers,
 # median of 9 alternating pairs of blocks of runs (`tito bench --ablation`), with the
 # interquartile range of the pairs. A control runs the same techniques on both sides, and a
-# gain counts only when its middle half lies beyond the control's. Two classes of one quiet
-# 2-core AMD EPYC: AVX-512 as it is, and AVX2 as NumPy and OpenBLAS see it with
+# gain counts only when its middle half lies beyond the control's. Two classes of one 2-core
+# AMD EPYC, quiet but shared with other virtual machines: AVX-512 as it is, and AVX2 as NumPy and OpenBLAS see it with
 # `OPENBLAS_CORETYPE=Haswell` and NumPy's AVX-512 groups in `NPY_DISABLE_CPU_FEATURES`. A
 # technique stays only if it pays on some class and loses on none; each one left is on
 # everywhere.
@@ -40,9 +40,13 @@
 # | technique | switch | AVX-512 | AVX2 | hazard it guards against |
 # |---|---|---|---|---|
 # | worker pool: the caller plus one thread per further core, BLAS held at one thread | `threads` | +27% SDPA, +48% causal SDPA | +38% SDPA, +41% causal SDPA | none: each tile is computed by one thread, so results do not depend on scheduling |
-# | right after the caller's own threaded BLAS (a multi-head layer's projections), tiles on the caller and BLAS on its threads, which OpenBLAS keeps spinning | `warm_blas_threads` | no clear effect (−7%, −3% on the layer rows) | +17% multi-head, +20% causal multi-head | the pool's thread sharing a core with a spinning BLAS thread |
-# | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +48% causal SDPA, +10% causal multi-head | +57% causal SDPA, +13% causal multi-head | rows that see no key at all are written as zeros, as the formula's fully masked rows |
-# | tile sizes: 512-row plain tiles; 32-row causal tiles across heads, within `TILE_SCORES` | `tuned_tiles` | +44% SDPA, +56% causal SDPA, +10% multi-head | +37% SDPA, +53% causal SDPA, +6% multi-head | none; a tile holds at most `TILE_SCORES` scores, so memory stays bounded at long S |
+# | right after the caller's own threaded BLAS (a multi-head layer's projections), tiles on the caller and BLAS on its threads, which OpenBLAS keeps spinning | `warm_blas_threads` | no clear effect (−7% to +7% on every row) | +20% causal multi-head (+17% multi-head, within the noise) | the pool's thread sharing a core with a spinning BLAS thread |
+# | causal tiles: key blocks wholly in a row block's future are skipped | `causal_tiles` | +48% causal SDPA | +57% causal SDPA, +13% causal multi-head | rows that see no key at all are written as zeros, as the formula's fully masked rows |
+# | tile sizes: 512-row plain tiles; 32-row causal tiles across heads, within `TILE_SCORES` | `tuned_tiles` | +44% SDPA, +56% causal SDPA | +37% SDPA, +53% causal SDPA | none; a tile holds at most `TILE_SCORES` scores, so memory stays bounded at long S |
+#
+# Each cell lists the rows where the technique pays by the rule above; the multi-head rows of
+# `causal_tiles` and `tuned_tiles` (+6% to +13%) stayed within the control's spread on one class
+# or the other.
 #
 # Measured and removed, each paying on no class:
 #
@@ -115,9 +119,9 @@ def _refuse_while_grading() -> None:
 # ## 1. The techniques, as explicit options
 #
 # `Techniques()` is every technique on; `Techniques(causal_tiles=False)` is the kernel without
-# causal tiles, and so on. A call that passes no techniques uses them all: each one paid on both
-# machine classes measured (the design note above), so none is chosen by the CPU. `cpu_features`
-# and `simd_level` name the machine for `tito bench`'s output line.
+# causal tiles, and so on. A call that passes no techniques uses them all: each one pays on some
+# machine class measured and loses on none (the design note above), so none is chosen by the
+# CPU. `cpu_features` and `simd_level` name the machine for `tito bench`'s output line.
 
 # %%
 #| export
@@ -174,8 +178,8 @@ PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores a call runs on the caller 
 # them. A multi-head layer is that case: its projections `x @ w` run on BLAS's threads just
 # before the attention core. A caller says so with `after_threaded_blas=True` (the layer's
 # boundary does), and the kernel then runs its tiles on the caller and lets BLAS use its own,
-# already spinning, threads (`Techniques.warm_blas_threads`), unless BLAS is held at one
-# thread around the call.
+# already spinning, threads (`Techniques.warm_blas_threads`), unless BLAS runs on one thread
+# (held so around the call, or limited so by the user), when none spin.
 
 # %%
 #| export
@@ -202,9 +206,16 @@ class WorkerPool:
                 if self._pid != os.getpid():
                     self._start()
 
-    def blas_held(self) -> bool:
-        """Whether some caller holds BLAS at one thread now."""
-        return self._pid == os.getpid() and self._blas_users > 0
+    def _controller(self):
+        if self._blas_controller is None:
+            from threadpoolctl import ThreadpoolController
+            self._blas_controller = ThreadpoolController().select(user_api="blas")
+        return self._blas_controller
+
+    def blas_threads(self) -> int:
+        """How many threads BLAS may use now (1 while held here, or as the user limited it)."""
+        self._check_process()
+        return max((library.num_threads for library in self._controller().lib_controllers), default=1)
 
     @contextmanager
     def blas_on_one_thread(self):
@@ -212,10 +223,7 @@ class WorkerPool:
         self._check_process()
         with self._lock:
             if self._blas_users == 0:
-                if self._blas_controller is None:
-                    from threadpoolctl import ThreadpoolController
-                    self._blas_controller = ThreadpoolController()
-                self._blas_limiter = self._blas_controller.limit(limits=1, user_api="blas")
+                self._blas_limiter = self._controller().limit(limits=1)
             self._blas_users += 1
         try:
             yield
@@ -274,7 +282,7 @@ def use_pool(techniques: Techniques, after_threaded_blas: bool) -> bool:
     """Whether a call's tiles go to the worker pool, or run on the caller with BLAS as the caller left it."""
     if not techniques.threads:
         return False
-    return not (techniques.warm_blas_threads and after_threaded_blas and not POOL.blas_held())
+    return not (techniques.warm_blas_threads and after_threaded_blas and POOL.blas_threads() > 1)
 
 # %% [markdown]
 # ## 3. One tile
@@ -283,7 +291,6 @@ def use_pool(techniques: Techniques, after_threaded_blas: bool) -> bool:
 # they may see. Its scores are formed, exponentiated in place, summed and multiplied by V while
 # they are in the core's cache, and the output is normalised after the product with V, which
 # scales (r, d_v) numbers instead of (r, s).
-#
 
 # %%
 #| export
@@ -428,5 +435,6 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
                  use_pool(techniques, after_threaded_blas))
     else:
         hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
-        POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), use_pool(techniques, after_threaded_blas))
+        POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques),
+                 use_pool(techniques, after_threaded_blas))
     return output, weights

@@ -53,15 +53,30 @@ def pytest_runtest_teardown(item):
     expected.ref.begin_test(None)
 
 
+def pytest_configure(config):
+    if RECORDING and (hasattr(config, "workerinput") or getattr(config.option, "numprocesses", None)):
+        raise pytest.UsageError("TITO_RECORD_EXPECTED=1 writes the whole store from one process: run it without -n")
+
+
 def pytest_terminal_summary(terminalreporter):
-    """How far the stored answers were from the reference recomputed on this machine."""
+    """How far the stored answers were from the reference recomputed on this machine (every worker's, under -n)."""
     if expected.ref.checked:
         terminalreporter.write_line(
             f"expected values: {expected.ref.checked} stored answers agree with the reference computed here; largest "
             f"difference {expected.ref.largest_difference:.1e} of their magnitude (tolerance {expected.STORE_RTOL:.0e})")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist: a worker has finished; add its comparisons to this (controlling) process's count."""
+    checked, largest = node.workeroutput.get("expected_values", (0, 0.0))
+    expected.ref.checked += checked
+    expected.ref.largest_difference = max(expected.ref.largest_difference, largest)
+
+
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workeroutput"):       # a pytest-xdist worker: hand its count to the controller
+        session.config.workeroutput["expected_values"] = (expected.ref.checked, expected.ref.largest_difference)
     if RECORDING and exitstatus == 0:
         expected.write_store(expected.ref.asked)
 

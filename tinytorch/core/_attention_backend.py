@@ -15,10 +15,10 @@ import numpy as np
 from . import _attention_checks as checks, _attention_kernel as kernel
 from .tensor import Tensor
 
-# %% ../../modules/13_attention/_attention_backend_dev.ipynb #517dc871
+# %% ../../modules/13_attention/_attention_backend_dev.ipynb #98727254
 ATTENTION_BACKENDS = ("math", "fast")
 DEFAULT_BACKEND = "math"
-_chosen_backend = (DEFAULT_BACKEND, None)        # (name, the kernel's Techniques or None for the machine's choice)
+_chosen_backend = (DEFAULT_BACKEND, None)        # (name, the kernel's Techniques, or None for all of them)
 _backend_in_block: ContextVar = ContextVar("tinytorch_attention_backend", default=None)
 
 

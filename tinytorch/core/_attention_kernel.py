@@ -77,7 +77,7 @@ CAUSAL_QUERY_ROWS = 32           # causal tiles: few rows, so that little of the
 UNTUNED_ROWS = 64                # Part 7's tile height, what `tuned_tiles=False` uses
 PARALLEL_MIN_SCORES = 1 << 18    # below ~260k scores a call runs on the caller alone: hand-offs cost more
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #0ba2f295
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #aae0671f
 def cores() -> int:
     """The cores this process may run on (its CPU affinity, where the system has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -101,9 +101,16 @@ class WorkerPool:
                 if self._pid != os.getpid():
                     self._start()
 
-    def blas_held(self) -> bool:
-        """Whether some caller holds BLAS at one thread now."""
-        return self._pid == os.getpid() and self._blas_users > 0
+    def _controller(self):
+        if self._blas_controller is None:
+            from threadpoolctl import ThreadpoolController
+            self._blas_controller = ThreadpoolController().select(user_api="blas")
+        return self._blas_controller
+
+    def blas_threads(self) -> int:
+        """How many threads BLAS may use now (1 while held here, or as the user limited it)."""
+        self._check_process()
+        return max((library.num_threads for library in self._controller().lib_controllers), default=1)
 
     @contextmanager
     def blas_on_one_thread(self):
@@ -111,10 +118,7 @@ class WorkerPool:
         self._check_process()
         with self._lock:
             if self._blas_users == 0:
-                if self._blas_controller is None:
-                    from threadpoolctl import ThreadpoolController
-                    self._blas_controller = ThreadpoolController()
-                self._blas_limiter = self._blas_controller.limit(limits=1, user_api="blas")
+                self._blas_limiter = self._controller().limit(limits=1)
             self._blas_users += 1
         try:
             yield
@@ -173,7 +177,7 @@ def use_pool(techniques: Techniques, after_threaded_blas: bool) -> bool:
     """Whether a call's tiles go to the worker pool, or run on the caller with BLAS as the caller left it."""
     if not techniques.threads:
         return False
-    return not (techniques.warm_blas_threads and after_threaded_blas and not POOL.blas_held())
+    return not (techniques.warm_blas_threads and after_threaded_blas and POOL.blas_threads() > 1)
 
 # %% ../../modules/13_attention/_attention_kernel_dev.ipynb #3a595c98
 def attend_tile(q, k, v, hidden, output, weights, scale: float, techniques: Techniques) -> None:
@@ -250,7 +254,7 @@ def _row_tasks(q, k, v, hidden, output, weights, scale, techniques) -> list:
                           techniques))
     return tasks
 
-# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #451ec0b8
+# %% ../../modules/13_attention/_attention_kernel_dev.ipynb #6522ee93
 def simplify_mask(keep, T: int, S: int):
     """(keep, offset): (None, None) for a mask that hides nothing, (None, offset) for a causal one."""
     if keep is None or keep.all():
@@ -300,5 +304,6 @@ def attention(q, k, v, keep, scale: float, offset: int | None = None, need_weigh
                  use_pool(techniques, after_threaded_blas))
     else:
         hidden = None if keep is None else np.broadcast_to(~keep, lead + (T, S))
-        POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques), use_pool(techniques, after_threaded_blas))
+        POOL.map(attend_tile, _row_tasks(q, k, v, hidden, output, weights, scale, techniques),
+                 use_pool(techniques, after_threaded_blas))
     return output, weights

@@ -233,13 +233,16 @@ ABLATIONS = [kernel.Techniques()] + [kernel.Techniques(**{name: False})
 @pytest.mark.parametrize("techniques", ABLATIONS, ids=lambda t: ",".join(
     name for name, on in t.__dict__.items() if not on) or "all")
 @pytest.mark.parametrize("masking", ["none", "causal", "padding"])
-def test_every_technique_switched_off_gives_the_same_numbers(techniques, masking):
-    """The kernel with each technique switched off, on plain and few-row tile layouts."""
+@pytest.mark.parametrize("after_threaded_blas", [False, True], ids=["alone", "in a layer"])
+def test_every_technique_switched_off_gives_the_same_numbers(techniques, masking, after_threaded_blas):
+    """The kernel with each technique switched off, on plain and few-row tile layouts, on the pool and,
+    as inside a layer after threaded BLAS, on the caller with BLAS's threads."""
     for lead, T, S in SHAPES[1:]:
         q, k, v = random_qkv(T + 5, lead, T, S)
         keep = {"none": None, "causal": None, "padding": np.arange(S) < S - 7}[masking]
         offset = S - T if masking == "causal" else None
-        output, weights = kernel.attention(q, k, v, keep, 1 / np.sqrt(8), offset, True, techniques=techniques)
+        output, weights = kernel.attention(q, k, v, keep, 1 / np.sqrt(8), offset, True, techniques=techniques,
+                                           after_threaded_blas=after_threaded_blas)
         reference_keep = np.tril(np.ones((T, S)), S - T) if masking == "causal" else keep
         expected_output, expected_weights = ref.attention_formula(q, k, v, reference_keep)
         np.testing.assert_allclose(output, expected_output, rtol=RTOL, atol=ATOL)
@@ -270,7 +273,7 @@ def _layer_case(name):
 @pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("techniques", [None, kernel.Techniques(threads=False),
                                         kernel.Techniques(warm_blas_threads=False)],
-                         ids=["machine's", "no pool", "pool in the layer"])
+                         ids=["all", "no pool", "pool in the layer"])
 def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques):
     num_kv_heads, x_shape, kv_shape, mask = _layer_case(case)
     rng = np.random.default_rng(21)
@@ -288,7 +291,10 @@ def test_multihead_layer_on_the_kernel_equals_the_math_path(case, techniques):
 
 def test_the_pool_runs_outside_layers_and_blas_threads_inside(monkeypatch):
     """A multi-head layer's projections leave BLAS's threads spinning, so its core runs on the caller with
-    BLAS's threads; a core called on its own, or with BLAS held at one thread, uses the pool."""
+    BLAS's threads; a core called on its own, or with BLAS on one thread (held so by the kernel's pool, or
+    limited so by the user), uses the pool."""
+    from threadpoolctl import threadpool_limits
+
     pooled = []
     real_map = kernel.POOL.map
     monkeypatch.setattr(kernel.POOL, "map", lambda function, tasks, threads=True: (
@@ -301,13 +307,15 @@ def test_the_pool_runs_outside_layers_and_blas_threads_inside(monkeypatch):
         fast_attention(q, k, v)
         with kernel.POOL.blas_on_one_thread():
             layer(x)
+        with threadpool_limits(1, user_api="blas"):
+            layer(x)
     with attention_backend("fast", kernel.Techniques(warm_blas_threads=False)):
         layer(x)
     with attention_backend("fast", kernel.Techniques(threads=False)):
         fast_attention(q, k, v)
-    assert pooled == [False, True, True, True, False], (
-        f"pool used by: the layer, the core alone, the layer with BLAS held, the layer without the rule, "
-        f"no pool at all: {pooled}")
+    assert pooled == [False, True, True, True, True, False], (
+        f"pool used by: the layer, the core alone, the layer with BLAS held, the layer with BLAS limited by the "
+        f"user, the layer without the rule, no pool at all: {pooled}")
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
@@ -393,7 +401,7 @@ def test_the_simd_level_is_named_from_numpys_cpu_features(features, level):
 def test_every_technique_is_on_unless_a_caller_passes_techniques():
     from tinytorch.core import _attention_backend as backend
 
-    assert all(vars(kernel.Techniques()).values()), "each technique paid on both machine classes measured"
+    assert all(vars(kernel.Techniques()).values()), "each technique pays on some class and loses on none"
     override = kernel.Techniques(causal_tiles=False, threads=False)
     with attention_backend("fast", techniques=override):
         assert backend._backend_techniques() is override
