@@ -409,3 +409,20 @@ def test_every_technique_is_on_unless_a_caller_passes_techniques():
         assert backend._backend_techniques() is None                # None: every technique
     with pytest.raises(TypeError, match="techniques must be a Techniques or None, got dict"):
         set_attention_backend("fast", techniques={"threads": False})
+
+
+AVX512_GROUPS = ("AVX512F AVX512CD AVX512VL AVX512BW AVX512DQ AVX512_SKX X86_V4 AVX512_CLX AVX512_CNL AVX512_ICL "
+                 "AVX512_SPR")    # NumPy 2.4 dispatches to the X86_V4 group too: disabling AVX512_SKX alone is not enough
+
+
+def test_a_process_with_numpys_avx512_groups_disabled_is_named_avx2():
+    """The AVX2 class as the README simulates it: the bench's machine line must say AVX2, not AVX-512."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tinytorch.core import _attention_kernel as k; f = k.cpu_features(); print(k.simd_level(f), bool(f.get('AVX2')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "NPY_DISABLE_CPU_FEATURES": AVX512_GROUPS})
+    level, has_avx2 = done.stdout.split()
+    assert level != "AVX-512" and (level == "AVX2" or has_avx2 == "False"), done.stdout   # NEON, baseline: as they are
