@@ -58,25 +58,22 @@ def pytest_configure(config):
         raise pytest.UsageError("TITO_RECORD_EXPECTED=1 writes the whole store from one process: run it without -n")
 
 
+SUMMARY = ("expected values: {checked} stored answers agree with the reference computed here; largest difference "
+           "{largest:.1e} of their magnitude (tolerance " + f"{expected.STORE_RTOL:.0e})")
+
+
 def pytest_terminal_summary(terminalreporter):
-    """How far the stored answers were from the reference recomputed on this machine (every worker's, under -n)."""
+    """How far the stored answers were from the reference recomputed on this machine. Under pytest -n the
+    workers hand their counts to the controlling process instead, and the course's top conftest adds them up."""
     if expected.ref.checked:
-        terminalreporter.write_line(
-            f"expected values: {expected.ref.checked} stored answers agree with the reference computed here; largest "
-            f"difference {expected.ref.largest_difference:.1e} of their magnitude (tolerance {expected.STORE_RTOL:.0e})")
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error):
-    """pytest-xdist: a worker has finished; add its comparisons to this (controlling) process's count."""
-    checked, largest = node.workeroutput.get("expected_values", (0, 0.0))
-    expected.ref.checked += checked
-    expected.ref.largest_difference = max(expected.ref.largest_difference, largest)
+        terminalreporter.write_line(SUMMARY.format(checked=expected.ref.checked,
+                                                   largest=expected.ref.largest_difference))
 
 
 def pytest_sessionfinish(session, exitstatus):
     if hasattr(session.config, "workeroutput"):       # a pytest-xdist worker: hand its count to the controller
-        session.config.workeroutput["expected_values"] = (expected.ref.checked, expected.ref.largest_difference)
+        session.config.workeroutput["expected_values"] = {"checked": expected.ref.checked, "summary": SUMMARY,
+                                                          "largest": expected.ref.largest_difference}
     if RECORDING and exitstatus == 0:
         expected.write_store(expected.ref.asked)
 
