@@ -1209,13 +1209,15 @@ with single_threaded_blas():                                    # one core for b
 # The provided `fast_attention` (in `_attention_backend_dev.py`, on the kernel in
 # `_attention_kernel_dev.py`) is the same idea, industrial:
 #
-# - it runs the tiles on a **thread pool**, one thread per core. NumPy releases Python's global
-#   interpreter lock inside `exp` and inside BLAS, so the threads really run in parallel, and
-#   BLAS is held at one thread while they do, so that the two kinds of threads do not fight over
-#   the cores. Inside your multi-head layer it does the opposite: your projections have just run
-#   on BLAS's own threads, which OpenBLAS keeps spinning for about 0.1 s after a call, so a pool
-#   thread would share a core with one of them, and the tiles use BLAS's threads instead
-#   (unless BLAS is limited to one thread, when none spin);
+# - it runs the tiles on a **thread pool**: the calling thread plus one more thread per further
+#   core. NumPy releases Python's global interpreter lock inside `exp` and inside BLAS, so the
+#   threads really run in parallel, and BLAS is held at one thread while they do, so that the two
+#   kinds of threads do not fight over the cores;
+# - inside your multi-head layer it leaves the pool alone. Your projections have just run on
+#   BLAS's own threads, and after a call OpenBLAS keeps them spinning for about 0.1 s, waiting for
+#   more work. A pool thread would share a core with one of them, so the tiles run on the calling
+#   thread and let BLAS use its threads. (If BLAS is limited to one thread, none spin, and the
+#   pool runs as usual.)
 # - it tiles every batch and head, and with a causal mask its tiles span all heads at once (a
 #   group of them at very long sequences), so that one batched product replaces many small ones;
 # - it reads a `CausalMask`'s offset to skip the future without ever looking at the mask.
