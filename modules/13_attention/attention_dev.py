@@ -735,7 +735,9 @@ test_unit_repeat_kv_heads()
 # - `forward`: from the inputs to the output, as in the four steps above. With a `kv_cache`, the
 #   new keys and values go into the cache (`kv_cache.append`, which you write in Part 6), and
 #   the queries attend over everything cached, with the mask `append` hands back combined with
-#   the caller's by logical and. Hand the weights back too when the caller asks for them.
+#   the caller's by logical and. The cache holds the Hkv key and value heads, so repeat them for
+#   the H query heads after appending, not before. Hand the weights back too when the caller asks
+#   for them.
 # - `get_memory_usage`: the two numbers a serving engineer asks first. `parameter_counts`, a
 #   dict of each weight's number of parameters by name (w_q, w_k, w_v, w_o), and
 #   `kv_cache_bytes_per_token`, the bytes one token adds to a KV cache for this layer. The
