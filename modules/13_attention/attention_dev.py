@@ -2104,15 +2104,19 @@ test_unit_paged_decoding()
 #
 # 1. Time runs in steps. Running requests are ordered by admission: the one admitted longest
 #    ago is the oldest, the one admitted last (a readmitted request included) the newest. At each
-#    step, every running request generates one token, oldest first, so its length grows by 1. If the slots it then holds would take the running requests past
-#    the budget (counting every other running request at the length it holds now: the older
-#    ones have already grown this step, the newer ones not yet), the **newest** running request
-#    is **preempted**: it gives back all its slots and
-#    returns to the front of the queue, keeping the tokens it generated before this step (so
-#    requests preempted in one step wait oldest first, ahead of every other). Repeat
-#    until there is room; the request that needs room may itself be the newest, and then it
-#    generates nothing this step. (vLLM preempts the same way,
-#    and recomputes a preempted request's cache when it is readmitted.)
+#    step, every running request generates one token, oldest first, so its length grows by 1:
+#    - Before a request grows, add up the slots it would then hold and the slots every other
+#      running request holds now (the older ones have already grown this step, the newer ones
+#      not yet).
+#    - If that is over the budget, the **newest** running request is **preempted**: it gives
+#      back all its slots and returns to the front of the queue, keeping the tokens it generated
+#      before this step (so requests preempted in one step wait oldest first, ahead of every
+#      other). Repeat until there is room.
+#    - The request that needs room may itself be the newest: then it is the one preempted, and
+#      it generates nothing this step.
+#
+#    (vLLM preempts the same way, and recomputes a preempted request's cache when it is
+#    readmitted.)
 # 2. Then waiting requests are admitted in order of arrival, while the first of them has arrived
 #    and its slots fit. Its prompt, and any tokens it generated before a preemption, are
 #    prefilled, and the prefill generates its next token: it holds `prompt + generated + 1`
