@@ -73,13 +73,18 @@ _inputs_checked: ContextVar = ContextVar("tinytorch_attention_inputs_checked", d
 
 
 @contextmanager
-def inputs_checked():
-    """Inside a checked call: the module's functions take their arrays as given, checked once already."""
-    token = _inputs_checked.set(True)
+def flag_set(flag: ContextVar):
+    """`flag` is True inside the block, in this thread and context only, and as it was afterwards."""
+    token = flag.set(True)
     try:
         yield
     finally:
-        _inputs_checked.reset(token)
+        flag.reset(token)
+
+
+def inputs_checked():
+    """Inside a checked call: the module's functions take their arrays as given, checked once already."""
+    return flag_set(_inputs_checked)
 
 
 
@@ -707,15 +712,10 @@ def check_multihead_init(a):
 _in_layer_forward: ContextVar = ContextVar("tinytorch_attention_in_layer_forward", default=False)
 
 
-@contextmanager
 def projections_on_blas_threads(a):
     """Around a multi-head layer's forward, whose projections run on BLAS's threads just before its
     attention core: the tuned kernel then leaves its pool alone (the kernel's section 2)."""
-    token = _in_layer_forward.set(True)
-    try:
-        yield
-    finally:
-        _in_layer_forward.reset(token)
+    return flag_set(_in_layer_forward)
 
 
 def after_threaded_blas() -> bool:
