@@ -702,8 +702,7 @@ def run_ablation(quick: bool = False, pairs: int | None = None, names=None, rows
     load_before = load_average()
     calls = _our_workloads(s)            # one set of arrays and layers: only the techniques differ between sides
     same = _on_fast_backend(calls, chosen)
-    again = _on_fast_backend(calls, replace(chosen))
-    control = {row: _gain_cell([r - 1 for r in blocks(same[row], again[row], pairs, repeats)]) for row in rows}
+    control = {row: _gain_cell([r - 1 for r in blocks(same[row], same[row], pairs, repeats)]) for row in rows}
     table = {}
     for name in names or Techniques.__dataclass_fields__:
         with_it = _on_fast_backend(calls, replace(chosen, **{name: True}))
