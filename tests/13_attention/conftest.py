@@ -14,6 +14,7 @@ must agree; a student workspace holds only the stored values (`expected.py` says
 import importlib.util
 import os
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,27 @@ def pytest_sessionfinish(session, exitstatus):
 def ref():
     """Expected values: the float64 reference's answers, computed (course) or stored (student workspace)."""
     return expected.ref
+
+
+def _peak_bytes(function):
+    """(function(), the peak bytes tracemalloc saw allocated while it ran, above those allocated when it began)."""
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        baseline = tracemalloc.get_traced_memory()[0]
+        result = function()
+        return result, tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+
+
+@pytest.fixture
+def peak_bytes():
+    """peak_bytes(function): (its result, the peak bytes allocated while it ran), measured by tracemalloc."""
+    return _peak_bytes
 
 
 @pytest.fixture(autouse=True)

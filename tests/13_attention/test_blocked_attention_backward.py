@@ -7,7 +7,6 @@ gradients under a causal mask whose stop lies `offset` keys past a block's last 
 random mask with fully masked rows (exactly zero gradient), an explicit scale, and broadcast
 leading axes; and that no query block reads a key block the causal mask hides.
 """
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -137,22 +136,13 @@ def test_padding_and_head_broadcast_masks(ref, mask_shape):
 
 
 @GRADES
-def test_never_forms_a_T_by_S_array(ref):
+def test_never_forms_a_T_by_S_array(ref, peak_bytes):
     """T = S = 1024: a (T, S) float32 array is 4 MiB; with 64-wide blocks the backward's peak stays under 1 MiB."""
     rng = np.random.default_rng(32)
     q, k, v, d_output = (rng.standard_normal((1024, 16), dtype=np.float32) for _ in range(4))
     output, logsumexp = (r.data for r in blocked_attention(q, k, v, block_size=64, return_logsumexp=True))
-    was_tracing = tracemalloc.is_tracing()
-    if not was_tracing:
-        tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        baseline = tracemalloc.get_traced_memory()[0]
-        d_query, d_key, d_value = blocked_attention_backward(d_output, q, k, v, output, logsumexp, block_size=64)
-        peak = tracemalloc.get_traced_memory()[1] - baseline
-    finally:
-        if not was_tracing:
-            tracemalloc.stop()
+    (d_query, d_key, d_value), peak = peak_bytes(
+        lambda: blocked_attention_backward(d_output, q, k, v, output, logsumexp, block_size=64))
     assert peak < 2**20, f"the backward's peak was {peak} bytes; a (1024, 1024) float32 array alone is 4 MiB"
     expected, _, _ = ref.attention_gradients(q[:8], k, v, d_output[:8])      # query i's gradient needs only row i
     assert d_query.shape == (1024, 16) and d_key.shape == d_value.shape == (1024, 16)
